@@ -34,6 +34,7 @@ __all__ = [
     "EndpointTimeout",
     "EndpointUnreachable",
     "WrongProtocolData",
+    "ask_version",
     "discover",
     "format_address",
     "get_cluster_info",
@@ -203,6 +204,20 @@ def discover(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> ClusterC
         return parse_cluster_config(reply)
     except ValueError as exc:
         raise WrongProtocolData(endpoint, str(exc), reply) from None
+
+
+def ask_version(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """
+    The ``VERSION`` a memcached server (a node or the endpoint) reports, such as
+    ``1.6.22``; used to show whether each node answers.
+    """
+    endpoint = format_address(host, port)
+    with _connect(endpoint, host, port, time.monotonic() + timeout) as conn:
+        conn.send(b"version\r\n")
+        line = conn.read_line()
+    if not line.startswith(b"VERSION "):
+        raise WrongProtocolData(endpoint, "not a memcached VERSION reply", line)
+    return line[len(b"VERSION ") :].decode("ascii", "replace")
 
 
 def get_cluster_info(

@@ -1,0 +1,96 @@
+"""
+``python -m django_elasticache``: look at a cluster the way the backend does, or run a
+local one for development.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from django.core.cache.backends.base import InvalidCacheBackendError
+
+from .cluster_utils import DEFAULT_TIMEOUT, ClusterDiscoveryError, ask_version, discover
+from .options import parse_location
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m django_elasticache", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    discover_parser = commands.add_parser(
+        "discover", help="ask a configuration endpoint for its nodes and check each node"
+    )
+    discover_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
+    discover_parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds for discovery and for each node check (default {DEFAULT_TIMEOUT:g})",
+    )
+    discover_parser.set_defaults(run=run_discover)
+
+    cluster_parser = commands.add_parser(
+        "local-cluster", help="run memcached nodes and a configuration endpoint on 127.0.0.1"
+    )
+    cluster_parser.add_argument("--nodes", type=int, default=3, help="how many (default 3)")
+    cluster_parser.set_defaults(run=run_local_cluster)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def run_discover(args: argparse.Namespace) -> int:
+    """Print the config version and nodes; exit 1 if discovery fails or a node is silent."""
+    try:
+        endpoint = parse_location(args.location)
+        config = discover(endpoint.host, endpoint.port, args.timeout)
+    except (InvalidCacheBackendError, ClusterDiscoveryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"config version {config.version}, {len(config.nodes)} nodes")
+    silent = 0
+    for node in config.nodes:
+        try:
+            state = f"memcached {ask_version(node.ip or node.hostname, node.port, args.timeout)}"
+        except ClusterDiscoveryError as exc:
+            silent += 1
+            state = f"NOT ANSWERING ({exc.problem})"
+        print(f"  {node.address:<24} {node.hostname:<48} {state}")
+    if silent:
+        print(f"error: {silent} of {len(config.nodes)} nodes did not answer", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_local_cluster(args: argparse.Namespace) -> int:
+    """Run a LocalCluster in the foreground until interrupted."""
+    from .testing import LocalCluster, MemcachedNotFound
+
+    if args.nodes < 1:
+        print("error: --nodes must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        cluster = LocalCluster(nodes=args.nodes)
+        cluster.start()
+    except MemcachedNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with cluster:
+        print(f"configuration endpoint: {cluster.location}")
+        for node in cluster.nodes:
+            print(f"  node {node.address}  ({node.hostname})")
+        print("\nIn settings.py:\n")
+        print("CACHES = {")
+        print('    "default": {')
+        print('        "BACKEND": "django_elasticache.memcached.ElastiCache",')
+        print(f'        "LOCATION": "{cluster.location}",')
+        print("    }")
+        print("}\n\nPress Ctrl+C to stop.", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0

@@ -1,0 +1,429 @@
+"""Real memcached processes, and a local ElastiCache-like cluster built from them.
+
+The nodes are genuine memcached servers, so a cache backend talks to them exactly as it
+would in production; only the configuration endpoint is emulated (see endpoint.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import IO
+
+from .endpoint import ConfigEndpoint, Node, format_location
+
+READY_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+# A free port can be taken by another process between our probe and memcached's bind.
+FREE_PORT_ATTEMPTS = 5
+# A fixed port (a restart) may still be held briefly by a dying process.
+BUSY_PORT_TIMEOUT = 3.0
+POLL_INTERVAL = 0.02
+PORT_BUSY = "Address already in use"
+
+
+class MemcachedNotFound(RuntimeError):
+    """The memcached executable is missing, so no local node can be started."""
+
+    def __init__(self, memcached: str) -> None:
+        super().__init__(
+            f"memcached executable {memcached!r} not found. Install memcached "
+            "(Debian/Ubuntu: `apt-get install memcached`, macOS: `brew install memcached`) "
+            "or pass the path of the binary."
+        )
+
+
+class _PortBusy(Exception):
+    """memcached could not bind its port; the caller decides whether to try again."""
+
+
+def find_memcached(memcached: str = "memcached") -> str:
+    """Resolve a command name or path to the memcached executable."""
+    path = shutil.which(memcached)
+    if path is None:
+        raise MemcachedNotFound(memcached)
+    return path
+
+
+def _free_port(host: str) -> int:
+    """Ask the kernel for a port that is free on host right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _answers_version(host: str, port: int) -> bool:
+    """Tell whether a memcached accepts connections on host:port and speaks the protocol."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as conn:
+            conn.sendall(b"version\r\n")
+            return conn.recv(64).startswith(b"VERSION ")
+    except OSError:
+        return False
+
+
+def _terminate(process: subprocess.Popen[bytes], stderr: IO[bytes]) -> None:
+    """End a memcached process at once.
+
+    SIGKILL rather than SIGTERM: memcached acts on SIGTERM only at its next one-second
+    clock tick, and it keeps nothing on disk that a graceful exit would save.
+    """
+    process.kill()
+    process.wait(STOP_TIMEOUT)
+    stderr.close()
+
+
+class MemcachedNode:
+    """One memcached server process in the foreground, owned by this Python process.
+
+    ``hostname`` is the name a cluster config advertises for it; ``ip`` and ``port`` are
+    where it really listens. The process is ended by stop(), by the context manager, or
+    at the latest when the interpreter exits.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        hostname: str | None = None,
+        memory_mb: int = 16,
+        memcached: str = "memcached",
+    ) -> None:
+        self._executable = find_memcached(memcached)
+        self._host = host
+        self._port = port
+        self._hostname = hostname or host
+        self._memory_mb = memory_mb
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def hostname(self) -> str:
+        return self._hostname
+
+    @property
+    def ip(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("MemcachedNode has not been started, so it has no port yet")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """Where to reach the server, as pylibmc and Django's LOCATION accept it."""
+        return format_location(self._host, self.port)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> MemcachedNode:
+        """Launch memcached and return once it answers ``version``.
+
+        Without a port, a free one is picked, and another one if it was taken meanwhile.
+        A fixed port is retried for a short while, because a process that just released
+        it may not have exited yet.
+        """
+        if self.is_running:
+            raise RuntimeError(f"memcached is already running at {self.address}")
+        if self._port is None:
+            self._start_on_free_port()
+        else:
+            self._start_on_fixed_port(self._port)
+        return self
+
+    def stop(self) -> None:
+        """Kill the process and reap it (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def restart(self) -> MemcachedNode:
+        """Stop, then start a fresh, empty memcached on the same port."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> MemcachedNode:
+        return self if self.is_running else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.address if self._port is not None else self._host
+        return f"<MemcachedNode {self._hostname} {where} pid={self.pid}>"
+
+    def _start_on_free_port(self) -> None:
+        for _ in range(FREE_PORT_ATTEMPTS):
+            try:
+                self._launch(_free_port(self._host))
+                return
+            except _PortBusy:
+                continue
+        raise RuntimeError(
+            f"memcached found no free port on {self._host} in {FREE_PORT_ATTEMPTS} attempts"
+        )
+
+    def _start_on_fixed_port(self, port: int) -> None:
+        deadline = time.monotonic() + BUSY_PORT_TIMEOUT
+        while True:
+            try:
+                self._launch(port)
+                return
+            except _PortBusy as busy:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"memcached could not listen on {format_location(self._host, port)}: "
+                        f"{busy}"
+                    ) from None
+            time.sleep(POLL_INTERVAL)
+
+    def _command(self, port: int) -> list[str]:
+        command = [self._executable, "-l", self._host, "-p", str(port), "-U", "0"]
+        command += ["-m", str(self._memory_mb), "-t", "1"]
+        # memcached refuses to run as root unless told which user to be.
+        if os.geteuid() == 0:
+            command += ["-u", "root"]
+        return command
+
+    def _launch(self, port: int) -> None:
+        """Run memcached on port and wait until it serves; raise _PortBusy if it cannot bind.
+
+        stderr goes to a temporary file rather than a pipe: nobody reads it while the
+        server runs, and a full pipe would block the process.
+        """
+        # Closed by the finalizer, together with the process that writes to it.
+        stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        process = subprocess.Popen(
+            self._command(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        finalizer = weakref.finalize(self, _terminate, process, stderr)
+        try:
+            self._wait_until_ready(process, stderr, port)
+        except BaseException:
+            finalizer()
+            raise
+        self._process, self._port, self._finalizer = process, port, finalizer
+
+    def _wait_until_ready(
+        self, process: subprocess.Popen[bytes], stderr: IO[bytes], port: int
+    ) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                message = _read(stderr)
+                if PORT_BUSY in message:
+                    raise _PortBusy(message)
+                raise RuntimeError(f"memcached exited with status {process.returncode}: {message}")
+            if _answers_version(self._host, port):
+                return
+            time.sleep(POLL_INTERVAL)
+        raise RuntimeError(
+            f"memcached did not answer on {format_location(self._host, port)} "
+            f"within {READY_TIMEOUT} s: {_read(stderr)}"
+        )
+
+
+def _read(stream: IO[bytes]) -> str:
+    stream.seek(0)
+    return stream.read().decode("utf-8", "replace").strip()
+
+
+def start_memcached(
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    memory_mb: int = 16,
+    *,
+    hostname: str | None = None,
+    memcached: str = "memcached",
+) -> MemcachedNode:
+    """Start a memcached server on a loopback host and return it once it is serving."""
+    node = MemcachedNode(host, port, hostname=hostname, memory_mb=memory_mb, memcached=memcached)
+    return node.start()
+
+
+class LocalCluster:
+    """A memcached cluster on this machine that a discovery client cannot tell from
+    ElastiCache: real memcached nodes behind an emulated configuration endpoint.
+
+    Tests change the cluster the way ElastiCache does (add, remove or replace a node,
+    each with a new config version) or break it the way a network does (kill a node,
+    publish a stale config, make the endpoint misbehave).
+    """
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        *,
+        engine_version: str = "1.6.18",
+        config_version: int = 1,
+        host: str = "127.0.0.1",
+        advertise_ip: bool = True,
+        cluster_name: str = "local",
+        memcached: str = "memcached",
+    ) -> None:
+        if not advertise_ip and host != "127.0.0.1":
+            raise ValueError(
+                'advertise_ip=False advertises "localhost", so host must be 127.0.0.1'
+            )
+        self._initial_nodes = nodes
+        self._host = host
+        self._advertise_ip = advertise_ip
+        self._cluster_name = cluster_name
+        self._memcached = find_memcached(memcached)
+        self._endpoint = ConfigEndpoint(host, engine_version=engine_version)
+        self._config_version = config_version
+        self._nodes: list[MemcachedNode] = []
+        self._started: list[MemcachedNode] = []
+        self._next_index = 1
+
+    # Lifecycle
+
+    def start(self) -> LocalCluster:
+        """Start the endpoint and the nodes, and publish the first config."""
+        try:
+            self._endpoint.start()
+            nodes = [self._start_node(self._next_hostname()) for _ in range(self._initial_nodes)]
+            self.publish(nodes)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the endpoint and every memcached this cluster ever started (idempotent)."""
+        self._endpoint.stop()
+        for node in self._started:
+            node.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # What a client sees
+
+    @property
+    def endpoint(self) -> ConfigEndpoint:
+        return self._endpoint
+
+    @property
+    def location(self) -> str:
+        """The configuration endpoint as host:port, the value for Django's LOCATION."""
+        return self._endpoint.location
+
+    @property
+    def nodes(self) -> list[MemcachedNode]:
+        """The advertised nodes, in the order the config lists them."""
+        return list(self._nodes)
+
+    @property
+    def node_addresses(self) -> list[str]:
+        return [node.address for node in self._nodes]
+
+    @property
+    def config_version(self) -> int:
+        return self._config_version
+
+    @property
+    def engine_version(self) -> str:
+        return self._endpoint.engine_version
+
+    @engine_version.setter
+    def engine_version(self, version: str) -> None:
+        self._endpoint.engine_version = version
+
+    def publish(
+        self, nodes: Sequence[MemcachedNode] | None = None, version: int | None = None
+    ) -> None:
+        """Advertise nodes under a config version (defaults: the current ones).
+
+        Neither is checked, so a test can publish a stale version or a dead node.
+        """
+        if nodes is not None:
+            self._nodes = sorted(nodes, key=lambda node: node.hostname)
+        if version is not None:
+            self._config_version = version
+        self._endpoint.publish(
+            [self._advertised(node) for node in self._nodes], self._config_version
+        )
+
+    # Topology changes, each published under the next config version
+
+    def add_node(self) -> MemcachedNode:
+        node = self._start_node(self._next_hostname())
+        self._republish([*self._nodes, node])
+        return node
+
+    def remove_node(self, node: MemcachedNode) -> None:
+        self._require_advertised(node)
+        self._republish([other for other in self._nodes if other is not node])
+        node.stop()
+
+    def replace_node(self, node: MemcachedNode) -> MemcachedNode:
+        """Swap in a new, empty memcached on a new port under the same hostname."""
+        self._require_advertised(node)
+        replacement = self._start_node(node.hostname)
+        self._republish([replacement if other is node else other for other in self._nodes])
+        node.stop()
+        return replacement
+
+    # Outages that leave the config unchanged
+
+    def kill_node(self, node: MemcachedNode) -> None:
+        self._require_advertised(node)
+        node.stop()
+
+    def restart_node(self, node: MemcachedNode) -> None:
+        """Bring a node back on its port, empty, as after a reboot."""
+        self._require_advertised(node)
+        node.restart()
+
+    # Helpers
+
+    def _republish(self, nodes: list[MemcachedNode]) -> None:
+        self.publish(nodes, self._config_version + 1)
+
+    def _advertised(self, node: MemcachedNode) -> Node:
+        return (node.hostname, node.ip if self._advertise_ip else "", node.port)
+
+    def _next_hostname(self) -> str:
+        index, self._next_index = self._next_index, self._next_index + 1
+        if not self._advertise_ip:
+            return "localhost"
+        return f"{self._cluster_name}.abc123.{index:04d}.cache.local"
+
+    def _start_node(self, hostname: str) -> MemcachedNode:
+        node = MemcachedNode(self._host, hostname=hostname, memcached=self._memcached)
+        self._started.append(node)
+        return node.start()
+
+    def _require_advertised(self, node: MemcachedNode) -> None:
+        if not any(node is advertised for advertised in self._nodes):
+            raise ValueError(f"{node!r} is not an advertised node of this cluster")
