@@ -74,12 +74,11 @@ def run_local_cluster(args: argparse.Namespace) -> int:
         print("error: --nodes must be at least 1", file=sys.stderr)
         return 2
     try:
-        cluster = LocalCluster(nodes=args.nodes)
-        cluster.start()
+        cluster = LocalCluster(nodes=args.nodes).start()
     except MemcachedNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    with cluster:
+    try:
         print(f"configuration endpoint: {cluster.location}")
         for node in cluster.nodes:
             print(f"  node {node.address}  ({node.hostname})")
@@ -93,4 +92,6 @@ def run_local_cluster(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
+    finally:
+        cluster.stop()
     return 0
