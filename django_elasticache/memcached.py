@@ -27,9 +27,10 @@ DEFAULT_BEHAVIORS: dict[str, Any] = {
     # slower than a second is worse than no cache for a web request.
     "connect_timeout": 1000,
     "_poll_timeout": 1000,
-    # After two consecutive failures a node is left out of the ring, and asked again
-    # after retry_timeout seconds, so a dead node costs a few timeouts, not one per call.
-    "remove_failed": 2,
+    # After two failures in a row a node is marked failed: calls for its keys then fail at
+    # once instead of waiting on it, and it is tried again after retry_timeout seconds.
+    # (libmemcached's remove_failed does not move those keys elsewhere and slows recovery.)
+    "failure_limit": 2,
     "retry_timeout": 2,
 }
 """pylibmc behaviours used unless OPTIONS['behaviors'] overrides them key by key."""

@@ -1,0 +1,294 @@
+"""The Django backend on a LocalCluster of real memcached processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import pylibmc
+import pytest
+from django.core.cache import InvalidCacheBackendError, InvalidCacheKey
+
+from django_elasticache.cluster_utils import DiscoveryNotSupported, EndpointTimeout
+from django_elasticache.memcached import DEFAULT_BEHAVIORS, ElastiCache
+from django_elasticache.testing import start_memcached
+
+
+def keys_per_node(cluster, cache: ElastiCache, keys: list[str]) -> dict[str, int]:
+    """Ask each node directly which of the backend's keys it holds."""
+    stored = [cache.make_key(key) for key in keys]
+    counts = {}
+    for address in cluster.node_addresses:
+        node = pylibmc.Client([address])
+        counts[address] = len(node.get_multi(stored))
+        node.disconnect_all()
+    return counts
+
+
+def test_keys_spread_over_every_node(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    keys = [f"key-{index}" for index in range(300)]
+    cache.set_many({key: key for key in keys})
+    counts = keys_per_node(elasticache_cluster, cache, keys)
+    assert sum(counts.values()) == len(keys)
+    assert all(count > 30 for count in counts.values()), counts
+    assert cache.get_many(keys) == {key: key for key in keys}
+
+
+def test_every_cache_method_across_nodes(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location, key_prefix="site")
+    assert cache.add("a", 1) is True
+    assert cache.add("a", 2) is False
+    assert cache.get("a") == 1
+    assert cache.get("missing", "default") == "default"
+    cache.set("b", {"nested": [1, 2]}, timeout=None)
+    assert cache.get("b") == {"nested": [1, 2]}
+    assert cache.has_key("b") and not cache.has_key("missing")
+    assert "b" in cache
+    assert cache.incr("a") == 2
+    assert cache.incr("a", 10) == 12
+    assert cache.decr("a", 5) == 7
+    assert cache.incr("a", -2) == 5
+    with pytest.raises(ValueError, match="not found"):
+        cache.incr("missing")
+    assert cache.touch("a", 100) is True
+    assert cache.touch("missing") is False
+    assert cache.get_or_set("c", lambda: "computed") == "computed"
+    assert cache.get_or_set("c", "other") == "computed"
+    assert cache.set_many({f"m{index}": index for index in range(50)}) == []
+    assert cache.get_many([f"m{index}" for index in range(50)] + ["absent"]) == {
+        f"m{index}": index for index in range(50)
+    }
+    cache.delete_many([f"m{index}" for index in range(25)])
+    assert len(cache.get_many([f"m{index}" for index in range(50)])) == 25
+    assert cache.delete("b") is True
+    assert cache.delete("b") is False
+    cache.set("v", "one", version=1)
+    cache.set("v", "two", version=2)
+    assert cache.get("v", version=1) == "one"
+    assert cache.get("v", version=2) == "two"
+    assert cache.incr_version("v", version=2) == 3
+    assert cache.get("v", version=3) == "two"
+    cache.set("zero", "gone", timeout=0)
+    assert cache.get("zero") is None
+    cache.clear()
+    assert cache.get("a") is None
+    assert cache.get("m30") is None
+    cache.close()
+    assert cache.set("after-close", 1) is None and cache.get("after-close") == 1
+
+
+def test_async_methods_across_nodes(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location)
+
+    async def scenario() -> None:
+        await cache.aset("x", "value")
+        assert await cache.aget("x") == "value"
+        assert await cache.aadd("x", "other") is False
+        await cache.aset_many({f"k{index}": index for index in range(20)})
+        assert len(await cache.aget_many([f"k{index}" for index in range(20)])) == 20
+        assert await cache.aincr("k3") == 4
+        assert await cache.adecr("k3") == 3
+        assert await cache.ahas_key("x")
+        assert await cache.atouch("x", 10)
+        assert await cache.aget_or_set("y", "made") == "made"
+        assert await cache.adelete("x") is True
+        await cache.adelete_many(["k1", "k2"])
+        assert await cache.aget_many(["k1", "k2", "k4"]) == {"k4": 4}
+        await cache.aclear()
+        assert await cache.aget("k4") is None
+
+    asyncio.run(scenario())
+
+
+def test_invalid_keys_raise_as_with_djangos_memcached_backends(
+    elasticache_cluster, make_cache
+) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    with pytest.raises(InvalidCacheKey, match="contains characters"):
+        cache.set("has space", 1)
+    with pytest.raises(InvalidCacheKey, match="longer than 250"):
+        cache.get("x" * 251)
+    with pytest.raises(InvalidCacheKey):
+        cache.get_many(["ok", "tab\there"])
+
+
+def test_legacy_engine_cluster_serves_the_cache(elasticache_cluster_factory, make_cache) -> None:
+    cluster = elasticache_cluster_factory(nodes=2, engine_version="1.4.10")
+    cache = make_cache(cluster.location)
+    cache.set_many({f"k{index}": index for index in range(100)})
+    assert all(keys_per_node(cluster, cache, [f"k{index}" for index in range(100)]).values())
+    assert "get AmazonElastiCache:cluster" in cluster.endpoint.requests
+
+
+def test_plain_memcached_needs_ignore_cluster_errors(make_cache, caplog) -> None:
+    with start_memcached() as node:
+        strict = make_cache(node.address)
+        with pytest.raises(DiscoveryNotSupported, match=node.address):
+            strict.get("key")
+        lenient = make_cache(node.address, IGNORE_CLUSTER_ERRORS=True)
+        with caplog.at_level(logging.WARNING, logger="django_elasticache"):
+            lenient.set("key", "value")
+        assert lenient.get("key") == "value"
+        assert lenient.client_servers == [node.address]
+        assert "IGNORE_CLUSTER_ERRORS" in caplog.text and node.address in caplog.text
+
+
+def test_unreachable_endpoint_with_ignore_cluster_errors_uses_location(make_cache) -> None:
+    with start_memcached() as node:
+        node.stop()
+        cache = make_cache(node.address, IGNORE_CLUSTER_ERRORS=True, DISCOVERY_TIMEOUT=0.5)
+        assert cache.client_servers == [node.address]
+        node.restart()
+        cache.set("key", "value")
+        assert cache.get("key") == "value"
+
+
+def test_silent_endpoint_fails_within_the_discovery_timeout(
+    elasticache_cluster, make_cache
+) -> None:
+    elasticache_cluster.endpoint.misbehave("hang")
+    cache = make_cache(elasticache_cluster.location, DISCOVERY_TIMEOUT=0.5)
+    started = time.monotonic()
+    with pytest.raises(EndpointTimeout, match=elasticache_cluster.location):
+        cache.get("key")
+    assert time.monotonic() - started < 4
+
+
+def test_failed_first_discovery_is_not_repeated_for_every_request(
+    elasticache_cluster, make_cache
+) -> None:
+    elasticache_cluster.endpoint.misbehave("error")
+    cache = make_cache(elasticache_cluster.location)
+    for _ in range(5):
+        with pytest.raises(DiscoveryNotSupported):
+            cache.get("key")
+    assert elasticache_cluster.endpoint.discovery_requests == 1
+
+
+def test_concurrent_cold_start_makes_one_discovery_request(
+    elasticache_cluster, make_cache
+) -> None:
+    threads_count = 16
+    barrier = threading.Barrier(threads_count, timeout=10)
+    results: list[object] = []
+
+    def first_request(index: int) -> None:
+        cache = make_cache(elasticache_cluster.location)
+        barrier.wait()
+        cache.set(f"t{index}", index)
+        results.append(cache.get(f"t{index}"))
+
+    threads = [threading.Thread(target=first_request, args=(i,)) for i in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert sorted(results) == list(range(threads_count))
+    assert elasticache_cluster.endpoint.discovery_requests == 1
+
+
+def test_backend_instances_share_one_discovery(elasticache_cluster, make_cache) -> None:
+    first, second = make_cache(elasticache_cluster.location), make_cache(
+        elasticache_cluster.location
+    )
+    first.set("shared", 1)
+    assert second.get("shared") == 1
+    assert elasticache_cluster.endpoint.discovery_requests == 1
+
+
+def test_ipv6_cluster_round_trip(elasticache_cluster_factory, make_cache) -> None:
+    try:
+        cluster = elasticache_cluster_factory(nodes=2, host="::1")
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    cache = make_cache(cluster.location)
+    cache.set_many({f"k{index}": index for index in range(50)})
+    assert cache.get_many([f"k{index}" for index in range(50)]) == {
+        f"k{index}": index for index in range(50)
+    }
+    assert all(address.startswith("[::1]:") for address in cache.client_servers)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "cfg.example",
+        "cfg.example:11211;other.example:11211",
+        "cfg.example:11211,other.example:11211",
+        ["a.example:11211", "b.example:11211"],
+        "::1:11211",
+        "cfg.example:0",
+        "cfg.example:99999",
+        "unix:/tmp/memcached.sock",
+        "",
+    ],
+)
+def test_location_must_be_one_host_and_port(location, make_cache) -> None:
+    with pytest.raises(InvalidCacheBackendError, match="one configuration endpoint as 'host:port'"):
+        make_cache(location)
+
+
+@pytest.mark.parametrize("location", ["cfg.example:11211", "10.0.0.1:11211", "[::1]:11211"])
+def test_accepted_locations(location, make_cache) -> None:
+    make_cache(location)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"IGNORE_CLUSTER_ERROR": True}, "Unknown ElastiCache option 'IGNORE_CLUSTER_ERROR'"),
+        ({"IGNORE_CLUSTER_ERRORS": "yes"}, "must be True or False"),
+        ({"IGNORE_EXCEPTIONS": 1}, "must be True or False"),
+        ({"DISCOVERY_TIMEOUT": 0}, "DISCOVERY_TIMEOUT must be a positive number"),
+        ({"DISCOVERY_TIMEOUT": "2"}, "DISCOVERY_TIMEOUT must be a positive number"),
+        ({"REFRESH_INTERVAL": -1}, "REFRESH_INTERVAL must be a positive number"),
+        ({"MAX_ENTRIES": 300}, "Unknown ElastiCache option 'MAX_ENTRIES'"),
+    ],
+)
+def test_bad_backend_options_are_refused(options, message, make_cache) -> None:
+    with pytest.raises(InvalidCacheBackendError, match=message):
+        make_cache("cfg.example:11211", **options)
+
+
+def test_options_are_split_merged_and_left_untouched(elasticache_cluster) -> None:
+    options = {
+        "IGNORE_CLUSTER_ERRORS": False,
+        "DISCOVERY_TIMEOUT": 1.5,
+        "binary": False,
+        "behaviors": {"tcp_nodelay": False, "connect_timeout": 250},
+    }
+    params = {"OPTIONS": options}
+    snapshot = repr(params)
+    cache = ElastiCache(elasticache_cluster.location, params)
+    cache.set("key", "value")
+    assert repr(params) == snapshot
+    behaviors = cache._cache.behaviors
+    assert behaviors["tcp_nodelay"] == 0 and behaviors["connect_timeout"] == 250
+    assert behaviors["ketama"] == 1
+    assert behaviors["_poll_timeout"] == DEFAULT_BEHAVIORS["_poll_timeout"]
+
+
+def test_binary_protocol_option_reaches_pylibmc(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location, binary=True)
+    cache.set("key", "value")
+    assert cache.get("key") == "value"
+    assert cache._cache.binary
+
+
+def test_unknown_client_keyword_fails_as_with_djangos_backend(
+    elasticache_cluster, make_cache
+) -> None:
+    cache = make_cache(elasticache_cluster.location, no_such_keyword=True)
+    with pytest.raises(TypeError):
+        cache.get("key")
+
+
+def test_defaults_reach_the_client(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    cache.get("key")
+    behaviors = cache._cache.behaviors
+    for name, value in DEFAULT_BEHAVIORS.items():
+        assert behaviors[name] == value, name
