@@ -191,8 +191,9 @@ def test_concurrent_cold_start_makes_one_discovery_request(
 
 
 def test_backend_instances_share_one_discovery(elasticache_cluster, make_cache) -> None:
-    first, second = make_cache(elasticache_cluster.location), make_cache(
-        elasticache_cluster.location
+    first, second = (
+        make_cache(elasticache_cluster.location),
+        make_cache(elasticache_cluster.location),
     )
     first.set("shared", 1)
     assert second.get("shared") == 1
@@ -227,7 +228,7 @@ def test_ipv6_cluster_round_trip(elasticache_cluster_factory, make_cache) -> Non
     ],
 )
 def test_location_must_be_one_host_and_port(location, make_cache) -> None:
-    with pytest.raises(InvalidCacheBackendError, match="one configuration endpoint as 'host:port'"):
+    with pytest.raises(InvalidCacheBackendError, match="one configuration endpoint"):
         make_cache(location)
 
 
