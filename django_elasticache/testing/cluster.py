@@ -26,6 +26,8 @@ FREE_PORT_ATTEMPTS = 5
 # A fixed port (a restart) may still be held briefly by a dying process.
 BUSY_PORT_TIMEOUT = 3.0
 POLL_INTERVAL = 0.02
+PROBE_TIMEOUT = 0.5
+PROBE_READS = 16  # memcached's stats reply is about 2 KB
 PORT_BUSY = "Address already in use"
 
 
@@ -60,14 +62,29 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def _answers_version(host: str, port: int) -> bool:
-    """Tell whether a memcached accepts connections on host:port and speaks the protocol."""
+def _serves(host: str, port: int, pid: int) -> bool:
+    """Tell whether the memcached with this pid accepts connections on host:port.
+
+    It must answer ``version``, and its ``stats`` must show our pid: another server may
+    take a free port before ours binds it, and must not pass for ours.
+    """
     try:
-        with socket.create_connection((host, port), timeout=1.0) as conn:
-            conn.sendall(b"version\r\n")
-            return conn.recv(64).startswith(b"VERSION ")
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as conn:
+            conn.sendall(b"version\r\nstats\r\n")
+            reply = _receive_until(conn, b"\r\nEND\r\n")
     except OSError:
         return False
+    return reply.startswith(b"VERSION ") and b"\r\nSTAT pid %d\r\n" % pid in reply
+
+
+def _receive_until(conn: socket.socket, terminator: bytes) -> bytes:
+    reply = b""
+    for _ in range(PROBE_READS):
+        chunk = conn.recv(4096)
+        reply += chunk
+        if not chunk or reply.endswith(terminator):
+            break
+    return reply
 
 
 def _terminate(process: subprocess.Popen[bytes], stderr: IO[bytes]) -> None:
@@ -85,8 +102,9 @@ class MemcachedNode:
     """One memcached server process in the foreground, owned by this Python process.
 
     ``hostname`` is the name a cluster config advertises for it; ``ip`` and ``port`` are
-    where it really listens. The process is ended by stop(), by the context manager, or
-    at the latest when the interpreter exits.
+    where it really listens. The process lives no longer than this object: it is ended by
+    stop(), by the context manager, when the object is garbage collected, or at the
+    latest when the interpreter exits.
     """
 
     def __init__(
@@ -186,17 +204,17 @@ class MemcachedNode:
 
     def _start_on_fixed_port(self, port: int) -> None:
         deadline = time.monotonic() + BUSY_PORT_TIMEOUT
-        while True:
+        for _ in range(int(BUSY_PORT_TIMEOUT / POLL_INTERVAL) + 1):
             try:
                 self._launch(port)
                 return
             except _PortBusy as busy:
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(
-                        f"memcached could not listen on {format_location(self._host, port)}: "
-                        f"{busy}"
-                    ) from None
+                reason = str(busy)
+            if time.monotonic() >= deadline:
+                break
             time.sleep(POLL_INTERVAL)
+        where = format_location(self._host, port)
+        raise RuntimeError(f"memcached could not listen on {where}: {reason}")
 
     def _command(self, port: int) -> list[str]:
         command = [self._executable, "-l", self._host, "-p", str(port), "-U", "0"]
@@ -235,7 +253,7 @@ class MemcachedNode:
                 if PORT_BUSY in message:
                     raise _PortBusy(message)
                 raise RuntimeError(f"memcached exited with status {process.returncode}: {message}")
-            if _answers_version(self._host, port):
+            if _serves(self._host, port, process.pid):
                 return
             time.sleep(POLL_INTERVAL)
         raise RuntimeError(

@@ -9,6 +9,7 @@ reply a real endpoint gives, and through the broken ones a flaky network produce
 from __future__ import annotations
 
 import contextlib
+import itertools
 import socket
 import socketserver
 import threading
@@ -34,9 +35,10 @@ GARBAGE = b"\x00\xffHTTP/1.1 400 Bad Request\r\n\r\n"
 MODES = (*CANNED_REPLIES, "hang", "close", "truncated", "garbage", "raw")
 
 # Bounds that keep a forgotten endpoint from pinning threads forever.
-IDLE_TIMEOUT = 60.0
+IDLE_TIMEOUT = 300.0
 HANG_TIMEOUT = 60.0
 MAX_LINE = 4096
+MAX_COMMANDS = 100_000  # per connection
 JOIN_TIMEOUT = 5.0
 
 Node = tuple[str, str, int]
@@ -97,8 +99,8 @@ class _ConnectionHandler(socketserver.StreamRequestHandler):
             endpoint._untrack(self.connection)
 
     def _serve_lines(self, endpoint: ConfigEndpoint) -> None:
-        # Each line is a command, so the line count bounds the loop; EOF ends it first.
-        for line in iter(lambda: self.rfile.readline(MAX_LINE), b""):
+        lines = iter(lambda: self.rfile.readline(MAX_LINE), b"")  # ends at EOF
+        for line in itertools.islice(lines, MAX_COMMANDS):
             reply, keep_open = endpoint._respond(line.rstrip(b"\r\n").decode("utf-8", "replace"))
             self.connection.sendall(reply)
             if not keep_open:
