@@ -39,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster_parser.add_argument("--nodes", type=int, default=3, help="how many (default 3)")
     cluster_parser.set_defaults(run=run_local_cluster)
 
+    demo_parser = commands.add_parser(
+        "demo", help="start a local cluster and show Django's cache spreading keys over it"
+    )
+    demo_parser.add_argument("--nodes", type=int, default=3, help="how many (default 3)")
+    demo_parser.add_argument("--keys", type=int, default=1000, help="how many (default 1000)")
+    demo_parser.set_defaults(run=run_demo)
+
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -95,3 +102,41 @@ def run_local_cluster(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
     return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """A Django round trip on a LocalCluster, showing which node holds how many keys."""
+    import django
+    from django.conf import settings
+
+    from .testing import LocalCluster, MemcachedNotFound
+
+    try:
+        cluster = LocalCluster(nodes=args.nodes).start()
+    except MemcachedNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        settings.configure(
+            CACHES={
+                "default": {
+                    "BACKEND": "django_elasticache.memcached.ElastiCache",
+                    "LOCATION": cluster.location,
+                }
+            }
+        )
+        django.setup()
+        from django.core.cache import cache
+
+        print(f"LOCATION {cluster.location}: discovered {', '.join(cache.client_servers)}")
+        keys = [f"demo-{index}" for index in range(args.keys)]
+        values = {key: key.upper() for key in keys}
+        cache.set_many(values)
+        intact = cache.get_many(keys) == values
+        print(f"set {len(keys)} keys through Django's cache; all read back intact: {intact}")
+        held = cluster.keys_per_node([cache.make_key(key) for key in keys])
+        for address, count in held.items():
+            print(f"  {address:<22} holds {count:>5} keys")
+        return 0 if intact and all(held.values()) else 1
+    finally:
+        cluster.stop()

@@ -584,9 +584,8 @@ def test_ipv6_cluster() -> None:
         assert (version, [ip for _, ip, _ in nodes]) == (1, ["::1", "::1"])
         for node in cluster.nodes:
             assert node.address == f"[::1]:{node.port}"
-            client = memcached_client(node.address)
-            client.set("k", node.port)
-            assert client.get("k") == node.port
+            stored = exchange("::1", node.port, b"set k 0 0 2\r\nhi\r\n", b"get k\r\n")
+            assert stored == b"STORED\r\nVALUE k 0 2\r\nhi\r\nEND\r\n"
 
 
 def test_stop_ends_every_process_the_cluster_ever_started() -> None:

@@ -77,9 +77,9 @@ def _serves(host: str, port: int, pid: int) -> bool:
     return reply.startswith(b"VERSION ") and b"\r\nSTAT pid %d\r\n" % pid in reply
 
 
-def _receive_until(conn: socket.socket, terminator: bytes) -> bytes:
+def _receive_until(conn: socket.socket, terminator: bytes, max_reads: int = PROBE_READS) -> bytes:
     reply = b""
-    for _ in range(PROBE_READS):
+    for _ in range(max_reads):
         chunk = conn.recv(4096)
         reply += chunk
         if not chunk or reply.endswith(terminator):
@@ -175,6 +175,18 @@ class MemcachedNode:
         """Stop, then start a fresh, empty memcached on the same port."""
         self.stop()
         return self.start()
+
+    def holds(self, keys: Sequence[str]) -> int:
+        """
+        How many of these memcached keys this node stores, asked with meta no-op gets
+        (``mg <key>`` answers ``HD`` or ``EN``), so tests and the demo can see where a
+        client put its keys without a client library of their own.
+        """
+        request = b"".join(b"mg %s\r\n" % key.encode() for key in keys) + b"mn\r\n"
+        with socket.create_connection((self.ip, self.port), timeout=PROBE_TIMEOUT) as conn:
+            conn.sendall(request)
+            reply = _receive_until(conn, b"MN\r\n", max_reads=len(keys) + PROBE_READS)
+        return reply.split(b"\r\n").count(b"HD")
 
     def __enter__(self) -> MemcachedNode:
         return self if self.is_running else self.start()
@@ -391,6 +403,10 @@ class LocalCluster:
         self._endpoint.publish(
             [self._advertised(node) for node in self._nodes], self._config_version
         )
+
+    def keys_per_node(self, keys: Sequence[str]) -> dict[str, int]:
+        """How many of these memcached keys each advertised node holds, by address."""
+        return {node.address: node.holds(keys) for node in self._nodes}
 
     # Topology changes, each published under the next config version
 
