@@ -3,19 +3,19 @@ Django cache backend for ElastiCache memcached clusters, driving pylibmc.
 
 ``ElastiCache`` is Django's ``PyLibMCCache`` with one difference: the servers are not the
 LOCATION but the nodes the LOCATION's configuration endpoint lists, found and followed by
-``topology``. Every cache method is Django's own.
+``topology``. Every cache method is Django's own, guarded by ``backend.ClusterCacheMixin``.
 """
 
 from __future__ import annotations
 
-import os
+import re
 from typing import Any
 
+import pylibmc
 from django.core.cache.backends.memcached import PyLibMCCache
 
-from .cluster_utils import ClusterConfig
-from .options import parse_location, split_options
-from .topology import topology_for
+from .backend import ClusterCacheMixin
+from .cluster_utils import ClusterDiscoveryError
 
 __all__ = ["DEFAULT_BEHAVIORS", "ElastiCache"]
 
@@ -35,10 +35,10 @@ DEFAULT_BEHAVIORS: dict[str, Any] = {
 }
 """pylibmc behaviours used unless OPTIONS['behaviors'] overrides them key by key."""
 
-_clients_inherited_across_fork: list[Any] = []
+_FAILED_HOST = re.compile(r"host: (\S+?)(?: ->|$)")
 
 
-class ElastiCache(PyLibMCCache):
+class ElastiCache(ClusterCacheMixin, PyLibMCCache):
     """
     ``PyLibMCCache`` over every node of an ElastiCache cluster.
 
@@ -47,44 +47,20 @@ class ElastiCache(PyLibMCCache):
     with Django's own backend, with ``behaviors`` merged over ``DEFAULT_BEHAVIORS``.
     """
 
+    server_errors = (pylibmc.Error, ClusterDiscoveryError)
+    caller_errors = (pylibmc.TooBig, pylibmc.BadKeyProvided, pylibmc.NotFound)
+
     def __init__(self, server: str, params: dict[str, Any]) -> None:
-        endpoint = parse_location(server)
-        backend_options, client_options = split_options(params.get("OPTIONS"))
-        super().__init__(server, {**params, "OPTIONS": client_options})
+        super().__init__(server, params)
         self._options = {
-            **client_options,
-            "behaviors": {**DEFAULT_BEHAVIORS, **(client_options.get("behaviors") or {})},
+            **self._options,
+            "behaviors": {**DEFAULT_BEHAVIORS, **(self._options.get("behaviors") or {})},
         }
-        self._topology = topology_for(endpoint, backend_options)
-        self._client: Any = None
-        self._client_config: ClusterConfig | None = None
-        self._client_pid = 0
 
-    @property
-    def client_servers(self) -> list[str]:
-        return list(self._topology.current().addresses)
+    def _make_client(self, addresses: list[str]) -> pylibmc.Client:
+        return self._class(addresses, **self._options)
 
-    @property
-    def _cache(self) -> Any:
-        """
-        The pylibmc client for the current node list. pylibmc cannot change the servers of
-        a live client, so a new list means a new client; checking costs one identity test.
-        """
-        config = self._topology.current()
-        if config is not self._client_config:
-            self._replace_client(config)
-        return self._client
-
-    def _replace_client(self, config: ClusterConfig) -> None:
-        old_client, old_pid = self._client, self._client_pid
-        self._client = self._class(list(config.addresses), **self._options)
-        self._client_config = config
-        self._client_pid = os.getpid()
-        if old_client is None:
-            return
-        if old_pid == self._client_pid:
-            old_client.disconnect_all()
-        else:
-            # Freeing a client sends "quit" on its sockets, which after a fork are the
-            # parent's too; keeping the object alive leaves the parent's connections intact.
-            _clients_inherited_across_fork.append(old_client)
+    def _error_source(self, error: Exception) -> str:
+        """libmemcached names the failing node at the end of its message."""
+        match = _FAILED_HOST.search(str(error))
+        return match[1] if match else super()._error_source(error)

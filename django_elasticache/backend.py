@@ -1,0 +1,214 @@
+"""
+What every backend of this package adds to a Django memcached backend, whatever client
+library it drives: the servers come from the cluster's topology, the client is rebuilt when
+the node list changes, and server errors bring re-discovery forward and, with
+IGNORE_EXCEPTIONS, become cache misses.
+
+A concrete backend mixes ``ClusterCacheMixin`` into the Django backend for its library and
+names that library's errors; see ``memcached.ElastiCache``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+
+from .cluster_utils import ClusterConfig, ClusterDiscoveryError
+from .options import parse_location, split_options
+from .topology import topology_for
+
+__all__ = ["ClusterCacheMixin"]
+
+logger = logging.getLogger("django_elasticache")
+
+ERROR_LOG_INTERVAL = 60.0
+"""Seconds between two log lines for errors from the same source under IGNORE_EXCEPTIONS."""
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+_clients_inherited_across_fork: list[Any] = []
+
+
+class _ErrorLog:
+    """At most one log line per source per interval, so a dead node cannot flood the logs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_logged: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, source: str, operation: str, error: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_logged.get(source, -ERROR_LOG_INTERVAL) < ERROR_LOG_INTERVAL:
+                self._suppressed[source] = self._suppressed.get(source, 0) + 1
+                return
+            self._last_logged[source] = now
+            suppressed = self._suppressed.pop(source, 0)
+        logger.warning(
+            "Cache %s failed, treated as a miss (IGNORE_EXCEPTIONS): %s "
+            "(%d more errors from %s since the last report)",
+            operation,
+            error,
+            suppressed,
+            source,
+        )
+
+
+_error_log = _ErrorLog()
+
+
+def _miss_on_server_error(miss: Callable[..., Any]) -> Callable[[Method], Method]:
+    """
+    Let a server or connection error in the wrapped method bring re-discovery forward and,
+    with IGNORE_EXCEPTIONS, return ``miss(*arguments)`` instead of raising. Errors that are
+    the caller's fault (a bad key, a value too large) always raise.
+    """
+
+    def decorate(method: Method) -> Method:
+        @functools.wraps(method)
+        def guarded(self: ClusterCacheMixin, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except self.server_errors as error:
+                if not self._absorb(error, method.__name__):
+                    raise
+                return miss(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    return decorate
+
+
+def _default_argument(key: Any, default: Any = None, version: Any = None) -> Any:
+    return default
+
+
+def _every_key(data: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    return list(data)
+
+
+def _key_not_found(key: Any, *args: Any, **kwargs: Any) -> Any:
+    raise ValueError(f"Key '{key}' not found")
+
+
+def _constant(value: Any) -> Callable[..., Any]:
+    return lambda *args, **kwargs: value
+
+
+class ClusterCacheMixin:
+    """
+    Cluster discovery, client replacement and error policy for a Django memcached backend.
+
+    Subclasses set ``server_errors`` (what the client library raises when a server fails),
+    ``caller_errors`` (what it raises for the caller's mistakes, never swallowed), and
+    implement ``_make_client(addresses)``.
+    """
+
+    server_errors: ClassVar[tuple[type[Exception], ...]] = (ClusterDiscoveryError,)
+    caller_errors: ClassVar[tuple[type[Exception], ...]] = ()
+
+    def __init__(self, server: str, params: dict[str, Any]) -> None:
+        endpoint = parse_location(server)
+        self.backend_options, client_options = split_options(params.get("OPTIONS"))
+        super().__init__(server, {**params, "OPTIONS": client_options})  # type: ignore[call-arg]
+        self._topology = topology_for(endpoint, self.backend_options)
+        self._client: Any = None
+        self._client_config: ClusterConfig | None = None
+        self._client_pid = 0
+
+    def _make_client(self, addresses: list[str]) -> Any:
+        raise NotImplementedError
+
+    @property
+    def client_servers(self) -> list[str]:
+        return list(self._topology.current().addresses)
+
+    @property
+    def _cache(self) -> Any:
+        """
+        The client for the current node list. Clients cannot change servers while in use,
+        so a new list means a new client; checking costs one identity test.
+        """
+        config = self._topology.current()
+        if config is not self._client_config:
+            self._replace_client(config)
+        return self._client
+
+    def _replace_client(self, config: ClusterConfig) -> None:
+        old_client, old_pid = self._client, self._client_pid
+        self._client = self._make_client(list(config.addresses))
+        self._client_config = config
+        self._client_pid = os.getpid()
+        if old_client is None:
+            return
+        if old_pid == self._client_pid:
+            old_client.disconnect_all()
+        else:
+            # Freeing a client sends "quit" on its sockets, which after a fork are the
+            # parent's too; keeping the object alive leaves the parent's connections intact.
+            _clients_inherited_across_fork.append(old_client)
+
+    def _absorb(self, error: Exception, operation: str) -> bool:
+        """
+        React to a server error: ask the endpoint again soon (the node may have been
+        replaced), and tell whether IGNORE_EXCEPTIONS says to answer with a miss.
+        """
+        if isinstance(error, self.caller_errors):
+            return False
+        self._topology.refresh_soon()
+        if not self.backend_options.ignore_exceptions:
+            return False
+        _error_log.log(self._error_source(error), operation, error)
+        return True
+
+    def _error_source(self, error: Exception) -> str:
+        """Where an error came from, for rate-limiting its log lines: the endpoint here."""
+        return self._topology.name
+
+    @_miss_on_server_error(_default_argument)
+    def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
+        return super().get(key, default, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_constant({}))
+    def get_many(self, keys: Any, version: Any = None) -> dict[Any, Any]:
+        return super().get_many(keys, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_constant(False))
+    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
+        return super().set(key, value, timeout, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_constant(False))
+    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
+        return super().add(key, value, timeout, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_constant(False))
+    def touch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
+        return super().touch(key, timeout, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_constant(False))
+    def delete(self, key: Any, version: Any = None) -> bool:
+        return super().delete(key, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_key_not_found)
+    def incr(self, key: Any, delta: int = 1, version: Any = None) -> int:
+        return super().incr(key, delta, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_every_key)
+    def set_many(self, data: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
+        return super().set_many(data, timeout, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_constant(None))
+    def delete_many(self, keys: Any, version: Any = None) -> None:
+        return super().delete_many(keys, version)  # type: ignore[misc]
+
+    @_miss_on_server_error(_constant(None))
+    def clear(self) -> None:
+        return super().clear()  # type: ignore[misc]

@@ -1,0 +1,318 @@
+"""Following the cluster while it changes, and surviving its failures, on LocalCluster."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+
+import pylibmc
+import pytest
+
+from django_elasticache import topology
+from django_elasticache.cluster_utils import EndpointUnreachable
+
+REFRESH = 0.2
+DEADLINE = 10.0
+# A bound on any single cache call while the endpoint misbehaves: far above a loopback
+# round trip, far below the discovery timeout a blocked request would wait for.
+CALL_BOUND = 0.5
+
+
+@pytest.fixture
+def fast_error_refresh(monkeypatch):
+    monkeypatch.setattr(topology, "ERROR_REFRESH_SPACING", 0.0)
+
+
+def eventually(condition, what: str) -> None:
+    """Wait for condition() within DEADLINE, polling; fail naming what did not happen."""
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"within {DEADLINE} s: {what}")
+        time.sleep(0.02)
+
+
+def attempts(endpoint) -> int:
+    """Discoveries begun: each starts with ``version``, which even a hanging endpoint reads."""
+    return endpoint.requests.count("version")
+
+
+def refreshed_twice(cache, endpoint, before: int) -> bool:
+    cache.get("probe")  # refreshes start from requests, never on their own
+    return attempts(endpoint) >= before + 2
+
+
+def serves(cache, addresses) -> bool:
+    # A request is what lets the backend notice a new list; until then a removed node errs.
+    with contextlib.suppress(pylibmc.Error):
+        cache.get("probe")
+    return sorted(cache.client_servers) == sorted(addresses)
+
+
+def test_scale_out_and_in_while_serving(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=REFRESH)
+    keys = [f"k{index}" for index in range(200)]
+    cache.set_many({key: key for key in keys})
+
+    added = [elasticache_cluster.add_node(), elasticache_cluster.add_node()]
+    eventually(lambda: serves(cache, elasticache_cluster.node_addresses), "scale-out seen")
+    cache.set_many({key: key for key in keys})
+    held = elasticache_cluster.keys_per_node([cache.make_key(key) for key in keys])
+    assert all(held[node.address] > 0 for node in added), held
+
+    for node in added:
+        elasticache_cluster.remove_node(node)
+    eventually(lambda: serves(cache, elasticache_cluster.node_addresses), "scale-in seen")
+    cache.set_many({key: key for key in keys})
+    assert cache.get_many(keys) == {key: key for key in keys}
+
+
+def test_scale_out_moves_about_one_key_in_five(elasticache_cluster_factory, make_cache) -> None:
+    cluster = elasticache_cluster_factory(nodes=4)
+    cache = make_cache(cluster.location, REFRESH_INTERVAL=REFRESH)
+    keys = [cache.make_key(f"k{index}") for index in range(2000)]
+    cache.get("warm")
+    before = {key: owner(cache, key) for key in keys}
+    cluster.add_node()
+    eventually(lambda: serves(cache, cluster.node_addresses), "fifth node seen")
+    moved = sum(owner(cache, key) != before[key] for key in keys) / len(keys)
+    assert 0.12 < moved < 0.28, moved
+
+
+def owner(cache, key: str) -> str:
+    """The node pylibmc maps a key to, read back from the node that stores it."""
+    cache._cache.set(key, 1)
+    client = cache._cache
+    for address in cache.client_servers:
+        single = pylibmc.Client([address])
+        found = single.get(key) is not None
+        single.delete(key)
+        single.disconnect_all()
+        if found:
+            return address
+    raise AssertionError(f"{key} stored nowhere; client {client}")
+
+
+def test_replaced_node_keeps_its_hostname_and_gets_traffic(elasticache_cluster, make_cache):
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=REFRESH)
+    cache.get("warm")
+    old = elasticache_cluster.nodes[0]
+    new = elasticache_cluster.replace_node(old)
+    assert new.hostname == old.hostname and new.address != old.address
+    eventually(lambda: serves(cache, elasticache_cluster.node_addresses), "replacement seen")
+    keys = [f"r{index}" for index in range(200)]
+    cache.set_many({key: key for key in keys})
+    assert elasticache_cluster.keys_per_node([cache.make_key(k) for k in keys])[new.address]
+
+
+def test_stale_lower_version_is_ignored(elasticache_cluster, make_cache, caplog) -> None:
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=REFRESH)
+    cache.get("warm")
+    good = list(cache.client_servers)
+    endpoint = elasticache_cluster.endpoint
+    with caplog.at_level(logging.WARNING, logger="django_elasticache"):
+        elasticache_cluster.publish(elasticache_cluster.nodes[:1], version=0)
+        before = attempts(endpoint)
+        eventually(lambda: refreshed_twice(cache, endpoint, before), "two refreshes")
+    cache.get("again")
+    assert cache.client_servers == good
+    assert "Ignoring stale node list" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["hang", "error", "garbage", "close", "truncated"])
+def test_misbehaving_endpoint_during_refresh_keeps_the_last_list(
+    elasticache_cluster, make_cache, mode
+) -> None:
+    cache = make_cache(
+        elasticache_cluster.location, REFRESH_INTERVAL=REFRESH, DISCOVERY_TIMEOUT=1.0
+    )
+    cache.set("key", "value")
+    good = list(cache.client_servers)
+    endpoint = elasticache_cluster.endpoint
+    endpoint.misbehave(mode)
+    before = attempts(endpoint)
+    worst = 0.0
+    deadline = time.monotonic() + DEADLINE
+    while attempts(endpoint) < before + 2 and time.monotonic() < deadline:
+        started = time.monotonic()
+        assert cache.get("key") == "value"
+        worst = max(worst, time.monotonic() - started)
+    assert attempts(endpoint) >= before + 2
+    assert worst < CALL_BOUND, worst
+    assert cache.client_servers == good
+
+
+def test_endpoint_gone_during_refresh_keeps_the_last_list(elasticache_cluster, make_cache):
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=REFRESH)
+    cache.set("key", "value")
+    good = list(cache.client_servers)
+    elasticache_cluster.endpoint.stop()
+    deadline = time.monotonic() + 3 * REFRESH + 1
+    while time.monotonic() < deadline:
+        assert cache.get("key") == "value"
+        time.sleep(0.01)
+    assert cache.client_servers == good
+
+
+def test_no_refresh_when_interval_is_zero(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=0)
+    cache.get("warm")
+    elasticache_cluster.add_node()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        cache.get("probe")
+        time.sleep(0.01)
+    assert elasticache_cluster.endpoint.discovery_requests == 1
+    assert len(cache.client_servers) == 3
+
+
+def test_killed_node_surfaces_errors_without_ignore_exceptions(elasticache_cluster, make_cache):
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=60)
+    keys = [f"k{index}" for index in range(100)]
+    cache.set_many({key: key for key in keys})
+    elasticache_cluster.kill_node(elasticache_cluster.nodes[0])
+    errors = 0
+    for key in keys:
+        try:
+            cache.get(key)
+        except pylibmc.Error:
+            errors += 1
+    assert errors > 0
+
+
+def test_killed_node_reads_as_misses_with_ignore_exceptions(
+    elasticache_cluster, make_cache, caplog
+) -> None:
+    cache = make_cache(elasticache_cluster.location, IGNORE_EXCEPTIONS=True)
+    keys = [f"k{index}" for index in range(100)]
+    cache.set_many({key: key for key in keys})
+    victim = elasticache_cluster.nodes[0]
+    on_victim = victim.holds([cache.make_key(key) for key in keys])
+    elasticache_cluster.kill_node(victim)
+    with caplog.at_level(logging.WARNING, logger="django_elasticache"):
+        started = time.monotonic()
+        hits = sum(cache.get(key) is not None for key in keys)
+        elapsed = time.monotonic() - started
+        assert cache.set("new", 1) in (None, False)
+        assert isinstance(cache.get_many(keys), dict)
+        assert isinstance(cache.set_many({key: 1 for key in keys}), list)
+        assert cache.delete(keys[0]) in (True, False)
+    assert hits == len(keys) - on_victim
+    assert elapsed < 5, elapsed
+    warnings = [r for r in caplog.records if "IGNORE_EXCEPTIONS" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2, [r.getMessage() for r in warnings]
+    assert victim.address in warnings[0].getMessage()
+
+    elasticache_cluster.restart_node(victim)
+    data = {key: key for key in keys}
+    eventually(lambda: cache.set_many(data) == [], "every node takes writes again")
+    assert cache.get_many(keys) == data
+
+
+def test_ignore_exceptions_keeps_caller_errors_and_incr_semantics(
+    elasticache_cluster, make_cache
+) -> None:
+    cache = make_cache(elasticache_cluster.location, IGNORE_EXCEPTIONS=True)
+    with pytest.raises(ValueError, match="not found"):
+        cache.incr("missing")
+    from django.core.cache import InvalidCacheKey
+
+    with pytest.raises(InvalidCacheKey):
+        cache.get("bad key")
+    for node in elasticache_cluster.nodes:
+        elasticache_cluster.kill_node(node)
+    assert cache.get("x", "fallback") == "fallback"
+    assert cache.add("x", 1) is False
+    assert cache.touch("x") is False
+    assert cache.has_key("x") is False
+    assert cache.get_or_set("x", 5) == 5
+    with pytest.raises(ValueError, match="not found"):
+        cache.incr("x")
+    assert cache.set_many({"a": 1, "b": 2}) == ["a", "b"]
+    assert cache.delete_many(["a"]) is None
+    assert cache.clear() is None
+
+
+def test_unreachable_endpoint_at_start_is_a_miss_with_ignore_exceptions(make_cache) -> None:
+    cache = make_cache("127.0.0.1:9", IGNORE_EXCEPTIONS=True, DISCOVERY_TIMEOUT=0.5)
+    assert cache.get("key", "default") == "default"
+    strict = make_cache("127.0.0.1:9", DISCOVERY_TIMEOUT=0.4)
+    with pytest.raises(EndpointUnreachable):
+        strict.get("key")
+
+
+def test_node_error_brings_refresh_forward(
+    elasticache_cluster, make_cache, fast_error_refresh
+) -> None:
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=3600)
+    keys = [f"k{index}" for index in range(100)]
+    cache.set_many({key: key for key in keys})
+    victim = elasticache_cluster.nodes[0]
+    replacement = elasticache_cluster.replace_node(victim)
+    requests = elasticache_cluster.endpoint.discovery_requests
+
+    def healed() -> bool:
+        for key in keys:  # get_many skips a dead node silently; single gets raise
+            try:
+                cache.get(key)
+            except pylibmc.Error:
+                return False
+        return replacement.address in cache.client_servers
+
+    eventually(healed, "error-triggered refresh picked up the replacement")
+    assert elasticache_cluster.endpoint.discovery_requests > requests
+
+
+def test_many_threads_at_refresh_time_make_one_request(elasticache_cluster, make_cache):
+    caches = [make_cache(elasticache_cluster.location, REFRESH_INTERVAL=0.5) for _ in range(8)]
+    caches[0].get("warm")
+    elasticache_cluster.endpoint.misbehave("hang")
+    time.sleep(0.6)  # past the interval: every request below finds a refresh due
+    barrier = threading.Barrier(len(caches), timeout=10)
+    worst: list[float] = []
+
+    def request(cache) -> None:
+        barrier.wait()
+        for _ in range(20):
+            started = time.monotonic()
+            cache.get("key")
+            worst.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=request, args=(cache,)) for cache in caches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert len(worst) == 160 and max(worst) < CALL_BOUND
+    assert attempts(elasticache_cluster.endpoint) == 2
+    elasticache_cluster.endpoint.behave()
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_starts_clean(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=60)
+    cache.set("parent", "value")
+    parent_client = cache._cache
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        status = 1
+        try:
+            fresh = cache._cache is not parent_client
+            works = cache.get("parent") == "value" and cache.set("child", 1) is None
+            no_discovery = elasticache_cluster.endpoint.discovery_requests == 1
+            os.write(write, f"{fresh} {works} {no_discovery}".encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read, 100).decode()
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == "True True True"
+    assert cache._cache is parent_client
+    assert cache.get("child") == 1 and cache.get("parent") == "value"
