@@ -10,6 +10,9 @@ import time
 import pylibmc
 import pytest
 from django.core.cache import InvalidCacheBackendError, InvalidCacheKey
+from django.core.cache.backends.memcached import PyLibMCCache
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from django_elasticache.cluster_utils import DiscoveryNotSupported, EndpointTimeout
 from django_elasticache.memcached import DEFAULT_BEHAVIORS, ElastiCache
@@ -288,3 +291,18 @@ def test_defaults_reach_the_client(elasticache_cluster, make_cache) -> None:
     behaviors = cache._cache.behaviors
     for name, value in DEFAULT_BEHAVIORS.items():
         assert behaviors[name] == value, name
+
+
+@settings(max_examples=500, deadline=None)
+@given(key=st.text(max_size=260) | st.text(alphabet=st.characters(max_codepoint=300)))
+def test_key_validation_matches_djangos(key: str) -> None:
+    ours = ElastiCache("cfg.example:11211", {})
+    django_backend = PyLibMCCache("cfg.example:11211", {})
+    outcomes = []
+    for backend in (ours, django_backend):
+        try:
+            backend.validate_key(key)
+            outcomes.append(None)
+        except InvalidCacheKey as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
