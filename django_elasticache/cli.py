@@ -10,11 +10,15 @@ import contextlib
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from django.core.cache.backends.base import InvalidCacheBackendError
 
 from .cluster_utils import DEFAULT_TIMEOUT, ClusterDiscoveryError, ask_version, discover
 from .options import parse_location
+
+if TYPE_CHECKING:
+    from .testing import LocalCluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,18 +40,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster_parser = commands.add_parser(
         "local-cluster", help="run memcached nodes and a configuration endpoint on 127.0.0.1"
     )
-    cluster_parser.add_argument("--nodes", type=int, default=3, help="how many (default 3)")
+    cluster_parser.add_argument("--nodes", type=positive, default=3, help="how many (default 3)")
     cluster_parser.set_defaults(run=run_local_cluster)
 
     demo_parser = commands.add_parser(
         "demo", help="start a local cluster and show Django's cache spreading keys over it"
     )
-    demo_parser.add_argument("--nodes", type=int, default=3, help="how many (default 3)")
-    demo_parser.add_argument("--keys", type=int, default=1000, help="how many (default 1000)")
+    demo_parser.add_argument("--nodes", type=positive, default=3, help="how many (default 3)")
+    demo_parser.add_argument("--keys", type=positive, default=1000, help="how many (default 1000)")
     demo_parser.set_defaults(run=run_demo)
 
     args = parser.parse_args(argv)
     return args.run(args)
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_discover(args: argparse.Namespace) -> int:
@@ -73,17 +85,21 @@ def run_discover(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_local_cluster(args: argparse.Namespace) -> int:
-    """Run a LocalCluster in the foreground until interrupted."""
+def start_local_cluster(nodes: int) -> LocalCluster | None:
+    """A started LocalCluster, or None after saying on stderr why it cannot run."""
     from .testing import LocalCluster, MemcachedNotFound
 
-    if args.nodes < 1:
-        print("error: --nodes must be at least 1", file=sys.stderr)
-        return 2
     try:
-        cluster = LocalCluster(nodes=args.nodes).start()
+        return LocalCluster(nodes=nodes).start()
     except MemcachedNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_local_cluster(args: argparse.Namespace) -> int:
+    """Run a LocalCluster in the foreground until interrupted."""
+    cluster = start_local_cluster(args.nodes)
+    if cluster is None:
         return 1
     try:
         print(f"configuration endpoint: {cluster.location}")
@@ -109,12 +125,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import django
     from django.conf import settings
 
-    from .testing import LocalCluster, MemcachedNotFound
-
-    try:
-        cluster = LocalCluster(nodes=args.nodes).start()
-    except MemcachedNotFound as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cluster = start_local_cluster(args.nodes)
+    if cluster is None:
         return 1
     try:
         settings.configure(

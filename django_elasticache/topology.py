@@ -197,11 +197,10 @@ _topologies_lock = threading.Lock()
 def topology_for(endpoint: Endpoint, options: BackendOptions) -> ClusterTopology:
     """The process's one topology for this endpoint and these options."""
     key = (endpoint, options)
-    topology = _topologies.get(key)
-    if topology is None:
-        with _topologies_lock:
-            topology = _topologies.setdefault(key, ClusterTopology(endpoint, options))
-    return topology
+    with _topologies_lock:
+        if key not in _topologies:
+            _topologies[key] = ClusterTopology(endpoint, options)
+        return _topologies[key]
 
 
 def _after_fork_in_child() -> None:

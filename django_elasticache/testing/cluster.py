@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import IO
 
-from .endpoint import ConfigEndpoint, Node, format_location
+from ..cluster_utils import format_address
+from .endpoint import ConfigEndpoint, Node
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -141,7 +142,7 @@ class MemcachedNode:
     @property
     def address(self) -> str:
         """Where to reach the server, as pylibmc and Django's LOCATION accept it."""
-        return format_location(self._host, self.port)
+        return format_address(self._host, self.port)
 
     @property
     def pid(self) -> int | None:
@@ -225,7 +226,7 @@ class MemcachedNode:
             if time.monotonic() >= deadline:
                 break
             time.sleep(POLL_INTERVAL)
-        where = format_location(self._host, port)
+        where = format_address(self._host, port)
         raise RuntimeError(f"memcached could not listen on {where}: {reason}")
 
     def _command(self, port: int) -> list[str]:
@@ -269,7 +270,7 @@ class MemcachedNode:
                 return
             time.sleep(POLL_INTERVAL)
         raise RuntimeError(
-            f"memcached did not answer on {format_location(self._host, port)} "
+            f"memcached did not answer on {format_address(self._host, port)} "
             f"within {READY_TIMEOUT} s: {_read(stderr)}"
         )
 

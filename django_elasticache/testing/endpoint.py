@@ -16,6 +16,8 @@ import threading
 from collections.abc import Sequence
 from types import TracebackType
 
+from ..cluster_utils import format_address
+
 CRLF = b"\r\n"
 CONFIG_COMMAND = ("config", "get", "cluster")
 LEGACY_KEY = "AmazonElastiCache:cluster"
@@ -50,11 +52,6 @@ def parse_engine_version(version: str) -> tuple[int, ...]:
         return tuple(int(part) for part in version.split("."))
     except ValueError:
         raise ValueError(f"engine version must be dotted numbers, got {version!r}") from None
-
-
-def format_location(host: str, port: int) -> str:
-    """Format host:port the way Django's LOCATION and pylibmc expect, brackets for IPv6."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def config_payload(nodes: Sequence[Node], version: int) -> bytes:
@@ -191,7 +188,7 @@ class ConfigEndpoint:
     @property
     def location(self) -> str:
         """The endpoint as Django's LOCATION: "127.0.0.1:PORT" or "[::1]:PORT"."""
-        return format_location(self._host, self.port)
+        return format_address(self._host, self.port)
 
     # What is advertised
 
