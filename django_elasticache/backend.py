@@ -109,7 +109,7 @@ class ClusterCacheMixin:
 
     Subclasses set ``server_errors`` (what the client library raises when a server fails),
     ``caller_errors`` (what it raises for the caller's mistakes, never swallowed), and
-    implement ``_make_client(addresses)``.
+    implement ``_make_client(config)``.
     """
 
     server_errors: ClassVar[tuple[type[Exception], ...]] = (ClusterDiscoveryError,)
@@ -124,7 +124,8 @@ class ClusterCacheMixin:
         self._client_config: ClusterConfig | None = None
         self._client_pid = 0
 
-    def _make_client(self, addresses: list[str]) -> Any:
+    def _make_client(self, config: ClusterConfig) -> Any:
+        """A client of the library over every node of ``config``."""
         raise NotImplementedError
 
     @property
@@ -144,7 +145,7 @@ class ClusterCacheMixin:
 
     def _replace_client(self, config: ClusterConfig) -> None:
         old_client, old_pid = self._client, self._client_pid
-        self._client = self._make_client(list(config.addresses))
+        self._client = self._make_client(config)
         self._client_config = config
         self._client_pid = os.getpid()
         if old_client is None:

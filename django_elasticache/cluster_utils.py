@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ __all__ = [
     "ClusterDiscoveryError",
     "ClusterNode",
     "DiscoveryNotSupported",
+    "EndpointTLSError",
     "EndpointTimeout",
     "EndpointUnreachable",
     "WrongProtocolData",
@@ -80,6 +82,13 @@ class EndpointUnreachable(ClusterDiscoveryError):
 
 class EndpointTimeout(ClusterDiscoveryError):
     """The endpoint did not complete its answer within the discovery timeout."""
+
+
+class EndpointTLSError(ClusterDiscoveryError):
+    """
+    The TLS handshake failed: the certificate did not verify (wrong CA, wrong name), or the
+    endpoint does not speak TLS. Never retried in clear text.
+    """
 
 
 class WrongProtocolData(ClusterDiscoveryError):
@@ -178,17 +187,23 @@ def _parse_node(item: bytes) -> ClusterNode:
     return ClusterNode(hostname=hostname, ip=ip, port=int(port))
 
 
-def discover(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> ClusterConfig:
+def discover(
+    host: str,
+    port: int,
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
+) -> ClusterConfig:
     """
     Ask the configuration endpoint at ``host:port`` for the cluster's nodes.
 
-    One deadline covers name resolution, connecting and every read, so this returns or
-    raises a ``ClusterDiscoveryError`` within about ``timeout`` seconds whatever the
-    endpoint does. The connection is closed before returning.
+    One deadline covers name resolution, connecting, the TLS handshake (with ``tls``, the
+    certificate is verified against ``host``) and every read, so this returns or raises a
+    ``ClusterDiscoveryError`` within about ``timeout`` seconds whatever the endpoint does.
+    The connection is closed before returning.
     """
     endpoint = format_address(host, port)
     deadline = time.monotonic() + timeout
-    with _connect(endpoint, host, port, deadline) as conn:
+    with _connect(endpoint, host, port, deadline, tls, host) as conn:
         conn.send(b"version\r\n")
         version_line = conn.read_line()
         try:
@@ -206,13 +221,21 @@ def discover(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> ClusterC
         raise WrongProtocolData(endpoint, str(exc), reply) from None
 
 
-def ask_version(host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> str:
+def ask_version(
+    host: str,
+    port: int,
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> str:
     """
     The ``VERSION`` a memcached server (a node or the endpoint) reports, such as
-    ``1.6.22``; used to show whether each node answers.
+    ``1.6.22``; used to show whether each node answers. With ``tls``, the certificate is
+    verified against ``server_hostname`` (a node's name) while connecting to ``host``.
     """
     endpoint = format_address(host, port)
-    with _connect(endpoint, host, port, time.monotonic() + timeout) as conn:
+    deadline = time.monotonic() + timeout
+    with _connect(endpoint, host, port, deadline, tls, server_hostname or host) as conn:
         conn.send(b"version\r\n")
         line = conn.read_line()
     if not line.startswith(b"VERSION "):
@@ -331,8 +354,15 @@ class _Connection:
         self.sock.settimeout(remaining)
 
 
-def _connect(endpoint: str, host: str, port: int, deadline: float) -> _Connection:
-    """Resolve and connect within the deadline, trying each address the name has."""
+def _connect(
+    endpoint: str,
+    host: str,
+    port: int,
+    deadline: float,
+    tls: ssl.SSLContext | None,
+    server_hostname: str,
+) -> _Connection:
+    """Resolve, connect and (with ``tls``) handshake within the deadline."""
     last_error: OSError | None = None
     for family, kind, proto, _, sockaddr in _resolve(endpoint, host, port, deadline):
         sock = socket.socket(family, kind, proto)
@@ -347,8 +377,33 @@ def _connect(endpoint: str, host: str, port: int, deadline: float) -> _Connectio
             last_error = exc
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock = _handshake(endpoint, sock, tls, server_hostname, deadline)
         return _Connection(endpoint, sock, deadline)
     raise EndpointUnreachable(endpoint, f"cannot connect: {last_error}")
+
+
+def _handshake(
+    endpoint: str,
+    sock: socket.socket,
+    tls: ssl.SSLContext,
+    server_hostname: str,
+    deadline: float,
+) -> ssl.SSLSocket:
+    try:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        return tls.wrap_socket(sock, server_hostname=server_hostname)
+    except TimeoutError:
+        sock.close()
+        raise EndpointTimeout(endpoint, "timed out in the TLS handshake") from None
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise EndpointTLSError(
+            endpoint, f"TLS certificate verification failed for {server_hostname!r}: {exc}"
+        ) from None
+    except OSError as exc:
+        sock.close()
+        raise EndpointTLSError(endpoint, f"TLS handshake failed: {exc}") from None
 
 
 def _resolve(endpoint: str, host: str, port: int, deadline: float) -> list[tuple]:

@@ -12,10 +12,11 @@ import re
 from typing import Any
 
 import pylibmc
+from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyLibMCCache
 
 from .backend import ClusterCacheMixin
-from .cluster_utils import ClusterDiscoveryError
+from .cluster_utils import ClusterConfig, ClusterDiscoveryError
 
 __all__ = ["DEFAULT_BEHAVIORS", "ElastiCache"]
 
@@ -52,13 +53,18 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
+        if self.backend_options.tls is not None:
+            raise InvalidCacheBackendError(
+                "pylibmc cannot speak TLS; for a cluster with in-transit encryption use "
+                "BACKEND 'django_elasticache.pymemcache.ElastiCache'"
+            )
         self._options = {
             **self._options,
             "behaviors": {**DEFAULT_BEHAVIORS, **(self._options.get("behaviors") or {})},
         }
 
-    def _make_client(self, addresses: list[str]) -> pylibmc.Client:
-        return self._class(addresses, **self._options)
+    def _make_client(self, config: ClusterConfig) -> pylibmc.Client:
+        return self._class(list(config.addresses), **self._options)
 
     def _error_source(self, error: Exception) -> str:
         """libmemcached names the failing node at the end of its message."""

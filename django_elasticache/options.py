@@ -8,7 +8,9 @@ backend while every other option is the client library's, passed through untouch
 
 from __future__ import annotations
 
+import functools
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +19,13 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 
 from .cluster_utils import DEFAULT_TIMEOUT
 
-__all__ = ["BackendOptions", "Endpoint", "parse_location", "split_options"]
+__all__ = [
+    "BackendOptions",
+    "Endpoint",
+    "parse_location",
+    "split_options",
+    "system_tls_context",
+]
 
 _HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\]]+)):(?P<port>\d+)")
 
@@ -38,13 +46,15 @@ class BackendOptions:
     ``discovery_timeout`` bounds one discovery; ``refresh_interval`` is how often the node
     list is asked again (``None``: discover once per process); ``ignore_cluster_errors``
     falls back to LOCATION as the only node when discovery fails; ``ignore_exceptions``
-    turns server errors into cache misses.
+    turns server errors into cache misses; ``tls`` encrypts every connection, to the
+    endpoint and to the nodes (``None``: clear text).
     """
 
     ignore_cluster_errors: bool = False
     discovery_timeout: float = DEFAULT_TIMEOUT
     refresh_interval: float | None = 60.0
     ignore_exceptions: bool = False
+    tls: ssl.SSLContext | None = None
 
 
 _OPTION_NAMES = {
@@ -52,6 +62,7 @@ _OPTION_NAMES = {
     "DISCOVERY_TIMEOUT": "discovery_timeout",
     "REFRESH_INTERVAL": "refresh_interval",
     "IGNORE_EXCEPTIONS": "ignore_exceptions",
+    "TLS": "tls",
 }
 
 
@@ -108,7 +119,30 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[BackendOptions, di
         backend["refresh_interval"] = (
             None if interval in (None, 0) else _positive_seconds("REFRESH_INTERVAL", interval)
         )
+    if "tls" in backend:
+        backend["tls"] = _tls_context(backend["tls"])
     return BackendOptions(**backend), client
+
+
+@functools.cache
+def system_tls_context() -> ssl.SSLContext:
+    """
+    The context ``TLS: True`` means: the system's trust store, certificates and hostnames
+    verified. One per process, so that every thread's backend shares one topology.
+    """
+    return ssl.create_default_context()
+
+
+def _tls_context(value: object) -> ssl.SSLContext | None:
+    if isinstance(value, ssl.SSLContext):
+        return value
+    if value is True:
+        return system_tls_context()
+    if value is False or value is None:
+        return None
+    raise InvalidCacheBackendError(
+        f"ElastiCache option TLS must be True, False or an ssl.SSLContext, got {value!r}"
+    )
 
 
 def _positive_seconds(name: str, value: object) -> float:

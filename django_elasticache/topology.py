@@ -126,7 +126,12 @@ class ClusterTopology:
         return ClusterConfig(version=0, nodes=(node,))
 
     def _ask(self) -> ClusterConfig:
-        config = discover(self.endpoint.host, self.endpoint.port, self.options.discovery_timeout)
+        config = discover(
+            self.endpoint.host,
+            self.endpoint.port,
+            self.options.discovery_timeout,
+            self.options.tls,
+        )
         self._schedule_next_refresh()
         return config
 

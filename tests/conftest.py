@@ -7,7 +7,7 @@ import django
 import pytest
 from django.conf import settings
 
-from django_elasticache.memcached import ElastiCache
+from django_elasticache import memcached, pymemcache
 
 
 def pytest_configure() -> None:
@@ -15,14 +15,31 @@ def pytest_configure() -> None:
     django.setup()
 
 
-BackendFactory = Callable[..., ElastiCache]
+BACKENDS = {"pylibmc": memcached.ElastiCache, "pymemcache": pymemcache.ElastiCache}
+
+BackendFactory = Callable[..., Any]
+
+
+def factory(backend_class: type) -> BackendFactory:
+    """Build backends for a LOCATION as Django's cache handler builds them."""
+
+    def make(location: str, key_prefix: str = "", **options: Any) -> Any:
+        return backend_class(location, {"OPTIONS": options, "KEY_PREFIX": key_prefix})
+
+    return make
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make_cache(request: pytest.FixtureRequest) -> BackendFactory:
+    """Each of the package's backends in turn: they promise the same behaviour."""
+    return factory(BACKENDS[request.param])
 
 
 @pytest.fixture
-def make_cache() -> BackendFactory:
-    """An ElastiCache backend for a LOCATION, built as Django's cache handler builds it."""
+def make_pylibmc_cache() -> BackendFactory:
+    return factory(memcached.ElastiCache)
 
-    def make(location: str, key_prefix: str = "", **options: Any) -> ElastiCache:
-        return ElastiCache(location, {"OPTIONS": options, "KEY_PREFIX": key_prefix})
 
-    return make
+@pytest.fixture
+def make_pymemcache_cache() -> BackendFactory:
+    return factory(pymemcache.ElastiCache)

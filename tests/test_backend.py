@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from django_elasticache.cluster_utils import DiscoveryNotSupported, EndpointTimeout
 from django_elasticache.memcached import DEFAULT_BEHAVIORS, ElastiCache
+from django_elasticache.pymemcache import DEFAULT_OPTIONS
 from django_elasticache.testing import start_memcached
 
 
@@ -203,7 +204,7 @@ def test_ipv6_cluster_round_trip(elasticache_cluster_factory, make_cache) -> Non
     cache = make_cache(cluster.location)
     assert all(address.startswith("[::1]:") for address in cache.client_servers)
     data = {f"k{index}": index for index in range(50)}
-    if pylibmc.libmemcached_version.startswith("1.0."):
+    if isinstance(cache, ElastiCache) and pylibmc.libmemcached_version.startswith("1.0."):
         with pytest.raises(pylibmc.HostLookupError):
             cache.set_many(data)
         return
@@ -270,8 +271,8 @@ def test_options_are_split_merged_and_left_untouched(elasticache_cluster) -> Non
     assert behaviors["_poll_timeout"] == DEFAULT_BEHAVIORS["_poll_timeout"]
 
 
-def test_binary_protocol_option_reaches_pylibmc(elasticache_cluster, make_cache) -> None:
-    cache = make_cache(elasticache_cluster.location, binary=True)
+def test_binary_protocol_option_reaches_pylibmc(elasticache_cluster, make_pylibmc_cache) -> None:
+    cache = make_pylibmc_cache(elasticache_cluster.location, binary=True)
     cache.set("key", "value")
     assert cache.get("key") == "value"
     assert cache._cache.binary
@@ -285,8 +286,8 @@ def test_unknown_client_keyword_fails_as_with_djangos_backend(
         cache.get("key")
 
 
-def test_defaults_reach_the_client(elasticache_cluster, make_cache) -> None:
-    cache = make_cache(elasticache_cluster.location)
+def test_defaults_reach_the_client(elasticache_cluster, make_pylibmc_cache) -> None:
+    cache = make_pylibmc_cache(elasticache_cluster.location)
     cache.get("key")
     behaviors = cache._cache.behaviors
     for name, value in DEFAULT_BEHAVIORS.items():
@@ -306,3 +307,37 @@ def test_key_validation_matches_djangos(key: str) -> None:
         except InvalidCacheKey as exc:
             outcomes.append(str(exc))
     assert outcomes[0] == outcomes[1]
+
+
+def test_pymemcache_defaults_and_user_options_reach_every_node_client(
+    elasticache_cluster, make_pymemcache_cache
+) -> None:
+    cache = make_pymemcache_cache(elasticache_cluster.location, timeout=0.75, dead_timeout=5)
+    cache.set("key", "value")
+    client = cache._cache
+    assert client.dead_timeout == 5
+    assert client.retry_attempts == DEFAULT_OPTIONS["retry_attempts"]
+    for node_client in client.clients.values():
+        assert node_client.timeout == 0.75
+        assert node_client.connect_timeout == DEFAULT_OPTIONS["connect_timeout"]
+
+
+@pytest.mark.parametrize("managed", ["tls_context", "socket_module"])
+def test_pymemcache_options_the_backend_manages_are_refused(
+    make_pymemcache_cache, managed
+) -> None:
+    with pytest.raises(InvalidCacheBackendError, match="use OPTIONS\\['TLS'\\]"):
+        make_pymemcache_cache("cfg.example:11211", **{managed: object()})
+
+
+def test_pylibmc_backend_refuses_tls_and_names_the_pymemcache_backend(
+    make_pylibmc_cache,
+) -> None:
+    with pytest.raises(InvalidCacheBackendError, match=r"django_elasticache\.pymemcache"):
+        make_pylibmc_cache("cfg.example:11211", TLS=True)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, object()])
+def test_tls_option_must_be_a_bool_or_a_context(make_pymemcache_cache, value) -> None:
+    with pytest.raises(InvalidCacheBackendError, match="TLS must be True, False or"):
+        make_pymemcache_cache("cfg.example:11211", TLS=value)

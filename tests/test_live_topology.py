@@ -13,6 +13,7 @@ import pytest
 
 from django_elasticache import topology
 from django_elasticache.cluster_utils import EndpointUnreachable
+from django_elasticache.memcached import ElastiCache
 
 REFRESH = 0.2
 DEADLINE = 10.0
@@ -47,7 +48,7 @@ def refreshed_twice(cache, endpoint, before: int) -> bool:
 
 def serves(cache, addresses) -> bool:
     # A request is what lets the backend notice a new list; until then a removed node errs.
-    with contextlib.suppress(pylibmc.Error):
+    with contextlib.suppress(*cache.server_errors):
         cache.get("probe")
     return sorted(cache.client_servers) == sorted(addresses)
 
@@ -73,27 +74,24 @@ def test_scale_out_and_in_while_serving(elasticache_cluster, make_cache) -> None
 def test_scale_out_moves_about_one_key_in_five(elasticache_cluster_factory, make_cache) -> None:
     cluster = elasticache_cluster_factory(nodes=4)
     cache = make_cache(cluster.location, REFRESH_INTERVAL=REFRESH)
-    keys = [cache.make_key(f"k{index}") for index in range(2000)]
-    cache.get("warm")
-    before = {key: owner(cache, key) for key in keys}
+    keys = [f"k{index}" for index in range(1000)]
+    before = owners(cluster, cache, keys)
     cluster.add_node()
     eventually(lambda: serves(cache, cluster.node_addresses), "fifth node seen")
-    moved = sum(owner(cache, key) != before[key] for key in keys) / len(keys)
+    cache.clear()
+    after = owners(cluster, cache, keys)
+    moved = sum(after[key] != before[key] for key in keys) / len(keys)
     assert 0.12 < moved < 0.28, moved
 
 
-def owner(cache, key: str) -> str:
-    """The node pylibmc maps a key to, read back from the node that stores it."""
-    cache._cache.set(key, 1)
-    client = cache._cache
-    for address in cache.client_servers:
-        single = pylibmc.Client([address])
-        found = single.get(key) is not None
-        single.delete(key)
-        single.disconnect_all()
-        if found:
-            return address
-    raise AssertionError(f"{key} stored nowhere; client {client}")
+def owners(cluster, cache, keys: list[str]) -> dict[str, str]:
+    """The node that stores each key after the backend sets it."""
+    cache.set_many(dict.fromkeys(keys, 1))
+    stored = {key: cache.make_key(key) for key in keys}
+    return {
+        key: next(node.address for node in cluster.nodes if node.holds([stored[key]]))
+        for key in keys
+    }
 
 
 def test_replaced_node_keeps_its_hostname_and_gets_traffic(elasticache_cluster, make_cache):
@@ -178,7 +176,7 @@ def test_killed_node_surfaces_errors_without_ignore_exceptions(elasticache_clust
     for key in keys:
         try:
             cache.get(key)
-        except pylibmc.Error:
+        except cache.server_errors:
             errors += 1
     assert errors > 0
 
@@ -206,7 +204,9 @@ def test_killed_node_reads_as_misses_with_ignore_exceptions(
     assert 1 <= len(warnings) <= 2, [r.getMessage() for r in warnings]
     # libmemcached 1.1 names the failing node in its errors; 1.0 (pylibmc's wheels) does
     # not, so the warning can only name the cluster's endpoint there.
-    names_node = not pylibmc.libmemcached_version.startswith("1.0.")
+    names_node = isinstance(cache, ElastiCache) and not pylibmc.libmemcached_version.startswith(
+        "1.0."
+    )
     source = victim.address if names_node else elasticache_cluster.location
     assert f"errors from {source} since" in warnings[0].getMessage()
 
@@ -262,7 +262,7 @@ def test_node_error_brings_refresh_forward(
         for key in keys:  # get_many skips a dead node silently; single gets raise
             try:
                 cache.get(key)
-            except pylibmc.Error:
+            except cache.server_errors:
                 return False
         return replacement.address in cache.client_servers
 
@@ -320,3 +320,17 @@ def test_forked_child_starts_clean(elasticache_cluster, make_cache) -> None:
     assert report == "True True True"
     assert cache._cache is parent_client
     assert cache.get("child") == 1 and cache.get("parent") == "value"
+
+
+def test_clear_with_a_dead_node_flushes_the_others_and_raises(
+    elasticache_cluster, make_cache
+) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    keys = [f"k{index}" for index in range(100)]
+    cache.set_many({key: key for key in keys})
+    dead, *alive = elasticache_cluster.nodes
+    elasticache_cluster.kill_node(dead)
+    for _ in range(3):
+        with pytest.raises(cache.server_errors):
+            cache.clear()
+    assert [node.holds([cache.make_key(key) for key in keys]) for node in alive] == [0, 0]
