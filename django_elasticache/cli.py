@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from django.core.cache.backends.base import InvalidCacheBackendError
 
 from .cluster_utils import DEFAULT_TIMEOUT, ClusterDiscoveryError, ask_version, discover
-from .options import parse_location
+from .options import parse_location, system_tls_context
 
 if TYPE_CHECKING:
     from .testing import LocalCluster
@@ -34,6 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=DEFAULT_TIMEOUT,
         help=f"seconds for discovery and for each node check (default {DEFAULT_TIMEOUT:g})",
+    )
+    discover_parser.add_argument(
+        "--tls", action="store_true", help="use TLS, verified against the system trust store"
+    )
+    discover_parser.add_argument(
+        "--ca-file", help="use TLS, trusting the CA certificates in this PEM file"
     )
     discover_parser.set_defaults(run=run_discover)
 
@@ -62,19 +69,29 @@ def positive(text: str) -> int:
     return value
 
 
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.ca_file:
+        return ssl.create_default_context(cafile=args.ca_file)
+    return system_tls_context() if args.tls else None
+
+
 def run_discover(args: argparse.Namespace) -> int:
     """Print the config version and nodes; exit 1 if discovery fails or a node is silent."""
     try:
+        tls = tls_context(args)
         endpoint = parse_location(args.location)
-        config = discover(endpoint.host, endpoint.port, args.timeout)
-    except (InvalidCacheBackendError, ClusterDiscoveryError) as exc:
+        config = discover(endpoint.host, endpoint.port, args.timeout, tls)
+    except (OSError, InvalidCacheBackendError, ClusterDiscoveryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"config version {config.version}, {len(config.nodes)} nodes")
     silent = 0
     for node in config.nodes:
         try:
-            state = f"memcached {ask_version(node.ip or node.hostname, node.port, args.timeout)}"
+            version = ask_version(
+                node.ip or node.hostname, node.port, args.timeout, tls, node.hostname or node.ip
+            )
+            state = f"memcached {version}"
         except ClusterDiscoveryError as exc:
             silent += 1
             state = f"NOT ANSWERING ({exc.problem})"
