@@ -2,6 +2,8 @@
 
 The nodes are genuine memcached servers, so a cache backend talks to them exactly as it
 would in production; only the configuration endpoint is emulated (see endpoint.py).
+With ``tls=True`` the whole cluster speaks only TLS, with certificates from a throwaway
+CA (see tls.py), like an ElastiCache cluster with in-transit encryption.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -19,6 +22,7 @@ from typing import IO
 
 from ..cluster_utils import format_address
 from .endpoint import ConfigEndpoint, Node
+from .tls import Certificate, CertificateAuthority, first_certificate_der
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -63,19 +67,54 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def _serves(host: str, port: int, pid: int) -> bool:
+def _serves(host: str, port: int, pid: int, tls: _PinnedTLS | None = None) -> bool:
     """Tell whether the memcached with this pid accepts connections on host:port.
 
     It must answer ``version``, and its ``stats`` must show our pid: another server may
-    take a free port before ours binds it, and must not pass for ours.
+    take a free port before ours binds it, and must not pass for ours. With TLS, it must
+    also present our certificate, which shows memcached loaded the files we gave it.
     """
     try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as conn:
+        with _connect(host, port, tls) as conn:
             conn.sendall(b"version\r\nstats\r\n")
             reply = _receive_until(conn, b"\r\nEND\r\n")
-    except OSError:
+    except OSError:  # ssl.SSLError included
         return False
     return reply.startswith(b"VERSION ") and b"\r\nSTAT pid %d\r\n" % pid in reply
+
+
+class _PinnedTLS:
+    """Client-side TLS for our own probes: trust exactly the certificate a node was given.
+
+    The node has no CA to verify against (it may be given any certificate), and the probe
+    connects to an IP while the certificate names a hostname; so instead of a chain and
+    a hostname, the probe checks that the server presents the very certificate it got.
+    """
+
+    def __init__(self, certificate_file: str) -> None:
+        self.certificate = first_certificate_der(certificate_file)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.check_hostname = False
+        self.context.verify_mode = ssl.CERT_NONE  # replaced by the comparison in wrap()
+
+    def wrap(self, conn: socket.socket) -> ssl.SSLSocket:
+        wrapped = self.context.wrap_socket(conn)
+        if wrapped.getpeercert(binary_form=True) != self.certificate:
+            wrapped.close()
+            raise ssl.SSLError("the server presented another certificate than its own")
+        return wrapped
+
+
+def _connect(host: str, port: int, tls: _PinnedTLS | None) -> socket.socket:
+    """Connect within PROBE_TIMEOUT, and complete the TLS handshake if the node uses TLS."""
+    conn = socket.create_connection((host, port), timeout=PROBE_TIMEOUT)
+    if tls is None:
+        return conn
+    try:
+        return tls.wrap(conn)
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _receive_until(conn: socket.socket, terminator: bytes, max_reads: int = PROBE_READS) -> bytes:
@@ -106,6 +145,9 @@ class MemcachedNode:
     where it really listens. The process lives no longer than this object: it is ended by
     stop(), by the context manager, when the object is garbage collected, or at the
     latest when the interpreter exits.
+
+    ``tls`` is a (certificate chain, private key) pair of PEM files: memcached then
+    accepts only TLS connections and presents that certificate.
     """
 
     def __init__(
@@ -116,12 +158,18 @@ class MemcachedNode:
         hostname: str | None = None,
         memory_mb: int = 16,
         memcached: str = "memcached",
+        tls: Certificate | None = None,
     ) -> None:
         self._executable = find_memcached(memcached)
         self._host = host
         self._port = port
         self._hostname = hostname or host
         self._memory_mb = memory_mb
+        if tls is not None and any("," in path for path in tls):
+            # memcached splits its -o option list at commas.
+            raise ValueError(f"memcached cannot take TLS file paths with a comma: {tls!r}")
+        self._tls = tls
+        self._probe_tls: _PinnedTLS | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -143,6 +191,11 @@ class MemcachedNode:
     def address(self) -> str:
         """Where to reach the server, as pylibmc and Django's LOCATION accept it."""
         return format_address(self._host, self.port)
+
+    @property
+    def tls(self) -> Certificate | None:
+        """The (certificate, key) files memcached serves TLS with, or None for plaintext."""
+        return self._tls
 
     @property
     def pid(self) -> int | None:
@@ -184,7 +237,7 @@ class MemcachedNode:
         client put its keys without a client library of their own.
         """
         request = b"".join(b"mg %s\r\n" % key.encode() for key in keys) + b"mn\r\n"
-        with socket.create_connection((self.ip, self.port), timeout=PROBE_TIMEOUT) as conn:
+        with _connect(self.ip, self.port, self._probe_tls) as conn:
             conn.sendall(request)
             reply = _receive_until(conn, b"MN\r\n", max_reads=len(keys) + PROBE_READS)
         return reply.split(b"\r\n").count(b"HD")
@@ -232,6 +285,9 @@ class MemcachedNode:
     def _command(self, port: int) -> list[str]:
         command = [self._executable, "-l", self._host, "-p", str(port), "-U", "0"]
         command += ["-m", str(self._memory_mb), "-t", "1"]
+        if self._tls is not None:
+            certificate, key = self._tls
+            command += ["-Z", "-o", f"ssl_chain_cert={certificate},ssl_key={key}"]
         # memcached refuses to run as root unless told which user to be.
         if os.geteuid() == 0:
             command += ["-u", "root"]
@@ -250,14 +306,21 @@ class MemcachedNode:
         )
         finalizer = weakref.finalize(self, _terminate, process, stderr)
         try:
-            self._wait_until_ready(process, stderr, port)
+            # Read now, not at construction: the files may change before a restart().
+            tls = None if self._tls is None else _PinnedTLS(self._tls[0])
+            self._wait_until_ready(process, stderr, port, tls)
         except BaseException:
             finalizer()
             raise
         self._process, self._port, self._finalizer = process, port, finalizer
+        self._probe_tls = tls
 
     def _wait_until_ready(
-        self, process: subprocess.Popen[bytes], stderr: IO[bytes], port: int
+        self,
+        process: subprocess.Popen[bytes],
+        stderr: IO[bytes],
+        port: int,
+        tls: _PinnedTLS | None,
     ) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
@@ -266,7 +329,7 @@ class MemcachedNode:
                 if PORT_BUSY in message:
                     raise _PortBusy(message)
                 raise RuntimeError(f"memcached exited with status {process.returncode}: {message}")
-            if _serves(self._host, port, process.pid):
+            if _serves(self._host, port, process.pid, tls):
                 return
             time.sleep(POLL_INTERVAL)
         raise RuntimeError(
@@ -287,9 +350,12 @@ def start_memcached(
     *,
     hostname: str | None = None,
     memcached: str = "memcached",
+    tls: Certificate | None = None,
 ) -> MemcachedNode:
     """Start a memcached server on a loopback host and return it once it is serving."""
-    node = MemcachedNode(host, port, hostname=hostname, memory_mb=memory_mb, memcached=memcached)
+    node = MemcachedNode(
+        host, port, hostname=hostname, memory_mb=memory_mb, memcached=memcached, tls=tls
+    )
     return node.start()
 
 
@@ -300,6 +366,11 @@ class LocalCluster:
     Tests change the cluster the way ElastiCache does (add, remove or replace a node,
     each with a new config version) or break it the way a network does (kill a node,
     publish a stale config, make the endpoint misbehave).
+
+    With ``tls=True``, nodes and endpoint accept only TLS, as with ElastiCache in-transit
+    encryption: each node's certificate names its hostname (not its IP), the endpoint's
+    names its host and "localhost", and all come from a throwaway CA that
+    client_tls_context() trusts.
     """
 
     def __init__(
@@ -312,6 +383,8 @@ class LocalCluster:
         advertise_ip: bool = True,
         cluster_name: str = "local",
         memcached: str = "memcached",
+        tls: bool = False,
+        openssl: str = "openssl",
     ) -> None:
         if not advertise_ip and host != "127.0.0.1":
             raise ValueError(
@@ -322,7 +395,12 @@ class LocalCluster:
         self._advertise_ip = advertise_ip
         self._cluster_name = cluster_name
         self._memcached = find_memcached(memcached)
-        self._endpoint = ConfigEndpoint(host, engine_version=engine_version)
+        # Made here rather than in start(): the endpoint needs its certificate now, and a
+        # missing openssl should fail as early as a missing memcached.
+        self._ca = CertificateAuthority(openssl=openssl) if tls else None
+        self._certificates: dict[str, Certificate] = {}
+        server_tls = None if self._ca is None else self._ca.server_context(_endpoint_names(host))
+        self._endpoint = ConfigEndpoint(host, engine_version=engine_version, tls=server_tls)
         self._config_version = config_version
         self._nodes: list[MemcachedNode] = []
         self._started: list[MemcachedNode] = []
@@ -342,10 +420,15 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        """Stop the endpoint and every memcached this cluster ever started (idempotent)."""
+        """Stop the endpoint and every memcached this cluster ever started (idempotent).
+
+        With TLS, also remove the CA's directory, private keys included.
+        """
         self._endpoint.stop()
         for node in self._started:
             node.stop()
+        if self._ca is not None:
+            self._ca.cleanup()
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -368,6 +451,26 @@ class LocalCluster:
     def location(self) -> str:
         """The configuration endpoint as host:port, the value for Django's LOCATION."""
         return self._endpoint.location
+
+    @property
+    def tls(self) -> bool:
+        """Whether nodes and endpoint accept only TLS."""
+        return self._ca is not None
+
+    @property
+    def certificate_authority(self) -> CertificateAuthority | None:
+        """The CA of every certificate of this cluster, or None without TLS."""
+        return self._ca
+
+    def client_tls_context(self) -> ssl.SSLContext:
+        """A client context that trusts this cluster's CA and checks hostnames.
+
+        Connect to a node's IP with ``server_hostname=node.hostname``, and to the endpoint
+        with ``server_hostname=cluster.endpoint.host``.
+        """
+        if self._ca is None:
+            raise RuntimeError("this LocalCluster does not use TLS; create it with tls=True")
+        return self._ca.client_context()
 
     @property
     def nodes(self) -> list[MemcachedNode]:
@@ -455,10 +558,28 @@ class LocalCluster:
         return f"{self._cluster_name}.abc123.{index:04d}.cache.local"
 
     def _start_node(self, hostname: str) -> MemcachedNode:
-        node = MemcachedNode(self._host, hostname=hostname, memcached=self._memcached)
+        node = MemcachedNode(
+            self._host,
+            hostname=hostname,
+            memcached=self._memcached,
+            tls=self._certificate(hostname),
+        )
         self._started.append(node)
         return node.start()
+
+    def _certificate(self, hostname: str) -> Certificate | None:
+        """The certificate for a hostname, issued once: a replacement node reuses it."""
+        if self._ca is None:
+            return None
+        if hostname not in self._certificates:
+            self._certificates[hostname] = self._ca.issue([hostname])
+        return self._certificates[hostname]
 
     def _require_advertised(self, node: MemcachedNode) -> None:
         if not any(node is advertised for advertised in self._nodes):
             raise ValueError(f"{node!r} is not an advertised node of this cluster")
+
+
+def _endpoint_names(host: str) -> list[str]:
+    """What the endpoint's certificate names: the host clients connect to, and localhost."""
+    return [host] if host == "localhost" else [host, "localhost"]

@@ -4,6 +4,9 @@ A real configuration endpoint is a memcached node that also answers the Auto Dis
 commands with the list of nodes in the cluster. The emulator answers only those commands
 (plus ``version`` and ``quit``), so tests can drive the discovery client through every
 reply a real endpoint gives, and through the broken ones a flaky network produces.
+
+With an ``ssl.SSLContext`` it speaks only TLS, like the endpoint of a cluster with
+in-transit encryption.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import itertools
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Sequence
 from types import TracebackType
@@ -38,6 +42,9 @@ MODES = (*CANNED_REPLIES, "hang", "close", "truncated", "garbage", "raw")
 
 # Bounds that keep a forgotten endpoint from pinning threads forever.
 IDLE_TIMEOUT = 300.0
+# A client that connects but never completes the TLS handshake (plaintext clients, port
+# scanners) holds its thread no longer than this; stop() ends it at once anyway.
+HANDSHAKE_TIMEOUT = 5.0
 HANG_TIMEOUT = 60.0
 MAX_LINE = 4096
 MAX_COMMANDS = 100_000  # per connection
@@ -71,11 +78,30 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, host: str, endpoint: ConfigEndpoint) -> None:
+    def __init__(self, host: str, endpoint: ConfigEndpoint, tls: ssl.SSLContext | None) -> None:
         # Instance attribute: TCPServer.__init__ reads it to create the socket.
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.endpoint = endpoint
+        self.tls = tls
         super().__init__((host, 0), _ConnectionHandler)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection, wrapped for TLS but not yet handshaken.
+
+        The handshake waits for the client, so it belongs to the connection's own thread
+        (see _ConnectionHandler.handle), not to this one, which accepts for everyone.
+        """
+        connection, address = super().get_request()
+        if self.tls is None:
+            return connection, address
+        try:
+            wrapped = self.tls.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        except BaseException:
+            connection.close()
+            raise
+        return wrapped, address
 
 
 class _ConnectionHandler(socketserver.StreamRequestHandler):
@@ -89,11 +115,22 @@ class _ConnectionHandler(socketserver.StreamRequestHandler):
         if not endpoint._track(self.connection):
             return
         try:
+            self._handshake()
             self._serve_lines(endpoint)
         except OSError:
-            pass  # The client went away, idled out, or stop() closed the connection.
+            # The client went away, idled out, failed the TLS handshake (ssl.SSLError is
+            # an OSError), or stop() closed the connection. Returning closes it.
+            pass
         finally:
             endpoint._untrack(self.connection)
+
+    def _handshake(self) -> None:
+        """Complete the TLS handshake, if any, within HANDSHAKE_TIMEOUT."""
+        if not isinstance(self.connection, ssl.SSLSocket):
+            return
+        self.connection.settimeout(HANDSHAKE_TIMEOUT)
+        self.connection.do_handshake()
+        self.connection.settimeout(self.timeout)
 
     def _serve_lines(self, endpoint: ConfigEndpoint) -> None:
         lines = iter(lambda: self.rfile.readline(MAX_LINE), b"")  # ends at EOF
@@ -110,10 +147,23 @@ class ConfigEndpoint:
     It listens on an ephemeral port of a loopback host, advertises whatever node list
     publish() sets, and can be told to misbehave() so tests can watch how a discovery
     client copes with errors, hangs, and malformed replies.
+
+    Given ``tls``, a server-side ``ssl.SSLContext`` holding the endpoint's certificate,
+    every connection must open with a TLS handshake; one that does not is closed, so a
+    plaintext client fails at once instead of waiting for a reply.
     """
 
-    def __init__(self, host: str = "127.0.0.1", *, engine_version: str = "1.6.18") -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        engine_version: str = "1.6.18",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise TypeError(f"tls must be an ssl.SSLContext or None, got {tls!r}")
         self._host = host
+        self._tls = tls
         self._engine = parse_engine_version(engine_version)
         self._engine_version = engine_version
         self._lock = threading.Lock()
@@ -136,7 +186,7 @@ class ConfigEndpoint:
         """Bind an ephemeral port and serve connections from daemon threads."""
         if self._server is not None:
             raise RuntimeError("ConfigEndpoint is already started")
-        self._server = _Server(self._host, self)
+        self._server = _Server(self._host, self, self._tls)
         self._serve_thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -178,6 +228,11 @@ class ConfigEndpoint:
     @property
     def host(self) -> str:
         return self._host
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The server-side TLS context, or None for a plaintext endpoint."""
+        return self._tls
 
     @property
     def port(self) -> int:
@@ -323,5 +378,7 @@ class ConfigEndpoint:
 
 
 def _shutdown(connection: socket.socket) -> None:
+    # socket.socket's own shutdown: SSLSocket.shutdown() would also drop the TLS state
+    # under the feet of the handler thread that is using it.
     with contextlib.suppress(OSError):  # Already closed by its handler.
-        connection.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(connection, socket.SHUT_RDWR)
