@@ -338,14 +338,22 @@ class _Connection:
                 self.endpoint, f"receive failed: {exc}", self.buffer
             ) from None
         if not chunk:
-            raise WrongProtocolData(
-                self.endpoint, "the endpoint closed the connection mid-reply", self.buffer
-            )
+            raise WrongProtocolData(self.endpoint, self._closed_problem(), self.buffer)
         self.buffer += chunk
         if len(self.buffer) > MAX_REPLY_BYTES:
             raise WrongProtocolData(
                 self.endpoint, f"reply exceeds {MAX_REPLY_BYTES} bytes", self.buffer
             )
+
+    def _closed_problem(self) -> str:
+        if self.buffer:
+            return "the endpoint closed the connection mid-reply"
+        if isinstance(self.sock, ssl.SSLSocket):
+            return "the endpoint closed the connection without answering"
+        return (
+            "the endpoint closed the connection without answering (a cluster with "
+            "in-transit encryption does this to clear-text clients: set OPTIONS['TLS'])"
+        )
 
     def _arm_timeout(self) -> None:
         remaining = self.deadline - time.monotonic()
