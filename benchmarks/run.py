@@ -1,0 +1,248 @@
+"""
+Benchmark ``django_elasticache.memcached.ElastiCache`` against the other ways of using an
+ElastiCache memcached cluster from Django, on local clusters of 1, 3 and 10 real memcached
+nodes behind an emulated configuration endpoint (``django_elasticache.testing``).
+
+Usage::
+
+    python benchmarks/run.py                # full run, under 3 minutes on 2 cores
+    python benchmarks/run.py --quick        # smoke test: few rounds, writes JSON only
+    python benchmarks/run.py --rounds 9 --out results.json --chart chart.png --rst RESULTS.rst
+
+Needs memcached on PATH and ``pip install -e .[bench]`` (matplotlib, pymemcache,
+django-elastipymemcache). Writes a table to stdout, every sample to ``--out`` (default
+``benchmarks/results/latest.json``), and, unless ``--quick``, the chart to ``--chart``
+(``benchmarks/results/chart.png``) and the README section to ``--rst``
+(``benchmarks/RESULTS.rst``).
+
+Contenders (``backends.py``): our ``ElastiCache`` (LOCATION the configuration endpoint);
+Django's ``PyLibMCCache`` on the static node list with our pylibmc behaviours, the baseline
+of every ratio, and with pylibmc's default behaviours; Django's ``PyMemcacheCache``;
+``django-elastipymemcache`` through the same endpoint; raw ``pylibmc.Client`` calls with
+finished Django keys (":1:key"), the floor.
+
+Method: each measurement is a fixed number of calls (calibrated once per operation and
+contender to last about 40 ms) timed with ``time.perf_counter``; rounds interleave the
+contenders in rotated order, and a ratio is the median over rounds of the per-round ratio,
+so a slow stretch of the shared machine falls on both sides of it. Ratios are speeds: above
+1 means ours is faster. Besides operations it measures, in fresh subprocesses, the first
+request (import, build, discovery and connection) and resident memory; in nanoseconds, the
+per-call node-list check and Django's key handling; and candidate pylibmc behaviours for
+our backend against its current defaults, with a binary-protocol round-trip check.
+
+Whatever ``ElastiCache`` overrides (key validation, say) is picked up on the next run: the
+benchmark calls the public cache API, and for the nanosecond timings
+``make_and_validate_key``, ``get_backend_timeout`` and ``_cache``; the methods ours
+overrides are listed in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import machine
+import micro
+import probe
+import report
+import tuning
+import workloads
+from backends import BASELINE, CONTENDERS, build_ours, django_calls, our_behaviors
+from workloads import Case, Deadline
+
+from django_elasticache.testing import LocalCluster
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "latest.json"
+DEFAULT_CHART = HERE / "results" / "chart.png"
+DEFAULT_RST = HERE / "RESULTS.rst"
+
+MAIN_NODES = 3
+SCALING_NODES = (1, 10)
+DEFAULT_ROUNDS = 9
+QUICK_ROUNDS = 3
+TARGET_SECONDS = 0.04
+"""About how long one measurement lasts (one contender, one operation, one round)."""
+QUICK_TARGET_SECONDS = 0.01
+PROBE_ROUNDS = 5
+MAX_SECONDS = 600.0
+"""Hard stop for a run that has gone wrong; a normal full run takes well under 3 minutes."""
+
+PROBED = ("ours", BASELINE, "pymemcache", "elastipymemcache")
+"""Contenders whose per-process costs are measured (raw pylibmc is not a Django backend)."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few short rounds: a smoke test")
+    parser.add_argument("--rounds", type=int, help=f"rounds per measurement ({DEFAULT_ROUNDS})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file of all samples")
+    parser.add_argument("--chart", type=Path, help=f"PNG chart (default {DEFAULT_CHART})")
+    parser.add_argument("--rst", type=Path, help=f"README section (default {DEFAULT_RST})")
+    parser.add_argument("--max-seconds", type=float, default=MAX_SECONDS, help="hard time limit")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if not args.quick:
+        args.chart = args.chart or DEFAULT_CHART
+        args.rst = args.rst or DEFAULT_RST
+    return args
+
+
+def build_all(cluster: LocalCluster) -> dict[str, Any]:
+    """Every contender, built and connected, so that no first call is timed."""
+    targets = {contender.name: contender.build(cluster) for contender in CONTENDERS}
+    for contender in CONTENDERS:
+        calls = contender.calls(targets[contender.name])
+        calls.get(calls.key("bench:warm"))
+    return targets
+
+
+def run_operations(
+    cluster: LocalCluster, cases: list[Case], args: argparse.Namespace, deadline: Deadline
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time the cases on every contender; return the samples and the built backends."""
+    targets = build_all(cluster)
+    contenders = {c.name: c.calls(targets[c.name]) for c in CONTENDERS}
+    measured = workloads.measure(cases, contenders, args.rounds, target_seconds(args), deadline)
+    return {
+        "nodes": len(cluster.nodes),
+        "cases": {
+            case.name: {"calls": measured.calls[case.name], "seconds": measured.seconds[case.name]}
+            for case in cases
+        },
+        "evictions": evictions(cluster),
+    }, targets
+
+
+def target_seconds(args: argparse.Namespace) -> float:
+    return QUICK_TARGET_SECONDS if args.quick else TARGET_SECONDS
+
+
+def evictions(cluster: LocalCluster) -> int:
+    """Values memcached dropped for room: non-zero would mean some "hits" were misses."""
+    import pylibmc
+
+    client = pylibmc.Client(cluster.node_addresses)
+    try:
+        return sum(int(stats.get("evictions", 0)) for _, stats in client.get_stats())
+    finally:
+        client.disconnect_all()
+
+
+def run_micro(targets: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Pieces on every probed backend; whole stubbed calls on ours and stock, the only two
+    whose Python differs (the pymemcache backends share stock's Django code)."""
+    caches = {name: targets[name] for name in PROBED}
+    return micro.measure(caches, ("ours", BASELINE), args.rounds)
+
+
+def run_probes(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
+    rounds = min(args.rounds, PROBE_ROUNDS)
+    samples = probe.probe_all(
+        PROBED, cluster.location, cluster.node_addresses, our_behaviors(), rounds
+    )
+    return {"rounds": rounds, "sets": probe.SETS, "samples": samples}
+
+
+def run_tuning(
+    cluster: LocalCluster, stock: Any, args: argparse.Namespace, deadline: Deadline
+) -> dict[str, Any]:
+    """
+    Each candidate is our backend with its options; the reference is our defaults. The
+    round trip is also made through ``stock``, to tell pylibmc's ways from the protocol's.
+    """
+    backends = {
+        candidate.name: build_ours(cluster, {}, **candidate.options)
+        for candidate in tuning.CANDIDATES
+    }
+    calls = {name: django_calls(backend) for name, backend in backends.items()}
+    cases = workloads.tuning_cases()
+    measured = workloads.measure(cases, calls, args.rounds, target_seconds(args), deadline)
+    return {
+        "cases": {
+            case.name: {"calls": measured.calls[case.name], "seconds": measured.seconds[case.name]}
+            for case in cases
+        },
+        "object_bytes": {
+            case.name: workloads.pickled_size(case) for case in cases if case.kind == "object"
+        },
+        "pickling": tuning.pickling(workloads.value_for(10 * workloads.KB, "object"), args.rounds),
+        "round_trip": {
+            tuning.OURS_TEXT: tuning.round_trip(calls[tuning.REFERENCE]),
+            tuning.OURS_BINARY: tuning.round_trip(calls[tuning.BINARY]),
+            tuning.STOCK_TEXT: tuning.round_trip(django_calls(stock)),
+        },
+    }
+
+
+def ours_overrides() -> list[str]:
+    """The cache methods ours does not take from Django's PyLibMCCache, for the record."""
+    from django.core.cache.backends.memcached import PyLibMCCache
+
+    from django_elasticache.memcached import ElastiCache
+
+    return sorted(
+        name
+        for name in dir(PyLibMCCache)
+        if not name.startswith("__")
+        and callable(getattr(PyLibMCCache, name))
+        and getattr(ElastiCache, name) is not getattr(PyLibMCCache, name)
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Stopped clusters are meant to be gone; a background refresh finding one so is not news.
+    logging.getLogger("django_elasticache").setLevel(logging.ERROR)
+    started = time.monotonic()
+    deadline = Deadline(args.max_seconds)
+    results: dict[str, Any] = {
+        "command": shlex.join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+        "settings": {
+            "rounds": args.rounds,
+            "target_seconds": target_seconds(args),
+            "quick": args.quick,
+        },
+        "machine": machine.describe(),
+        "load_before": machine.load_average(),
+        "contenders": {contender.name: contender.label for contender in CONTENDERS},
+        "ours_overrides": ours_overrides(),
+        "clusters": {},
+    }
+    with LocalCluster(nodes=MAIN_NODES) as cluster:
+        progress(started, f"{MAIN_NODES} nodes: operations")
+        operations, targets = run_operations(cluster, workloads.main_cases(), args, deadline)
+        results["clusters"][str(MAIN_NODES)] = operations
+        progress(started, "per-call overhead")
+        results["micro"] = run_micro(targets, args)
+        progress(started, "first request and memory, in subprocesses")
+        results["probes"] = run_probes(cluster, args)
+        progress(started, "tuning")
+        results["tuning"] = run_tuning(cluster, targets[BASELINE], args, deadline)
+    for nodes in SCALING_NODES:
+        with LocalCluster(nodes=nodes) as cluster:
+            progress(started, f"{nodes} node(s): get_many(100)")
+            operations, _ = run_operations(cluster, workloads.scaling_cases(), args, deadline)
+            results["clusters"][str(nodes)] = operations
+    results["load_after"] = machine.load_average()
+    results["duration_seconds"] = round(time.monotonic() - started, 1)
+    report.save(results, args.out, args.chart, args.rst)
+    print(report.text(results))
+    return 0
+
+
+def progress(started: float, what: str) -> None:
+    print(f"[{time.monotonic() - started:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
