@@ -33,7 +33,7 @@ from .cluster_utils import (
 )
 from .options import BackendOptions, Endpoint
 
-__all__ = ["ClusterTopology", "topology_for"]
+__all__ = ["ClusterTopology", "forget_all", "topology_for"]
 
 logger = logging.getLogger("django_elasticache")
 
@@ -206,6 +206,16 @@ def topology_for(endpoint: Endpoint, options: BackendOptions) -> ClusterTopology
         if key not in _topologies:
             _topologies[key] = ClusterTopology(endpoint, options)
         return _topologies[key]
+
+
+def forget_all() -> None:
+    """
+    Drop every topology, so the next request discovers afresh. For tests: a cluster started
+    after another one stopped may get the same endpoint port, and must not inherit its
+    node list. Backends built before keep the topology they hold.
+    """
+    with _topologies_lock:
+        _topologies.clear()
 
 
 def _after_fork_in_child() -> None:

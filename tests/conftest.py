@@ -8,11 +8,22 @@ import pytest
 from django.conf import settings
 
 from django_elasticache import memcached, pymemcache
+from django_elasticache.topology import forget_all
 
 
 def pytest_configure() -> None:
     settings.configure(CACHES={}, INSTALLED_APPS=[], USE_TZ=True)
     django.setup()
+
+
+@pytest.fixture(autouse=True)
+def fresh_topologies():
+    """
+    Every test discovers afresh: servers started by earlier tests are gone, and the OS may
+    hand their ports to this test's endpoint.
+    """
+    yield
+    forget_all()
 
 
 BACKENDS = {"pylibmc": memcached.ElastiCache, "pymemcache": pymemcache.ElastiCache}

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from ..topology import forget_all
 from .cluster import LocalCluster
 
 ClusterFactory = Callable[..., LocalCluster]
@@ -46,6 +47,8 @@ def elasticache_cluster_factory() -> Iterator[ClusterFactory]:
     yield start_cluster
     for cluster in reversed(clusters):
         cluster.stop()
+    # The OS may give a later cluster the same endpoint port; it must be discovered afresh.
+    forget_all()
 
 
 @pytest.fixture
