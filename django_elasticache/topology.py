@@ -87,7 +87,9 @@ class ClusterTopology:
         replaced it. Spaced so that a dead node cannot turn into a discovery storm.
         """
         now = time.monotonic()
-        if self._config is None or now - self._last_error_refresh < ERROR_REFRESH_SPACING:
+        if self._config is None or self.options.refresh_interval is None:
+            return
+        if now - self._last_error_refresh < ERROR_REFRESH_SPACING:
             return
         self._last_error_refresh = now
         self._next_refresh = now
@@ -98,7 +100,7 @@ class ClusterTopology:
             if self._config is not None:
                 return self._config
             if self._first_error is not None and time.monotonic() < self._first_error_until:
-                raise self._first_error
+                raise self._first_error.with_traceback(None)
             try:
                 config = self._ask()
             except ClusterDiscoveryError as exc:
@@ -108,6 +110,7 @@ class ClusterTopology:
                     raise
                 config = self._fallback(exc)
             else:
+                self._schedule_next_refresh()
                 logger.info(
                     "Discovered %s: config version %d, nodes %s",
                     self.name,
@@ -126,14 +129,12 @@ class ClusterTopology:
         return ClusterConfig(version=0, nodes=(node,))
 
     def _ask(self) -> ClusterConfig:
-        config = discover(
+        return discover(
             self.endpoint.host,
             self.endpoint.port,
             self.options.discovery_timeout,
             self.options.tls,
         )
-        self._schedule_next_refresh()
-        return config
 
     def _schedule_next_refresh(self) -> None:
         interval = self.options.refresh_interval
@@ -148,15 +149,18 @@ class ClusterTopology:
             if self._refreshing or time.monotonic() < self._next_refresh:
                 return
             self._refreshing = True
+            self._schedule_next_refresh()
         thread = threading.Thread(target=self._refresh, name=f"refresh {self.name}", daemon=True)
         thread.start()
 
     def _refresh(self) -> None:
+        """One refresh, in its own thread; whatever happens, the last good list stays."""
         try:
             config = self._ask()
         except ClusterDiscoveryError as exc:
-            self._schedule_next_refresh()
             logger.warning("%s; keeping config version %d", exc, self._config.version)
+        except Exception:
+            logger.exception("Refreshing %s failed; keeping the node list", self.name)
         else:
             self._apply(config)
         finally:

@@ -167,6 +167,23 @@ def test_no_refresh_when_interval_is_zero(elasticache_cluster, make_cache) -> No
     assert len(cache.client_servers) == 3
 
 
+def test_no_error_triggered_refresh_when_interval_is_zero(
+    elasticache_cluster, make_cache, fast_error_refresh
+) -> None:
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=0)
+    keys = [f"k{index}" for index in range(50)]
+    cache.set_many({key: key for key in keys})
+    elasticache_cluster.kill_node(elasticache_cluster.nodes[0])
+    errors = 0
+    for key in keys:
+        try:
+            cache.get(key)
+        except cache.server_errors:
+            errors += 1
+    assert errors > 0
+    assert elasticache_cluster.endpoint.discovery_requests == 1
+
+
 def test_killed_node_surfaces_errors_without_ignore_exceptions(elasticache_cluster, make_cache):
     cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=60)
     keys = [f"k{index}" for index in range(100)]
