@@ -3,7 +3,8 @@ Fault and topology figures on a LocalCluster, for the live-topology section of R
 
     python benchmarks/faults.py
 
-Measures, each in a bounded load loop of single-key gets and sets:
+Measures the discovery round trip and how long a first request takes to fail on a silent
+endpoint; then, each in a bounded load loop of single-key gets and sets:
 errors surfaced to the caller while a node is killed (with and without IGNORE_EXCEPTIONS),
 the worst operation latency while the configuration endpoint hangs, the time from a config
 version bump to the first key stored on the new node, and the share of keys a 4 -> 5 node
@@ -12,7 +13,10 @@ scale-out moves.
 
 from __future__ import annotations
 
+import signal
 import statistics
+import subprocess
+import sys
 import time
 
 import django
@@ -23,6 +27,7 @@ django.setup()
 
 import pylibmc  # noqa: E402
 
+from django_elasticache.cluster_utils import EndpointTimeout, discover  # noqa: E402
 from django_elasticache.memcached import ElastiCache  # noqa: E402
 from django_elasticache.testing import LocalCluster  # noqa: E402
 
@@ -32,6 +37,41 @@ KEYS = 500
 
 def backend(location: str, **options) -> ElastiCache:
     return ElastiCache(location, {"OPTIONS": options})
+
+
+def discovery_round_trip(runs: int = 200) -> tuple[float, float]:
+    """
+    Median and 90th percentile seconds of one discovery. The cluster runs in another
+    process, as a real endpoint would, so its threads do not share this one's interpreter.
+    """
+    command = [sys.executable, "-m", "django_elasticache", "local-cluster", "--nodes", "3"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as cluster:
+        try:
+            location = cluster.stdout.readline().split()[-1]
+            host, _, port = location.rpartition(":")
+            timings = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                discover(host, int(port))
+                timings.append(time.perf_counter() - started)
+        finally:
+            cluster.send_signal(signal.SIGINT)
+            cluster.wait(timeout=30)
+    timings.sort()
+    return statistics.median(timings), timings[int(len(timings) * 0.9)]
+
+
+def time_to_fail_on_silent_endpoint(timeout: float) -> float:
+    """Seconds from a backend's first request to its error when the endpoint never answers."""
+    with LocalCluster(nodes=1) as cluster:
+        cluster.endpoint.misbehave("hang")
+        cache = backend(cluster.location, DISCOVERY_TIMEOUT=timeout)
+        started = time.monotonic()
+        try:
+            cache.get("key")
+        except EndpointTimeout:
+            return time.monotonic() - started
+        raise RuntimeError("a silent endpoint did not time out")
 
 
 def errors_while_node_killed(ignore_exceptions: bool) -> tuple[int, int, float]:
@@ -119,6 +159,17 @@ def _held(node, names: list[str]) -> list[str]:
 
 
 def main() -> None:
+    median, p90 = discovery_round_trip()
+    print(
+        f"discovery round trip (3 nodes, loopback): median {median * 1e3:.2f} ms, "
+        f"90th percentile {p90 * 1e3:.2f} ms over 200 runs"
+    )
+    for timeout in (0.5, 2.0):
+        elapsed = time_to_fail_on_silent_endpoint(timeout)
+        print(
+            f"silent endpoint, DISCOVERY_TIMEOUT={timeout:g}: first request failed after "
+            f"{elapsed:.3f} s"
+        )
     for ignore in (False, True):
         errors, total, worst = errors_while_node_killed(ignore)
         print(

@@ -419,8 +419,13 @@ def _resolve(endpoint: str, host: str, port: int, deadline: float) -> list[tuple
     ``getaddrinfo`` with a deadline.
 
     The C resolver has no timeout of its own and can block for many seconds when DNS is
-    unreachable, so it runs in a daemon thread that is abandoned if it overruns.
+    unreachable, so a name is resolved in a daemon thread that is abandoned if it overruns.
+    An IP address needs no DNS and is converted at once.
     """
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass
     outcome: list[object] = []
 
     def resolve() -> None:

@@ -203,3 +203,8 @@ def ipv6_loopback() -> bool:
 def split(location: str) -> tuple[str, int]:
     host, _, port = location.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def test_endpoint_given_by_name_is_resolved(elasticache_cluster) -> None:
+    config = discover("localhost", elasticache_cluster.endpoint.port, TIMEOUT)
+    assert list(config.addresses) == elasticache_cluster.node_addresses
