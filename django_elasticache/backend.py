@@ -157,6 +157,14 @@ class ClusterCacheMixin:
             # parent's too; keeping the object alive leaves the parent's connections intact.
             _clients_inherited_across_fork.append(old_client)
 
+    def close(self, **kwargs: Any) -> None:
+        """
+        Django closes caches at the end of every request: disconnect a client that exists,
+        but never discover (or fail to) just to close.
+        """
+        if self._client is not None:
+            super().close(**kwargs)  # type: ignore[misc]
+
     def _absorb(self, error: Exception, operation: str) -> bool:
         """
         React to a server error: ask the endpoint again soon (the node may have been

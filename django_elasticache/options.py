@@ -27,7 +27,7 @@ __all__ = [
     "system_tls_context",
 ]
 
-_HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\]]+)):(?P<port>\d+)")
+_HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\];,]+)):(?P<port>\d+)")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import django
 import pytest
 from django.conf import settings
+from support import memcached_children
 
 from django_elasticache import memcached, pymemcache
 from django_elasticache.topology import forget_all
@@ -14,6 +15,13 @@ from django_elasticache.topology import forget_all
 def pytest_configure() -> None:
     settings.configure(CACHES={}, INSTALLED_APPS=[], USE_TZ=True)
     django.setup()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_memcached_left_behind() -> Iterator[None]:
+    """The run leaves no memcached process behind (module-scoped clusters included)."""
+    yield
+    assert memcached_children() == []
 
 
 @pytest.fixture(autouse=True)

@@ -141,6 +141,21 @@ def test_unreachable_endpoint_with_ignore_cluster_errors_uses_location(make_cach
         assert cache.get("key") == "value"
 
 
+def test_close_never_discovers(make_cache) -> None:
+    """Django closes every cache after each request, even one that never connected."""
+    cache = make_cache("127.0.0.1:9", IGNORE_EXCEPTIONS=True, DISCOVERY_TIMEOUT=0.5)
+    assert cache.get("key", "default") == "default"
+    cache.close()
+
+
+def test_close_after_use_keeps_the_cache_working(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    cache.set("key", "value")
+    cache.close()
+    assert cache.get("key") == "value"
+    assert elasticache_cluster.endpoint.discovery_requests == 1
+
+
 def test_silent_endpoint_fails_within_the_discovery_timeout(
     elasticache_cluster, make_cache
 ) -> None:
@@ -218,6 +233,8 @@ def test_ipv6_cluster_round_trip(elasticache_cluster_factory, make_cache) -> Non
         "cfg.example",
         "cfg.example:11211;other.example:11211",
         "cfg.example:11211,other.example:11211",
+        "cfg.example;other.example:11211",
+        "cfg.example,other.example:11211",
         ["a.example:11211", "b.example:11211"],
         "::1:11211",
         "cfg.example:0",

@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from support import requires_ipv6
 
 from django_elasticache.cluster_utils import (
     ClusterDiscoveryError,
@@ -183,21 +184,12 @@ def test_ask_version_reports_a_node_engine(elasticache_cluster) -> None:
     assert ask_version(node.ip, node.port, TIMEOUT).startswith("1.")
 
 
+@requires_ipv6
 def test_ipv6_endpoint_and_nodes(elasticache_cluster_factory) -> None:
-    if not ipv6_loopback():
-        pytest.skip("this machine has no IPv6 loopback")
     cluster = elasticache_cluster_factory(nodes=2, host="::1")
     config = discover("::1", cluster.endpoint.port, TIMEOUT)
     assert all(address.startswith("[::1]:") for address in config.addresses)
     assert list(config.addresses) == cluster.node_addresses
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.create_server(("::1", 0), family=socket.AF_INET6):
-            return True
-    except OSError:
-        return False
 
 
 def split(location: str) -> tuple[str, int]:

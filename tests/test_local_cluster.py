@@ -7,15 +7,14 @@ socket, and the expected replies are built from the Auto Discovery grammar in th
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pylibmc
 import pytest
+from support import memcached_children, process_exists, read_until_closed, requires_ipv6
 
 from django_elasticache.testing import (
     ConfigEndpoint,
@@ -43,35 +42,6 @@ AWS_EXAMPLE_NODES = [
     ("myCluster.pc4ldq.0002.use1.cache.amazonaws.com", "10.80.249.27", 11211),
 ]
 NodeTuple = tuple[str, str, int]
-
-
-def _ipv6_loopback_works() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-requires_ipv6 = pytest.mark.skipif(not _ipv6_loopback_works(), reason="no IPv6 loopback")
-
-
-# Raw protocol helpers
-
-
-def read_until_closed(conn: socket.socket) -> bytes:
-    """Read everything the server sends until it closes the connection."""
-    chunks = []
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        chunk = conn.recv(4096)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-    raise AssertionError(f"server did not close the connection; got {b''.join(chunks)!r}")
 
 
 def exchange(host: str, port: int, *commands: bytes, quit: bool = True) -> bytes:
@@ -144,33 +114,10 @@ def wait_for_requests(endpoint: ConfigEndpoint, count: int) -> None:
         time.sleep(0.01)
 
 
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def memcached_children() -> list[int]:
-    """Pids of memcached processes whose parent is this test process (Linux /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue  # The process ended while we looked.
-        command, rest = fields[0].split("(", 1)[1], fields[1].split()
-        if command == "memcached" and int(rest[1]) == os.getpid():
-            children.append(int(stat.parent.name))
-    return children
-
-
 @pytest.fixture(autouse=True)
-def no_memcached_left_behind() -> Iterator[None]:
+def no_memcached_left_behind_by_this_test() -> Iterator[None]:
     yield
-    if Path("/proc/self/stat").exists():
-        assert memcached_children() == []
+    assert memcached_children() == []
 
 
 @pytest.fixture

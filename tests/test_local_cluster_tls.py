@@ -8,7 +8,6 @@ default, so the certificates are held to the strict rules on every Python versio
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import time
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import memcached_children, process_exists, read_until_closed, requires_ipv6
 
 from django_elasticache.testing import (
     CertificateAuthority,
@@ -47,17 +47,6 @@ NodeTuple = tuple[str, str, int]
 def strict(context: ssl.SSLContext) -> ssl.SSLContext:
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     return context
-
-
-def read_until_closed(conn: socket.socket) -> bytes:
-    chunks = []
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        chunk = conn.recv(4096)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-    raise AssertionError(f"server did not close the connection; got {b''.join(chunks)!r}")
 
 
 def tls_exchange(
@@ -145,39 +134,6 @@ def assert_refused_plaintext(port: int) -> None:
     assert b"VERSION" not in received
     assert received == b"" or received[0] == TLS_ALERT, received
     assert elapsed < FAIL_FAST
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def memcached_children() -> list[int]:
-    """Pids of memcached processes whose parent is this test process (Linux /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue  # The process ended while we looked.
-        command, rest = fields[0].split("(", 1)[1], fields[1].split()
-        if command == "memcached" and int(rest[1]) == os.getpid():
-            children.append(int(stat.parent.name))
-    return children
-
-
-def _ipv6_loopback_works() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 # Fixtures
@@ -452,7 +408,7 @@ def test_factory_fixture_passes_tls_through(
     assert_serves_tls(cluster, cluster.nodes[0])
 
 
-@pytest.mark.skipif(not _ipv6_loopback_works(), reason="no IPv6 loopback")
+@requires_ipv6
 def test_ipv6_tls_cluster() -> None:
     with LocalCluster(nodes=1, host="::1", tls=True) as cluster:
         context = strict(cluster.client_tls_context())
