@@ -63,6 +63,8 @@ class _ErrorLog:
 
 
 _error_log = _ErrorLog()
+# A lock held by another thread at fork time would stay held forever in the child.
+os.register_at_fork(after_in_child=_error_log.__init__)
 
 
 def _miss_on_server_error(miss: Callable[..., Any]) -> Callable[[Method], Method]:
