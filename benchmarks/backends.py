@@ -9,13 +9,19 @@ and ours is what this package adds, discovery and the node-list check on every c
 
 Builders import their library when called, so that a memory probe of one contender loads
 only that contender's code.
+
+The TLS contenders run on a ``LocalCluster(tls=True)``, whose certificates name each node's
+hostname and come from a throwaway CA; their clear-text twins are the same builders on an
+otherwise identical clear-text cluster, so that the cost of TLS is read side by side.
 """
 
 from __future__ import annotations
 
 import functools
+import socket
+import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import django
@@ -52,10 +58,67 @@ class Cluster(Protocol):
 
 @dataclass(frozen=True)
 class Addresses:
-    """A cluster known by its addresses only, as a probe subprocess receives it."""
+    """
+    A cluster known by its addresses only, as a probe subprocess receives it: ``hosts``
+    maps each node's advertised hostname to its IP (what DNS would answer), and ``ca_pem``
+    is the CA a TLS cluster's certificates come from (None: clear text).
+    """
 
     location: str
     node_addresses: list[str]
+    hosts: dict[str, str] = field(default_factory=dict)
+    ca_pem: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_pem is not None
+
+    def spec(self) -> dict[str, Any]:
+        """What a probe subprocess is given, as JSON."""
+        return {
+            "location": self.location,
+            "node_addresses": list(self.node_addresses),
+            "hosts": dict(self.hosts),
+            "ca_pem": self.ca_pem,
+        }
+
+
+def addresses(cluster: Any) -> Addresses:
+    """A ``LocalCluster`` as ``Addresses``; ``Addresses`` as they are."""
+    if isinstance(cluster, Addresses):
+        return cluster
+    authority = cluster.certificate_authority
+    return Addresses(
+        cluster.location,
+        cluster.node_addresses,
+        {node.hostname: node.ip for node in cluster.nodes},
+        None if authority is None else authority.ca_pem,
+    )
+
+
+def tls_context(cluster: Addresses) -> ssl.SSLContext:
+    """What a client of the cluster is configured with: trust in its CA alone, hostnames
+    checked (``LocalCluster.client_tls_context`` does the same)."""
+    if cluster.ca_pem is None:
+        raise ValueError(f"the cluster at {cluster.location} does not use TLS")
+    return ssl.create_default_context(cadata=cluster.ca_pem)
+
+
+class ListedHosts:
+    """
+    A socket module for pymemcache that resolves the nodes' hostnames to their IPs, as DNS
+    does for a real cluster: django-elastipymemcache over TLS must connect to a node by the
+    hostname its certificate names, and a local cluster's hostnames resolve nowhere.
+    """
+
+    def __init__(self, hosts: Mapping[str, str]) -> None:
+        self._hosts = dict(hosts)
+
+    def getaddrinfo(self, host: str, port: int, *args: Any) -> list[tuple]:
+        return socket.getaddrinfo(self._hosts.get(host, host), port, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(socket, name)
 
 
 @dataclass(frozen=True)
@@ -120,6 +183,15 @@ def build_ours(cluster: Cluster, behaviors: Behaviors, /, **options: Any) -> Any
     return ElastiCache(cluster.location, {"OPTIONS": options})
 
 
+def build_ours_pymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
+    """Our pymemcache backend with its own defaults, TLS if the cluster has it."""
+    from django_elasticache.pymemcache import ElastiCache
+
+    cluster = addresses(cluster)
+    options = {"TLS": tls_context(cluster)} if cluster.tls else {}
+    return ElastiCache(cluster.location, {"OPTIONS": options})
+
+
 def build_stock(cluster: Cluster, behaviors: Behaviors) -> Any:
     from django.core.cache.backends.memcached import PyLibMCCache
 
@@ -143,13 +215,31 @@ def build_elastipymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
     """Its README's auto-discovery setup, refreshing every 60 s as ours does by default."""
     from django_elastipymemcache.backend import ElastiPymemcache
 
-    options = {
+    cluster = addresses(cluster)
+    options: dict[str, Any] = {
         "ignore_exc": True,
         "discovery_interval": 60.0,
         "connect_timeout": TIMEOUT_SECONDS,
         "timeout": TIMEOUT_SECONDS,
     }
+    if cluster.tls:
+        options.update(elastipymemcache_tls_options(cluster))
     return ElastiPymemcache(cluster.location, {"OPTIONS": options})
+
+
+def elastipymemcache_tls_options(cluster: Addresses) -> dict[str, Any]:
+    """
+    TLS for django-elastipymemcache, which has no TLS option of its own: its OPTIONS go to
+    pymemcache's ``HashClient``, whose ``tls_context`` reaches every node's client and the
+    endpoint's. By default it connects to a node's IP, which the node's certificate does
+    not name; ``use_vpc_ip_address`` False connects by hostname, which ``ListedHosts``
+    resolves as DNS would.
+    """
+    return {
+        "tls_context": tls_context(cluster),
+        "use_vpc_ip_address": False,
+        "socket_module": ListedHosts(cluster.hosts),
+    }
 
 
 def build_raw(cluster: Cluster, behaviors: Behaviors) -> Any:
@@ -167,6 +257,8 @@ class Contender:
     builder: Callable[[Cluster, Behaviors], Any]
     module: str
     raw: bool = False
+    tls: bool = False
+    """Built on a TLS cluster (the builder sees that the cluster has TLS, and uses it)."""
 
     def build(self, cluster: Cluster, behaviors: Behaviors | None = None) -> Any:
         return self.builder(cluster, our_behaviors() if behaviors is None else behaviors)
@@ -176,9 +268,17 @@ class Contender:
 
 
 DJANGO_MEMCACHED = "django.core.cache.backends.memcached"
+OURS_PYMEMCACHE = "django_elasticache.pymemcache"
+ELASTIPYMEMCACHE = "django_elastipymemcache.backend"
 
 CONTENDERS: tuple[Contender, ...] = (
     Contender("ours", "ElastiCache (ours)", build_ours, "django_elasticache.memcached"),
+    Contender(
+        "ours_pymemcache",
+        "pymemcache ElastiCache (ours)",
+        build_ours_pymemcache,
+        OURS_PYMEMCACHE,
+    ),
     Contender(BASELINE, "PyLibMCCache, our behaviours", build_stock, DJANGO_MEMCACHED),
     Contender(
         "stock_defaults",
@@ -191,10 +291,44 @@ CONTENDERS: tuple[Contender, ...] = (
         "elastipymemcache",
         "django-elastipymemcache",
         build_elastipymemcache,
-        "django_elastipymemcache.backend",
+        ELASTIPYMEMCACHE,
     ),
     Contender("raw", "raw pylibmc.Client", build_raw, "pylibmc", raw=True),
 )
-"""All contenders, in table order."""
+"""All contenders on the clear-text clusters, in table order."""
 
-BY_NAME = {contender.name: contender for contender in CONTENDERS}
+TLS_CONTENDERS: tuple[Contender, ...] = (
+    Contender(
+        "ours_pymemcache_tls",
+        "pymemcache ElastiCache (ours), TLS",
+        build_ours_pymemcache,
+        OURS_PYMEMCACHE,
+        tls=True,
+    ),
+    Contender(
+        "ours_pymemcache",
+        "pymemcache ElastiCache (ours), clear text",
+        build_ours_pymemcache,
+        OURS_PYMEMCACHE,
+    ),
+    Contender(
+        "elastipymemcache_tls",
+        "django-elastipymemcache, TLS",
+        build_elastipymemcache,
+        ELASTIPYMEMCACHE,
+        tls=True,
+    ),
+    Contender(
+        "elastipymemcache",
+        "django-elastipymemcache, clear text",
+        build_elastipymemcache,
+        ELASTIPYMEMCACHE,
+    ),
+)
+"""The contenders of the TLS comparison, each TLS one followed by its clear-text twin."""
+
+TLS_PAIRS = {"ours_pymemcache_tls": "ours_pymemcache", "elastipymemcache_tls": "elastipymemcache"}
+"""Each TLS contender and its clear-text twin, the same builder on a clear-text cluster."""
+
+BY_NAME = {contender.name: contender for contender in (*TLS_CONTENDERS, *CONTENDERS)}
+"""Every contender by name; the builders, what a probe needs, are the same for a twin."""

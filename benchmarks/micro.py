@@ -9,7 +9,10 @@ cannot be read off the operation timings. They are timed here on their own:
   topology; stock's is a ``cached_property``, a plain attribute after the first access),
   and Django's key building and validation, which every call pays once per key;
 * whole calls with the client replaced by a stub that answers at once: everything the
-  backend and Django do per call, and nothing of the network.
+  backend and Django do per call, and nothing of the network;
+* for the pymemcache-based backends, the choice of a key's node: pymemcache's rendezvous
+  hash runs a pure-Python murmur3 over "node-key" for every node, so its cost grows with
+  the number of nodes and the length of their names.
 
 Statements are compiled by ``timeit``, so no Python call wraps them, and each is repeated
 enough times to last about ``SECONDS``, rounds interleaved across caches.
@@ -42,6 +45,8 @@ CALLS = {
 }
 
 KEY = "bench:user:12345:profile"
+MADE_KEY = f":1:{KEY}"
+"""``KEY`` as Django's default key function makes it, what a client hashes."""
 KEYS = [f"{KEY}:{i}" for i in range(100)]
 VALUE = b"v" * 100
 
@@ -84,6 +89,7 @@ def namespace(cache: Any) -> dict[str, Any]:
     return {
         "cache": cache,
         "key": KEY,
+        "made_key": MADE_KEY,
         "keys": KEYS,
         "value": VALUE,
         "mapping": dict.fromkeys(KEYS, VALUE),
@@ -101,11 +107,19 @@ def ns_each(
     statements: Mapping[str, str], caches: Mapping[str, Any], rounds: int
 ) -> dict[str, dict[str, float]]:
     """Median nanoseconds of each statement on each cache, less the empty loop's."""
-    spaces = {name: namespace(cache) for name, cache in caches.items()}
+    return ns_each_in(
+        statements, {name: namespace(cache) for name, cache in caches.items()}, rounds
+    )
+
+
+def ns_each_in(
+    statements: Mapping[str, str], spaces: Mapping[str, dict[str, Any]], rounds: int
+) -> dict[str, dict[str, float]]:
+    """Median nanoseconds of each statement in each namespace, less the empty loop's."""
     first = next(iter(spaces.values()))
     numbers = {what: repetitions(statement, first) for what, statement in statements.items()}
     samples: dict[str, dict[str, list[float]]] = {
-        what: {name: [] for name in caches} for what in statements
+        what: {name: [] for name in spaces} for what in statements
     }
     order = list(spaces.items())
     for round_index in range(rounds):
@@ -122,7 +136,25 @@ def ns_each(
     }
 
 
-def measure(caches: Mapping[str, Any], layered: tuple[str, ...], rounds: int) -> dict[str, Any]:
-    """The pieces on every cache, and whole stubbed calls on the ``layered`` ones."""
+NODE_CHOICE = {"hasher.get_node": "client.hasher.get_node(made_key)"}
+
+
+def measure(
+    caches: Mapping[str, Any],
+    layered: tuple[str, ...],
+    rounds: int,
+    hashed: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """
+    The pieces on every cache, whole stubbed calls on the ``layered`` ones, and the node
+    choice of the ``hashed`` ones (pymemcache-based), with the names their clients hash.
+    """
     stubbed = {name: with_stub_client(caches[name]) for name in layered}
-    return {"pieces": ns_each(PIECES, caches, rounds), "calls": ns_each(CALLS, stubbed, rounds)}
+    clients = {name: caches[name]._cache for name in hashed}
+    spaces = {name: {"client": client, "made_key": MADE_KEY} for name, client in clients.items()}
+    return {
+        "pieces": ns_each(PIECES, caches, rounds),
+        "calls": ns_each(CALLS, stubbed, rounds),
+        "node_choice": ns_each_in(NODE_CHOICE, spaces, rounds),
+        "node_names": {name: list(client.hasher.nodes) for name, client in clients.items()},
+    }

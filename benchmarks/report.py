@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import tuning
-from backends import BASELINE
+from backends import BASELINE, TLS_PAIRS
 
 OURS = "ours"
 COMPARED = (BASELINE, "stock_defaults", "raw", "elastipymemcache", "pymemcache")
@@ -26,6 +26,9 @@ COMPARED = (BASELINE, "stock_defaults", "raw", "elastipymemcache", "pymemcache")
 
 SHORT = {
     "ours": "ours",
+    "ours_pymemcache": "ours pymemcache",
+    "ours_pymemcache_tls": "ours pymemcache, TLS",
+    "elastipymemcache_tls": "elastipymemcache, TLS",
     BASELINE: "stock",
     "stock_defaults": "stock, default behaviours",
     "pymemcache": "PyMemcacheCache",
@@ -38,12 +41,22 @@ LARGEST = "10"
 SCALING_CASES = ("get_many(100) 100 B", "get_many(100) 10 KB")
 
 STOCK_TARGET = 0.97
+PYMEMCACHE_TARGET = 0.97
+"""Parity with django-elastipymemcache, less the few per cent two identical clients differ."""
 ELASTI_GET_SET_TARGET = 1.5
 ELASTI_GET_MANY_TARGET = 2.0
 RAW_TARGET = 1.25
 
+OURS_PYMEMCACHE = "ours_pymemcache"
+PYMEMCACHE_COMPARED = ("elastipymemcache", "pymemcache", OURS)
+"""What our pymemcache backend is compared with, in column order."""
+OURS_TLS = "ours_pymemcache_tls"
+ELASTI_TLS = "elastipymemcache_tls"
+
 TINY_BAR = 0.1
 """Bars lower than this get their value written on them, or they would read as zero."""
+LEGEND_COLUMNS = 4
+"""Legend entries per row under the chart: seven in one row would not fit its width."""
 
 CHART_TITLE = (
     "Speed relative to Django's PyLibMCCache (static node list, our behaviours), "
@@ -94,10 +107,22 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
             case: {name: speed(data["seconds"], name, BASELINE) for name in data["seconds"]}
             for case, data in clusters[MAIN]["cases"].items()
         },
+        "pymemcache_vs": {
+            nodes: {
+                case: {
+                    other: speed(data["seconds"], OURS_PYMEMCACHE, other)
+                    for other in PYMEMCACHE_COMPARED
+                }
+                for case, data in cluster["cases"].items()
+            }
+            for nodes, cluster in clusters.items()
+        },
         "targets": targets(clusters),
         "versus_stock_overall": versus_stock_overall(clusters),
+        "pymemcache_overall": overall(clusters, OURS_PYMEMCACHE, "elastipymemcache"),
         "probes": summarize_probes(results["probes"]["samples"]),
         "tuning": summarize_tuning(results["tuning"]),
+        "tls": summarize_tls(results["tls"]),
     }
 
 
@@ -142,6 +167,15 @@ TARGETS = (
             ELASTI_GET_SET_TARGET,
         )
         for size in SIZE_NAMES
+    ),
+    Target(
+        f"ours pymemcache >= {PYMEMCACHE_TARGET}x django-elastipymemcache, every operation "
+        "and cluster",
+        ("1", MAIN, LARGEST),
+        lambda case: True,
+        OURS_PYMEMCACHE,
+        "elastipymemcache",
+        PYMEMCACHE_TARGET,
     ),
     Target(
         f"ours >= {ELASTI_GET_MANY_TARGET}x django-elastipymemcache, get_many(100) on "
@@ -204,8 +238,14 @@ def targets(clusters: Mapping[str, Any]) -> list[dict[str, Any]]:
 def versus_stock_overall(clusters: Mapping[str, Any]) -> dict[str, Any]:
     """On how many operations ours was faster than stock, and by how much on average
     (geometric mean): a worst case of many noisy ratios is lower than the truth."""
+    return overall(clusters, OURS, BASELINE)
+
+
+def overall(clusters: Mapping[str, Any], faster: str, slower: str) -> dict[str, Any]:
+    """On how many operations of every cluster ``faster`` was faster, and the geometric mean
+    of its speed ratios."""
     ratios = [
-        speed(data["seconds"], OURS, BASELINE)
+        speed(data["seconds"], faster, slower)
         for cluster in clusters.values()
         for data in cluster["cases"].values()
     ]
@@ -227,6 +267,78 @@ def summarize_probes(samples: Mapping[str, Mapping[str, list[float]]]) -> dict[s
         )
         metrics["rss_growth_kib"] = metrics["rss_after_kib"] - metrics["rss_before_kib"]
     return medians
+
+
+def summarize_tls(data: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Per operation, each TLS contender against its clear-text twin: the median of the
+    per-round ratios of their times (above 1: TLS is slower) and of the per-round
+    differences; and our pymemcache backend against django-elastipymemcache, each side
+    with TLS and each without. Then the connections of a fresh process, likewise paired.
+    """
+    cases = {}
+    for case, case_data in data["cases"].items():
+        seconds = case_data["seconds"]
+        cases[case] = {
+            "median_us": {name: micros(values) for name, values in seconds.items()},
+            "cost": {
+                tls: {
+                    "ratio": speed(seconds, clear, tls),
+                    "added_us": statistics.median(minus(seconds[tls], seconds[clear])) * 1e6,
+                }
+                for tls, clear in TLS_PAIRS.items()
+            },
+            "ours_vs_elastipymemcache": {
+                "tls": speed(seconds, OURS_TLS, ELASTI_TLS),
+                "clear": speed(seconds, OURS_PYMEMCACHE, "elastipymemcache"),
+            },
+        }
+    samples = {
+        name: {**metrics, **connection_costs(metrics)}
+        for name, metrics in data["probes"]["samples"].items()
+    }
+    connections = {
+        name: {metric: statistics.median(values) for metric, values in metrics.items()}
+        for name, metrics in samples.items()
+    }
+    first_request = {
+        tls: {
+            "ratio": speed(
+                {name: samples[name]["connections_ms"] for name in (tls, clear)}, clear, tls
+            ),
+            "added_ms": {
+                metric: statistics.median(minus(samples[tls][metric], samples[clear][metric]))
+                for metric in (*CONNECTION_STEPS, "connections_ms", "build_ms")
+            },
+        }
+        for tls, clear in TLS_PAIRS.items()
+    }
+    return {"cases": cases, "connections": connections, "first_request": first_request}
+
+
+CONNECTION_STEPS = ("discovery_ms", "first_node_ms", "other_nodes_ms")
+
+
+def connection_costs(metrics: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """
+    Per round: the first node's connection (the first get less a warm one), the other
+    nodes' (the first get_many less a warm one), and with discovery the three together.
+    """
+    first_node = minus(metrics["first_get_ms"], metrics["warm_get_ms"])
+    other_nodes = minus(metrics["first_get_many_ms"], metrics["warm_get_many_ms"])
+    return {
+        "first_node_ms": first_node,
+        "other_nodes_ms": other_nodes,
+        "connections_ms": [
+            sum(steps)
+            for steps in zip(metrics["discovery_ms"], first_node, other_nodes, strict=True)
+        ],
+    }
+
+
+def minus(values: Sequence[float], others: Sequence[float]) -> list[float]:
+    """Round by round, each value less the other of the same round."""
+    return [value - other for value, other in zip(values, others, strict=True)]
 
 
 def summarize_tuning(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,6 +437,208 @@ def scaling_rows(summary: Mapping[str, Any], names: Sequence[str]):
                 *(fmt_us(by_name[n]) for n in names),
                 fmt_ratio(ratio),
             ]
+
+
+PYMEMCACHE_HEADER = [
+    "operation",
+    "ours pymemcache µs",
+    "elastipymemcache µs",
+    "PyMemcacheCache µs",
+    *(f"vs {SHORT[other]}" for other in PYMEMCACHE_COMPARED[:-1]),
+    "vs ours (pylibmc)",
+]
+
+
+def pymemcache_rows(summary: Mapping[str, Any]):
+    """Every operation on the main cluster, then the get_many(100) of the other sizes."""
+    for nodes in sorted(summary["pymemcache_vs"], key=lambda nodes: (nodes != MAIN, int(nodes))):
+        us = summary["median_us"][nodes]
+        for case, ratios in summary["pymemcache_vs"][nodes].items():
+            yield [
+                case if nodes == MAIN else f"{case}, {nodes} node(s)",
+                fmt_us(us[case][OURS_PYMEMCACHE]),
+                fmt_us(us[case]["elastipymemcache"]),
+                fmt_us(us[case]["pymemcache"]),
+                *(fmt_ratio(ratios[other]) for other in PYMEMCACHE_COMPARED),
+            ]
+
+
+def pymemcache_line(summary: Mapping[str, Any]) -> str:
+    overall = summary["pymemcache_overall"]
+    return (
+        f"Our pymemcache backend was faster than django-elastipymemcache on "
+        f"{overall['faster']} of the {overall['operations']} operations measured, "
+        f"{overall['geometric_mean']:.2f}x on geometric mean."
+    )
+
+
+def node_choice_lines(results: Mapping[str, Any]) -> list[str]:
+    """What choosing a key's node costs the pymemcache-based backends, and why it differs."""
+    choice = results["micro"]["node_choice"]["hasher.get_node"]
+    names = results["micro"]["node_names"]
+    ours, elasti = choice[OURS_PYMEMCACHE], choice["elastipymemcache"]
+
+    def named(name: str) -> str:
+        first = names[name][0]
+        return f'"{first}-<key>", {len(first) + 1} characters and the key'
+
+    return [
+        f'pymemcache chooses a key\'s node in Python: a murmur3 hash of "node-key" for each '
+        f"of the {len(names[OURS_PYMEMCACHE])} nodes, the highest wins. That takes "
+        f"{ours:,.0f} ns a key in ours pymemcache, {elasti:,.0f} ns in django-elastipymemcache "
+        f"and {choice['pymemcache']:,.0f} ns in PyMemcacheCache, so {ours * 100 / 1e3:,.0f} µs "
+        f"and {elasti * 100 / 1e3:,.0f} µs of a get_many(100): ours names its nodes by "
+        f"hostname, hashing {named(OURS_PYMEMCACHE)}; django-elastipymemcache by IP, hashing "
+        f"{named('elastipymemcache')}.",
+    ]
+
+
+TLS_SHORT = {
+    OURS_TLS: "ours pymemcache, TLS",
+    OURS_PYMEMCACHE: "ours pymemcache, clear",
+    ELASTI_TLS: "elastipymemcache, TLS",
+    "elastipymemcache": "elastipymemcache, clear",
+}
+
+TLS_OWNER = {OURS_TLS: "Our pymemcache backend", ELASTI_TLS: "django-elastipymemcache"}
+
+TLS_HEADER = [
+    "operation",
+    "clear µs",
+    "TLS µs",
+    "TLS / clear",
+    "TLS adds µs",
+    "elastipymemcache TLS µs",
+    "its TLS / clear",
+    "ours vs it, TLS",
+    "ours vs it, clear",
+]
+
+
+def fmt_added(value: float) -> str:
+    return f"{value:+.1f}" if abs(value) < 1000 else f"{value:+,.0f}"
+
+
+def tls_rows(summary: Mapping[str, Any]):
+    for case, data in summary["tls"]["cases"].items():
+        us, ours, elasti = data["median_us"], data["cost"][OURS_TLS], data["cost"][ELASTI_TLS]
+        yield [
+            case,
+            fmt_us(us[OURS_PYMEMCACHE]),
+            fmt_us(us[OURS_TLS]),
+            fmt_ratio(ours["ratio"]),
+            fmt_added(ours["added_us"]),
+            fmt_us(us[ELASTI_TLS]),
+            fmt_ratio(elasti["ratio"]),
+            fmt_ratio(data["ours_vs_elastipymemcache"]["tls"]),
+            fmt_ratio(data["ours_vs_elastipymemcache"]["clear"]),
+        ]
+
+
+def tls_parity_line(summary: Mapping[str, Any]) -> str:
+    """
+    Ours against django-elastipymemcache in the TLS rounds, with TLS and without: medians
+    over the operations, since one operation 47 times faster would carry a geometric mean.
+    """
+    cases = summary["tls"]["cases"].values()
+    tls = sorted(data["ours_vs_elastipymemcache"]["tls"] for data in cases)
+    clear = sorted(data["ours_vs_elastipymemcache"]["clear"] for data in cases)
+    return (
+        f"Relative to django-elastipymemcache, ours was {statistics.median(tls):.2f}x "
+        f"(median over the operations; {tls[0]:.2f}x to {tls[-1]:.2f}x) with TLS, where both "
+        f"hash the nodes' hostnames, and {statistics.median(clear):.2f}x ({clear[0]:.2f}x to "
+        f"{clear[-1]:.2f}x) in clear text, where django-elastipymemcache hashes their IPs."
+    )
+
+
+def tls_cost_line(summary: Mapping[str, Any]) -> str:
+    ratios = [data["cost"][OURS_TLS]["ratio"] for data in summary["tls"]["cases"].values()]
+    cheapest, dearest = min(ratios), max(ratios)
+    return (
+        f"TLS made our pymemcache backend's operations {tuning.geometric_mean(ratios):.2f}x "
+        f"as slow on geometric mean, from {cheapest:.2f}x to {dearest:.2f}x."
+    )
+
+
+CONNECTION_HEADER = [
+    "backend",
+    "build ms",
+    "discovery ms",
+    "first node ms",
+    "other nodes ms",
+    "all three ms",
+    "warm get µs",
+    "RSS MiB",
+]
+
+
+def connection_rows(summary: Mapping[str, Any]):
+    for name, metrics in summary["tls"]["connections"].items():
+        yield [
+            TLS_SHORT[name],
+            f"{metrics['build_ms']:.2f}",
+            f"{metrics['discovery_ms']:.2f}",
+            f"{metrics['first_node_ms']:.2f}",
+            f"{metrics['other_nodes_ms']:.2f}",
+            f"{metrics['connections_ms']:.2f}",
+            f"{metrics['warm_get_ms'] * 1000:.0f}",
+            f"{metrics['rss_after_kib'] / 1024:.1f}",
+        ]
+
+
+def first_request_lines(results: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
+    connections = summary["tls"]["connections"]
+    nodes = results["tls"]["nodes"]
+    lines = []
+    for tls, clear in TLS_PAIRS.items():
+        first = summary["tls"]["first_request"][tls]
+        added = first["added_ms"]
+        lines.append(
+            f"{TLS_OWNER[tls]}: with TLS, discovery and the first connection to "
+            f"each of the {nodes} nodes take {connections[tls]['connections_ms']:.1f} ms "
+            f"against {connections[clear]['connections_ms']:.1f} ms in clear text, "
+            f"{first['ratio']:.1f}x, {added['connections_ms']:+.1f} ms: discovery "
+            f"{added['discovery_ms']:+.2f} ms, the first node {added['first_node_ms']:+.2f} "
+            f"ms, the other {nodes - 1} {added['other_nodes_ms']:+.2f} ms; building the "
+            f"backend, its TLS context included, {added['build_ms']:+.2f} ms."
+        )
+    return lines
+
+
+def tls_notes(results: Mapping[str, Any]) -> list[str]:
+    """How the TLS contenders were set up, and what the TLS cluster did besides."""
+    data = results["tls"]
+    reply = data["endpoint_reply_ms"]
+    pipelined = data["pipelining"]
+    memcached = results["machine"]["memcached"]
+    tls_us = {case: data["median_us"] for case, data in results["summary"]["tls"]["cases"].items()}
+    return [
+        "django-elastipymemcache has no TLS option of its own, but its OPTIONS reach "
+        "pymemcache's ``HashClient``, whose ``tls_context`` covers every node and the "
+        "configuration endpoint. It connects to the nodes' IPs by default, which their "
+        "certificates do not name, so verification fails; with ``use_vpc_ip_address`` False "
+        "it connects by hostname, which here a ``socket_module`` resolves as DNS would.",
+        f"Sent to one node in one write, as pymemcache's ``set_many`` sends a node its keys, "
+        f"{pipelined['clear']['sets']} sets of {pipelined['clear']['bytes'] // 1024} KB "
+        f"in all were answered in {pipelined['clear']['ms']:.1f} ms in clear text; over TLS "
+        f"memcached {memcached} answered {pipelined['tls']['stored']} and then nothing "
+        f"until the client gave up after {pipelined['tls']['ms']:.0f} ms. A ``set_many`` "
+        "carrying a few tens of KB to one node therefore times out over TLS against this "
+        "memcached, with any pymemcache-based backend; the TLS rounds fill their values one "
+        "``set`` at a time, and the ``set_many(100)`` of 100 B timed (about 5 KB a node) "
+        "was answered.",
+        "django-elastipymemcache leaves pymemcache's ``no_delay`` at its default, off "
+        "(Nagle's algorithm on); ours turns it on. Over TLS its set of 500 KB took "
+        f"{fmt_us(tls_us['set 500 KB'][ELASTI_TLS])} µs, ours "
+        f"{fmt_us(tls_us['set 500 KB'][OURS_TLS])} µs.",
+        f"The emulated configuration endpoint answered ``config get cluster`` over TLS in "
+        f"{reply['tls']:.1f} ms, and in {reply['tls, TCP_NODELAY']:.2f} ms once "
+        f"``TCP_NODELAY`` was set on its connections ({reply['clear']:.2f} ms in clear text): "
+        "without it, its reply waits behind the TLS 1.3 session tickets it sent after the "
+        "handshake until the client's delayed acknowledgement. That is the emulator's Python "
+        "server, not TLS, so the connection figures above were taken with ``TCP_NODELAY`` "
+        "set, as memcached sets it on its own connections.",
+    ]
 
 
 def probe_rows(summary: Mapping[str, Any]):
@@ -492,6 +806,23 @@ def text(results: Mapping[str, Any]) -> str:
             scaling_rows(summary, names),
         ),
         "",
+        "pymemcache backend: median µs per call, and its speed relative to each",
+        table(PYMEMCACHE_HEADER, pymemcache_rows(summary)),
+        f"  {pymemcache_line(summary)}",
+        *(f"  {line}" for line in node_choice_lines(results)),
+        "",
+        f"TLS cost, {results['tls']['nodes']}-node clusters, {results['tls']['rounds']} rounds: "
+        "times with TLS relative to clear text, same backend",
+        table(TLS_HEADER, tls_rows(summary)),
+        f"  {tls_cost_line(summary)}",
+        f"  {tls_parity_line(summary)}",
+        "",
+        f"Discovery and first connections in a fresh process (median of "
+        f"{results['tls']['probes']['rounds']})",
+        table(CONNECTION_HEADER, connection_rows(summary)),
+        *(f"  {line}" for line in first_request_lines(results, summary)),
+        *(f"  {line}" for line in tls_notes(results)),
+        "",
         "Targets (worst case; quartiles of its per-round ratios)",
         table(TARGET_HEADER, target_rows(summary)),
         f"  {versus_stock_line(summary)}",
@@ -517,6 +848,10 @@ def text(results: Mapping[str, Any]) -> str:
         f"WARNING: memcached evicted {cluster['evictions']} values on the {nodes}-node cluster"
         for nodes, cluster in results["clusters"].items()
         if cluster["evictions"]
+    ] + [
+        f"WARNING: memcached evicted {count} values on the {kind} cluster of the TLS rounds"
+        for kind, count in results["tls"]["evictions"].items()
+        if count
     ]
     return "\n".join([*parts, *warnings])
 
@@ -608,7 +943,8 @@ def draw_chart(results: Mapping[str, Any], path: Path) -> None:
     axes.set_xticks(range(len(cases)), cases, rotation=40, ha="right")
     axes.set_ylabel("speed / stock PyLibMCCache")
     axes.set_title(CHART_TITLE)
-    axes.legend(ncols=len(names) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.32))
+    columns = min(len(names) + 1, LEGEND_COLUMNS)
+    axes.legend(ncols=columns, loc="upper center", bbox_to_anchor=(0.5, -0.32))
     axes.grid(axis="y", alpha=0.3)
     axes.set_xlim(-0.6, len(cases) - 0.4)
     figure.tight_layout()
@@ -704,8 +1040,9 @@ def restructured_text(results: Mapping[str, Any], chart: Path | None) -> str:
             "over rounds of the per-round speed ratio, above 1 when ours is faster. The "
             "baseline, *stock*, is Django's ``PyLibMCCache`` given the node list and our "
             "pylibmc behaviours; *raw pylibmc* is ``pylibmc.Client`` called with finished "
-            "Django keys. The pymemcache-based backends get the same 1 s timeouts as ours, "
-            "and django-elastipymemcache its README's auto-discovery settings."
+            "Django keys. *ours pymemcache* is this package's pymemcache backend with its "
+            "own defaults. The other pymemcache-based backends get the same 1 s timeouts as "
+            "ours, and django-elastipymemcache its README's auto-discovery settings."
         ),
         "::",
         "",
@@ -725,6 +1062,39 @@ def restructured_text(results: Mapping[str, Any], chart: Path | None) -> str:
             ["case", *(SHORT[n] for n in names), "ours vs elastipymemcache"],
             scaling_rows(summary, names),
         ),
+        *section("pymemcache backend"),
+        *paragraph(
+            "Our pymemcache backend, ``django_elasticache.pymemcache.ElastiCache``, on the "
+            "clusters above and in the same rounds: median µs per call, and its speed "
+            "relative to django-elastipymemcache, Django's ``PyMemcacheCache`` and our pylibmc "
+            "backend. " + pymemcache_line(summary)
+        ),
+        *rst_table(PYMEMCACHE_HEADER, pymemcache_rows(summary)),
+        *bullets(node_choice_lines(results)),
+        *section("TLS cost"),
+        *paragraph(
+            f"Our pymemcache backend with ``OPTIONS['TLS']`` on a {results['tls']['nodes']}-node "
+            "``LocalCluster(tls=True)`` (nodes and endpoint TLS only, certificates from a "
+            "throwaway CA, verified with hostnames), and the same backend on an otherwise "
+            "identical clear-text cluster, in the same interleaved rounds "
+            f"({results['tls']['rounds']}); django-elastipymemcache likewise. *TLS / clear* is "
+            "the median of the per-round ratios of the times, above 1 when TLS is slower; "
+            "*TLS adds* the median of the per-round differences; the last two columns are "
+            "the speed of ours relative to django-elastipymemcache, with TLS and without. "
+            + tls_cost_line(summary)
+            + " "
+            + tls_parity_line(summary)
+        ),
+        *rst_table(TLS_HEADER, tls_rows(summary)),
+        *paragraph(
+            f"In a fresh process (median of {results['tls']['probes']['rounds']}, rounds "
+            "interleaved): building the backend; discovery, the first ``cache._cache``; the "
+            "first node's connection, the first ``get`` less a warm one; the other nodes', "
+            f"the first ``get_many`` of {results['tls']['probes']['spread_keys']} keys less a "
+            "warm one; the three together; and resident memory after them."
+        ),
+        *rst_table(CONNECTION_HEADER, connection_rows(summary)),
+        *bullets([*first_request_lines(results, summary), *tls_notes(results)]),
         *section("Targets"),
         *paragraph(
             "Each target's worst case, with the quartiles of its per-round ratios: when they "

@@ -16,10 +16,17 @@ django-elastipymemcache). Writes a table to stdout, every sample to ``--out`` (d
 (``benchmarks/RESULTS.rst``).
 
 Contenders (``backends.py``): our ``ElastiCache`` (LOCATION the configuration endpoint);
-Django's ``PyLibMCCache`` on the static node list with our pylibmc behaviours, the baseline
-of every ratio, and with pylibmc's default behaviours; Django's ``PyMemcacheCache``;
-``django-elastipymemcache`` through the same endpoint; raw ``pylibmc.Client`` calls with
-finished Django keys (":1:key"), the floor.
+our pymemcache twin, ``django_elasticache.pymemcache.ElastiCache``, through the same
+endpoint; Django's ``PyLibMCCache`` on the static node list with our pylibmc behaviours, the
+baseline of every ratio, and with pylibmc's default behaviours; Django's
+``PyMemcacheCache``; ``django-elastipymemcache`` through the same endpoint; raw
+``pylibmc.Client`` calls with finished Django keys (":1:key"), the floor.
+
+TLS: on a ``LocalCluster(tls=True)``, our pymemcache backend with ``OPTIONS["TLS"]`` and
+django-elastipymemcache given pymemcache's ``tls_context``, each timed in the same
+interleaved rounds as its clear-text twin, the same backend on an otherwise identical
+clear-text cluster; and, in fresh processes, what TLS adds to discovery and to each node's
+first connection.
 
 Method: each measurement is a fixed number of calls (calibrated once per operation and
 contender to last about 40 ms) timed with ``time.perf_counter``; rounds interleave the
@@ -39,11 +46,17 @@ overrides are listed in the output.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
 import shlex
+import socket
+import ssl
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +66,15 @@ import probe
 import report
 import tuning
 import workloads
-from backends import BASELINE, CONTENDERS, build_ours, django_calls, our_behaviors
+from backends import (
+    BASELINE,
+    CONTENDERS,
+    TLS_CONTENDERS,
+    addresses,
+    build_ours,
+    django_calls,
+    our_behaviors,
+)
 from workloads import Case, Deadline
 
 from django_elasticache.testing import LocalCluster
@@ -71,11 +92,21 @@ TARGET_SECONDS = 0.04
 """About how long one measurement lasts (one contender, one operation, one round)."""
 QUICK_TARGET_SECONDS = 0.01
 PROBE_ROUNDS = 5
+TLS_ROUNDS = 7
+"""Rounds of the TLS comparison, which has its own pair of clusters."""
+PIPELINED_SETS = 10
+PIPELINED_VALUE = 4 * workloads.KB
+PIPELINE_TIMEOUT = 0.5
+PIPELINE_MAX_READS = 100
+ENDPOINT_REQUESTS = 5
+CONFIG_GET = b"config get cluster\r\n"
 MAX_SECONDS = 600.0
 """Hard stop for a run that has gone wrong; a normal full run takes well under 3 minutes."""
 
-PROBED = ("ours", BASELINE, "pymemcache", "elastipymemcache")
+PROBED = ("ours", "ours_pymemcache", BASELINE, "pymemcache", "elastipymemcache")
 """Contenders whose per-process costs are measured (raw pylibmc is not a Django backend)."""
+HASHED = ("ours_pymemcache", "pymemcache", "elastipymemcache")
+"""The pymemcache-based contenders, whose clients pick a key's node in Python."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -100,10 +131,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def build_all(cluster: LocalCluster) -> dict[str, Any]:
     """Every contender, built and connected, so that no first call is timed."""
     targets = {contender.name: contender.build(cluster) for contender in CONTENDERS}
-    for contender in CONTENDERS:
-        calls = contender.calls(targets[contender.name])
-        calls.get(calls.key("bench:warm"))
+    warm_up(CONTENDERS, targets)
     return targets
+
+
+def warm_up(contenders: Sequence[Any], targets: dict[str, Any]) -> None:
+    """Discover and connect to every node, with a get_many of keys on all of them."""
+    for contender in contenders:
+        calls = contender.calls(targets[contender.name])
+        calls.get_many([calls.key(key) for key in probe.SPREAD_KEYS])
 
 
 def run_operations(
@@ -139,18 +175,190 @@ def evictions(cluster: LocalCluster) -> int:
 
 
 def run_micro(targets: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Pieces on every probed backend; whole stubbed calls on ours and stock, the only two
-    whose Python differs (the pymemcache backends share stock's Django code)."""
+    """Pieces on every probed backend; whole stubbed calls on ours and stock; the node
+    choice, which pymemcache makes in Python, on the pymemcache-based backends."""
     caches = {name: targets[name] for name in PROBED}
-    return micro.measure(caches, ("ours", BASELINE), args.rounds)
+    return micro.measure(caches, ("ours", BASELINE), args.rounds, HASHED)
 
 
 def run_probes(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
     rounds = min(args.rounds, PROBE_ROUNDS)
-    samples = probe.probe_all(
-        PROBED, cluster.location, cluster.node_addresses, our_behaviors(), rounds
-    )
+    where = addresses(cluster)
+    samples = probe.probe_all(dict.fromkeys(PROBED, where), our_behaviors(), rounds)
     return {"rounds": rounds, "sets": probe.SETS, "samples": samples}
+
+
+def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dict[str, Any]:
+    """
+    The TLS contenders on a TLS cluster and their clear-text twins on a clear-text one, in
+    the same interleaved rounds; then their connections, in fresh processes.
+    """
+    rounds = min(args.rounds, TLS_ROUNDS)
+    with (
+        LocalCluster(nodes=MAIN_NODES, tls=True) as tls_cluster,
+        LocalCluster(nodes=MAIN_NODES) as clear_cluster,
+    ):
+        clusters = {c.name: tls_cluster if c.tls else clear_cluster for c in TLS_CONTENDERS}
+        progress(started, f"TLS: {MAIN_NODES} nodes with TLS and {MAIN_NODES} without")
+        targets = {c.name: c.build(clusters[c.name]) for c in TLS_CONTENDERS}
+        warm_up(TLS_CONTENDERS, targets)
+        calls = {c.name: c.calls(targets[c.name]) for c in TLS_CONTENDERS}
+        cases = workloads.tls_cases()
+        # One set at a time to fill the pools: see pipelining().
+        measured = workloads.measure(
+            cases, calls, rounds, target_seconds(args), deadline, pipelined_setup=False
+        )
+        tls_evictions = sum(pymemcache_evictions(targets[c.name]) for c in TLS_CONTENDERS if c.tls)
+        progress(started, "TLS: discovery and connections, in subprocesses")
+        endpoint_reply = {
+            "tls": endpoint_reply_ms(tls_cluster, tls_cluster.client_tls_context()),
+            "clear": endpoint_reply_ms(clear_cluster, None),
+        }
+        probe_rounds = min(args.rounds, PROBE_ROUNDS)
+        with endpoint_nodelay(tls_cluster, clear_cluster):
+            endpoint_reply["tls, TCP_NODELAY"] = endpoint_reply_ms(
+                tls_cluster, tls_cluster.client_tls_context()
+            )
+            samples = probe.probe_all(
+                {name: addresses(cluster) for name, cluster in clusters.items()},
+                our_behaviors(),
+                probe_rounds,
+                connections=True,
+            )
+        return {
+            "nodes": MAIN_NODES,
+            "rounds": rounds,
+            "contenders": {c.name: c.label for c in TLS_CONTENDERS},
+            "cases": {
+                case.name: {
+                    "calls": measured.calls[case.name],
+                    "seconds": measured.seconds[case.name],
+                }
+                for case in cases
+            },
+            "evictions": {"tls": tls_evictions, "clear": evictions(clear_cluster)},
+            "pipelining": {
+                "tls": pipelining(tls_cluster, tls_cluster.client_tls_context()),
+                "clear": pipelining(clear_cluster, None),
+            },
+            "endpoint_reply_ms": endpoint_reply,
+            "probes": {
+                "rounds": probe_rounds,
+                "spread_keys": len(probe.SPREAD_KEYS),
+                "samples": samples,
+            },
+        }
+
+
+def pipelining(cluster: LocalCluster, context: ssl.SSLContext | None) -> dict[str, Any]:
+    """
+    Send one node ten sets in one write, as pymemcache's ``set_many`` does, and count the
+    replies that arrive within ``PIPELINE_TIMEOUT``. memcached 1.6.18 over TLS was seen to
+    answer part of such a burst and then wait for more input, which made the pools'
+    batched filling time out; in clear text it answers at once. Raw sockets, so that no
+    client library is part of the answer.
+    """
+    node = cluster.nodes[0]
+    value = b"p" * PIPELINED_VALUE
+    burst = b"".join(
+        b"set bench:pipelined:%d 0 300 %d\r\n%s\r\n" % (i, len(value), value)
+        for i in range(PIPELINED_SETS)
+    )
+    replies = b""
+    start = time.perf_counter()
+    with connect(node, context) as sock:
+        try:
+            sock.sendall(burst)
+            for _ in range(PIPELINE_MAX_READS):
+                if replies.count(b"\r\n") >= PIPELINED_SETS:
+                    break
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                replies += chunk
+        except TimeoutError:
+            pass
+    return {
+        "sets": PIPELINED_SETS,
+        "bytes": len(burst),
+        "stored": replies.count(b"STORED\r\n"),
+        "ms": (time.perf_counter() - start) * 1e3,
+    }
+
+
+def endpoint_reply_ms(cluster: LocalCluster, context: ssl.SSLContext | None) -> float:
+    """
+    Median milliseconds from sending ``config get cluster`` to the end of the reply, on a
+    new connection each time, its handshake done before the clock starts.
+    """
+    host, port = cluster.location.rsplit(":", 1)
+    where = Addressed(host.strip("[]"), int(port), cluster.endpoint.host)
+    times = []
+    for _ in range(ENDPOINT_REQUESTS):
+        with connect(where, context) as sock:
+            reply = b""
+            start = time.perf_counter()
+            sock.sendall(CONFIG_GET)
+            for _ in range(PIPELINE_MAX_READS):
+                chunk = sock.recv(4096)
+                reply += chunk
+                if not chunk or reply.endswith(b"END\r\n"):
+                    break
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Addressed:
+    """Where to connect, and the name the server's certificate must carry."""
+
+    ip: str
+    port: int
+    hostname: str
+
+
+@contextlib.contextmanager
+def endpoint_nodelay(*clusters: LocalCluster) -> Iterator[None]:
+    """
+    Set TCP_NODELAY on the connections the clusters' emulated endpoints accept, as
+    memcached does on its own. Without it, over TLS 1.3, the endpoint's reply waits behind
+    the session tickets it sent after the handshake until the client's delayed ACK, about
+    40 ms (``endpoint_reply_ms`` shows it): a cost of the emulator's Python server, not
+    of TLS. A no-op once the endpoint sets it itself.
+    """
+    servers = [cluster.endpoint._server for cluster in clusters]
+    for server in servers:
+        server.get_request = functools.partial(accept_nodelay, server.get_request)
+    try:
+        yield
+    finally:
+        for server in servers:
+            del server.get_request
+
+
+def accept_nodelay(accept: Callable[[], tuple[socket.socket, Any]]) -> tuple[socket.socket, Any]:
+    connection, address = accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return connection, address
+
+
+def connect(node: Any, context: ssl.SSLContext | None) -> socket.socket:
+    """A connection to a node, over TLS with its hostname checked if ``context``."""
+    conn = socket.create_connection((node.ip, node.port), timeout=PIPELINE_TIMEOUT)
+    if context is None:
+        return conn
+    try:
+        return context.wrap_socket(conn, server_hostname=node.hostname)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def pymemcache_evictions(cache: Any) -> int:
+    """Evictions on every node a pymemcache-based backend reaches, over its connections."""
+    return sum(
+        int(client.stats().get(b"evictions", 0)) for client in cache._cache.clients.values()
+    )
 
 
 def run_tuning(
@@ -233,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(started, f"{nodes} node(s): get_many(100)")
             operations, _ = run_operations(cluster, workloads.scaling_cases(), args, deadline)
             results["clusters"][str(nodes)] = operations
+    results["tls"] = run_tls(args, deadline, started)
     results["load_after"] = machine.load_average()
     results["duration_seconds"] = round(time.monotonic() - started, 1)
     report.save(results, args.out, args.chart, args.rst)

@@ -90,9 +90,14 @@ def value_for(size: int, kind: str) -> object:
 
 @dataclass
 class Pools:
-    """The stored values of each (size, kind), under keys that every contender reads."""
+    """
+    The stored values of each (size, kind), under keys that every contender reads.
+    ``pipelined`` False stores them one ``set`` at a time: memcached's TLS connections can
+    stall on a burst of pipelined sets (see ``run.pipelining``).
+    """
 
     values: dict[tuple[int, str], object] = field(default_factory=dict)
+    pipelined: bool = True
 
     def value(self, size: int, kind: str) -> object:
         if (size, kind) not in self.values:
@@ -113,8 +118,12 @@ class Pools:
             return
         value = self.value(case.size, case.kind)
         keys = [calls.key(key) for key in self.keys(case.size, case.kind, case.pool_size)]
-        for chunk in batched(keys, BATCH_SIZE_FOR_SETUP):
-            calls.set_many(dict.fromkeys(chunk, value))
+        if self.pipelined:
+            for chunk in batched(keys, BATCH_SIZE_FOR_SETUP):
+                calls.set_many(dict.fromkeys(chunk, value))
+        else:
+            for key in keys:
+                calls.set(key, value)
         found = calls.get_many(keys)
         if len(found) != len(keys) or any(found[key] != value for key in keys):
             raise RuntimeError(f"{case.name}: {len(keys) - len(found)} values did not stay")
@@ -234,9 +243,10 @@ def measure(
     rounds: int,
     target: float,
     deadline: Deadline,
+    pipelined_setup: bool = True,
 ) -> Measurements:
     """Fill the pools, calibrate each case, then run the interleaved rounds."""
-    pools = Pools()
+    pools = Pools(pipelined=pipelined_setup)
     result = Measurements()
     for case in cases:
         for calls in contenders.values():
@@ -296,3 +306,11 @@ def tuning_cases() -> list[Case]:
 def pickled_size(case: Case) -> int:
     """The stored size of an object case's value, for the record."""
     return len(pickle.dumps(value_for(case.size or 0, case.kind), pickle.HIGHEST_PROTOCOL))
+
+
+def tls_cases() -> list[Case]:
+    """Single-key operations of every size, and the 100-key batches: where TLS could cost."""
+    cases = [Case("get", size) for size in SIZES] + [Case("get_miss")]
+    cases += [Case("set", size) for size in SIZES]
+    cases += [Case("get_many", 100, 100), Case("get_many", 10 * KB, 100)]
+    return [*cases, Case("set_many", 100, 100), Case("incr"), Case("delete")]
