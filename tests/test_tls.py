@@ -101,3 +101,14 @@ def test_ignore_cluster_errors_never_falls_back_to_clear_text(
         )
         with pytest.raises(ssl.SSLCertVerificationError):
             cache.set("key", "value")
+
+
+def test_set_many_of_kilobyte_values_over_tls(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    """memcached stalls on several TLS-carried commands in one write; set_many must not."""
+    cluster = elasticache_cluster_factory(nodes=1, tls=True)
+    cache = make_pymemcache_cache(cluster.location, TLS=cluster.client_tls_context())
+    data = {f"k{index}": "x" * 2000 for index in range(10)}
+    assert cache.set_many(data) == []
+    assert cache.get_many(list(data)) == data

@@ -108,6 +108,9 @@ class _ConnectionHandler(socketserver.StreamRequestHandler):
     """Serve one client connection: one reply per command line until the client leaves."""
 
     timeout = IDLE_TIMEOUT
+    # Replies are small writes after reads; with Nagle's algorithm a TLS reply waits about
+    # 40 ms behind the session tickets. A real endpoint answers at once.
+    disable_nagle_algorithm = True
     server: _Server
 
     def handle(self) -> None:
