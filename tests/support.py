@@ -58,3 +58,22 @@ def ipv6_loopback_works() -> bool:
 
 
 requires_ipv6 = pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopback")
+
+
+NodeTuple = tuple[str, str, int]
+
+
+def parse_config_reply(reply: bytes) -> tuple[int, list[NodeTuple]]:
+    """Parse a ``config get cluster`` reply strictly by the grammar, byte count included."""
+    header, rest = reply.split(b"\r\n", 1)
+    name, key, flags, length = header.split(b" ")
+    assert (name, key, flags) == (b"CONFIG", b"cluster", b"0")
+    payload, trailer = rest[: int(length)], rest[int(length) :]
+    assert trailer == b"\r\nEND\r\n"
+    version, node_list, end = payload.split(b"\n")
+    assert end == b""
+    nodes = []
+    for entry in node_list.decode().split(" "):
+        hostname, ip, node_port = entry.split("|")
+        nodes.append((hostname, ip, int(node_port)))
+    return int(version), nodes

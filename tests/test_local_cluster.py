@@ -14,7 +14,14 @@ from collections.abc import Iterator, Sequence
 
 import pylibmc
 import pytest
-from support import memcached_children, process_exists, read_until_closed, requires_ipv6
+from support import (
+    NodeTuple,
+    memcached_children,
+    parse_config_reply,
+    process_exists,
+    read_until_closed,
+    requires_ipv6,
+)
 
 from django_elasticache.testing import (
     ConfigEndpoint,
@@ -41,7 +48,6 @@ AWS_EXAMPLE_NODES = [
     ("myCluster.pc4ldq.0001.use1.cache.amazonaws.com", "10.82.235.120", 11211),
     ("myCluster.pc4ldq.0002.use1.cache.amazonaws.com", "10.80.249.27", 11211),
 ]
-NodeTuple = tuple[str, str, int]
 
 
 def exchange(host: str, port: int, *commands: bytes, quit: bool = True) -> bytes:
@@ -71,19 +77,7 @@ def expected_reply(header: bytes, payload: bytes) -> bytes:
 
 def discover(host: str, port: int) -> tuple[int, list[NodeTuple]]:
     """Ask a configuration endpoint for its config and parse it by the grammar."""
-    reply = exchange(host, port, CONFIG_GET)
-    header, rest = reply.split(b"\r\n", 1)
-    name, key, flags, length = header.split(b" ")
-    assert (name, key, flags) == (b"CONFIG", b"cluster", b"0")
-    payload, trailer = rest[: int(length)], rest[int(length) :]
-    assert trailer == b"\r\nEND\r\n"
-    version, node_list, end = payload.split(b"\n")
-    assert end == b""
-    nodes = []
-    for entry in node_list.decode().split(" "):
-        hostname, ip, node_port = entry.split("|")
-        nodes.append((hostname, ip, int(node_port)))
-    return int(version), nodes
+    return parse_config_reply(exchange(host, port, CONFIG_GET))
 
 
 def cluster_config(cluster: LocalCluster) -> tuple[int, list[NodeTuple]]:

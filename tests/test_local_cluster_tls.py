@@ -15,7 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import memcached_children, process_exists, read_until_closed, requires_ipv6
+from support import (
+    NodeTuple,
+    memcached_children,
+    parse_config_reply,
+    process_exists,
+    read_until_closed,
+    requires_ipv6,
+)
 
 from django_elasticache.testing import (
     CertificateAuthority,
@@ -38,7 +45,6 @@ QUIT = b"quit\r\n"
 TLS_ALERT = 0x15  # content type of a TLS alert record
 # OpenSSL's X509_V_ERR_* codes, as SSLCertVerificationError.verify_code reports them.
 HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH, UNKNOWN_ISSUER = 62, 64, 20
-NodeTuple = tuple[str, str, int]
 
 
 # Helpers
@@ -70,24 +76,10 @@ def peer_certificate(context: ssl.SSLContext, port: int, server_hostname: str) -
         return conn.getpeercert()
 
 
-def parse_config(reply: bytes) -> tuple[int, list[NodeTuple]]:
-    header, rest = reply.split(b"\r\n", 1)
-    name, key, flags, length = header.split(b" ")
-    assert (name, key, flags) == (b"CONFIG", b"cluster", b"0")
-    payload, trailer = rest[: int(length)], rest[int(length) :]
-    assert trailer == b"\r\nEND\r\n"
-    version, node_list, end = payload.split(b"\n")
-    assert end == b""
-    nodes = []
-    for entry in node_list.decode().split(" "):
-        hostname, ip, node_port = entry.split("|")
-        nodes.append((hostname, ip, int(node_port)))
-    return int(version), nodes
-
-
 def discover_over_tls(cluster: LocalCluster, server_hostname: str = "127.0.0.1") -> tuple:
     context = strict(cluster.client_tls_context())
-    return parse_config(tls_exchange(context, cluster.endpoint.port, server_hostname, CONFIG_GET))
+    reply = tls_exchange(context, cluster.endpoint.port, server_hostname, CONFIG_GET)
+    return parse_config_reply(reply)
 
 
 def advertised(nodes: list[MemcachedNode]) -> list[NodeTuple]:
@@ -418,7 +410,7 @@ def test_ipv6_tls_cluster() -> None:
             context.wrap_socket(raw, server_hostname="::1") as conn,
         ):
             conn.sendall(CONFIG_GET + QUIT)
-            assert parse_config(read_until_closed(conn)) == (1, advertised([node]))
+            assert parse_config_reply(read_until_closed(conn)) == (1, advertised([node]))
         with (
             socket.create_connection(("::1", node.port), timeout=TIMEOUT) as raw,
             context.wrap_socket(raw, server_hostname=node.hostname) as conn,
