@@ -20,8 +20,10 @@ from typing import Any, ClassVar, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, MEMCACHE_MAX_KEY_LENGTH
 
-from .cluster_utils import ClusterConfig, ClusterDiscoveryError
+from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .options import parse_location, split_options
+from .pool import NodeUnavailable
+from .routing import ClusterClient, ClusterClients, Placement, cluster_clients
 from .topology import topology_for
 
 __all__ = ["ClusterCacheMixin"]
@@ -32,8 +34,6 @@ ERROR_LOG_INTERVAL = 60.0
 """Seconds between two log lines for errors from the same source under IGNORE_EXCEPTIONS."""
 
 Method = TypeVar("Method", bound=Callable[..., Any])
-
-_clients_inherited_across_fork: list[Any] = []
 
 
 class _ErrorLog:
@@ -110,62 +110,77 @@ class ClusterCacheMixin:
     Cluster discovery, client replacement and error policy for a Django memcached backend.
 
     Subclasses set ``server_errors`` (what the client library raises when a server fails),
-    ``caller_errors`` (what it raises for the caller's mistakes, never swallowed), and
-    implement ``_make_client(config)``.
+    ``caller_errors`` (what it raises for the caller's mistakes, never swallowed) and
+    ``connection_errors`` (the server errors that mean the node could not be reached), and
+    implement ``_make_node_client``, ``_close_node_client`` and ``_placement``.
     """
 
-    server_errors: ClassVar[tuple[type[Exception], ...]] = (ClusterDiscoveryError,)
+    server_errors: ClassVar[tuple[type[Exception], ...]] = (ClusterDiscoveryError, NodeUnavailable)
     caller_errors: ClassVar[tuple[type[Exception], ...]] = ()
+    connection_errors: ClassVar[tuple[type[Exception], ...]] = ()
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         endpoint = parse_location(server)
         self.backend_options, client_options = split_options(params.get("OPTIONS"))
         super().__init__(server, {**params, "OPTIONS": client_options})  # type: ignore[call-arg]
         self._topology = topology_for(endpoint, self.backend_options)
-        self._client: Any = None
-        self._client_config: ClusterConfig | None = None
-        self._client_pid = 0
+        self._cluster_client: ClusterClient | None = None
 
-    def _make_client(self, config: ClusterConfig) -> Any:
-        """A client of the library over every node of ``config``."""
+    @functools.cached_property
+    def _clients(self) -> ClusterClients:
+        """
+        The process's clients for this cache: every backend instance with the same settings
+        (one per thread, or one shared by many) borrows from the same pools.
+        """
+        settings = (type(self), repr(sorted(self._options.items())), self.default_timeout)
+        return cluster_clients(self._topology, settings, self._new_cluster_clients)
+
+    def _new_cluster_clients(self) -> ClusterClients:
+        return ClusterClients(
+            make_client=self._make_node_client,
+            close_client=self._close_node_client,
+            placement_for=self._placement,
+            is_node_failure=self._is_node_failure,
+            max_idle=self.backend_options.pool_size,
+            invalidation_window=self.default_timeout,
+        )
+
+    def _make_node_client(self, node: ClusterNode) -> Any:
+        """A client of the library connected to this one node."""
         raise NotImplementedError
+
+    def _close_node_client(self, client: Any) -> None:
+        """Close a client's connection; it is not used again."""
+        raise NotImplementedError
+
+    def _placement(self, config: ClusterConfig) -> Placement:
+        """Which node holds a key, as the library's own hashing over node hostnames."""
+        raise NotImplementedError
+
+    def _is_node_failure(self, error: BaseException) -> bool:
+        """Whether an error means the node could not be reached (not a refused request)."""
+        return isinstance(error, self.connection_errors)
 
     @property
     def client_servers(self) -> list[str]:
         return list(self._topology.current().addresses)
 
     @property
-    def _cache(self) -> Any:
+    def _cache(self) -> ClusterClient:
         """
-        The client for the current node list. Clients cannot change servers while in use,
-        so a new list means a new client; checking costs one identity test.
+        The clients of the current node list. Checking for a new list costs one identity test.
         """
         config = self._topology.current()
-        if config is not self._client_config:
-            self._replace_client(config)
-        return self._client
-
-    def _replace_client(self, config: ClusterConfig) -> None:
-        old_client, old_pid = self._client, self._client_pid
-        self._client = self._make_client(config)
-        self._client_config = config
-        self._client_pid = os.getpid()
-        if old_client is None:
-            return
-        if old_pid == self._client_pid:
-            old_client.disconnect_all()
-        else:
-            # Freeing a client sends "quit" on its sockets, which after a fork are the
-            # parent's too; keeping the object alive leaves the parent's connections intact.
-            _clients_inherited_across_fork.append(old_client)
+        client = self._cluster_client
+        if client is None or client.config is not config:
+            client = self._cluster_client = self._clients.for_config(config)
+        return client
 
     def close(self, **kwargs: Any) -> None:
         """
-        Django closes caches at the end of every request: disconnect a client that exists,
-        but never discover (or fail to) just to close.
+        Django closes caches at the end of every request. Every call has given its client back
+        to the pool already, and connections are meant to outlive requests: nothing to do.
         """
-        if self._client is not None:
-            super().close(**kwargs)  # type: ignore[misc]
 
     def _absorb(self, error: Exception, operation: str) -> bool:
         """
@@ -181,7 +196,9 @@ class ClusterCacheMixin:
         return True
 
     def _error_source(self, error: Exception) -> str:
-        """Where an error came from, for rate-limiting its log lines: the endpoint here."""
+        """Where an error came from, for rate-limiting its log lines: its node if known."""
+        if isinstance(error, NodeUnavailable):
+            return error.node_name
         return self._topology.name
 
     def validate_key(self, key: str) -> None:

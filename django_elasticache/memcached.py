@@ -3,7 +3,13 @@ Django cache backend for ElastiCache memcached clusters, driving pylibmc.
 
 ``ElastiCache`` is Django's ``PyLibMCCache`` with one difference: the servers are not the
 LOCATION but the nodes the LOCATION's configuration endpoint lists, found and followed by
-``topology``. Every cache method is Django's own, guarded by ``backend.ClusterCacheMixin``.
+``topology``. Every cache method is Django's own, guarded by ``backend.ClusterCacheMixin``;
+each call runs on a pooled single-node pylibmc client of the node that holds its key.
+
+Keys are placed by libmemcached's own consistent hashing (ketama) over the nodes' hostnames,
+as AWS's ElastiCache cluster client places them: when ElastiCache replaces a node it keeps its
+hostname and port and gets a new IP, so a ring keyed by IP would move keys between the nodes
+that did not change.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyLibMCCache
 
 from .backend import ClusterCacheMixin
-from .cluster_utils import ClusterConfig, ClusterDiscoveryError
+from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode, format_address
+from .pool import NodeUnavailable
 
-__all__ = ["DEFAULT_BEHAVIORS", "ElastiCache"]
+__all__ = ["DEFAULT_BEHAVIORS", "ElastiCache", "LibmemcachedPlacement"]
 
 DEFAULT_BEHAVIORS: dict[str, Any] = {
     # Consistent hashing: a node added or removed moves only its share of the keys.
@@ -39,6 +46,27 @@ DEFAULT_BEHAVIORS: dict[str, Any] = {
 _FAILED_HOST = re.compile(r"host: (\S+?)(?: ->|$)")
 
 
+def node_name(node: ClusterNode) -> str:
+    """What a node is known by for placement: its hostname and port, the IP only if unnamed."""
+    return format_address(node.hostname or node.ip, node.port)
+
+
+class LibmemcachedPlacement:
+    """
+    The node libmemcached would pick for a key, given the node hostnames as its servers.
+
+    A pylibmc client built over the names and never connected computes it in C: libmemcached
+    builds its ketama continuum from the server strings when they are added, and ``hash``
+    looks a key up in it (about 0.2 us) without touching the network or the client's state.
+    The behaviours that choose the hashing (``ketama``, ``hash``, ``distribution``...) are the
+    backend's, so placement follows them.
+    """
+
+    def __init__(self, config: ClusterConfig, behaviors: dict[str, Any]) -> None:
+        names = [node_name(node) for node in config.nodes]
+        self.node_index = pylibmc.Client(names, behaviors=behaviors).hash
+
+
 class ElastiCache(ClusterCacheMixin, PyLibMCCache):
     """
     ``PyLibMCCache`` over every node of an ElastiCache cluster.
@@ -48,8 +76,19 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
     with Django's own backend, with ``behaviors`` merged over ``DEFAULT_BEHAVIORS``.
     """
 
-    server_errors = (pylibmc.Error, ClusterDiscoveryError)
+    server_errors = (pylibmc.Error, ClusterDiscoveryError, NodeUnavailable)
     caller_errors = (pylibmc.TooBig, pylibmc.BadKeyProvided, pylibmc.NotFound)
+    connection_errors = (
+        pylibmc.ConnectionError,
+        pylibmc.ConnectionBindError,
+        pylibmc.HostLookupError,
+        pylibmc.ServerDead,
+        pylibmc.ServerDown,
+        pylibmc.SocketCreateError,
+        pylibmc.ReadError,
+        pylibmc.WriteError,
+        pylibmc.UnknownReadFailure,
+    )
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
@@ -63,8 +102,14 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
             "behaviors": {**DEFAULT_BEHAVIORS, **(self._options.get("behaviors") or {})},
         }
 
-    def _make_client(self, config: ClusterConfig) -> pylibmc.Client:
-        return self._class(list(config.addresses), **self._options)
+    def _make_node_client(self, node: ClusterNode) -> pylibmc.Client:
+        return self._class([node.address], **self._options)
+
+    def _close_node_client(self, client: pylibmc.Client) -> None:
+        client.disconnect_all()
+
+    def _placement(self, config: ClusterConfig) -> LibmemcachedPlacement:
+        return LibmemcachedPlacement(config, self._options["behaviors"])
 
     def _error_source(self, error: Exception) -> str:
         """libmemcached names the failing node at the end of its message."""

@@ -55,6 +55,7 @@ class BackendOptions:
     refresh_interval: float | None = 60.0
     ignore_exceptions: bool = False
     tls: ssl.SSLContext | None = None
+    pool_size: int = 16
 
 
 _OPTION_NAMES = {

@@ -2,14 +2,13 @@
 Django cache backend for ElastiCache memcached clusters, driving pymemcache.
 
 The twin of ``memcached.ElastiCache`` for clusters with in-transit encryption, which pylibmc
-cannot reach: the same LOCATION rules, options, discovery, refresh and error policy, over
-Django's ``PyMemcacheCache``. With ``OPTIONS['TLS']`` every node connection is TLS, verified
-against the node's hostname from the cluster config while connecting to its listed IP.
+cannot reach: the same LOCATION rules, options, discovery, refresh, pooling and error policy,
+over Django's ``PyMemcacheCache``. With ``OPTIONS['TLS']`` every node connection is TLS,
+verified against the node's hostname from the cluster config while connecting to its listed IP.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import socket
 from typing import Any
@@ -18,12 +17,40 @@ import pymemcache
 from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyMemcacheCache
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheError, MemcacheIllegalInputError
+from pymemcache.exceptions import (
+    MemcacheError,
+    MemcacheIllegalInputError,
+    MemcacheUnexpectedCloseError,
+)
 
 from .backend import ClusterCacheMixin
-from .cluster_utils import ClusterConfig, ClusterDiscoveryError
+from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
+from .pool import NodeUnavailable
 
-__all__ = ["DEFAULT_OPTIONS", "ElastiCache"]
+__all__ = ["DEFAULT_OPTIONS", "ElastiCache", "RendezvousPlacement"]
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    # Seconds; pymemcache waits forever by default.
+    "connect_timeout": 1.0,
+    "timeout": 1.0,
+    "no_delay": True,
+}
+"""``pymemcache.Client`` keywords used unless OPTIONS sets them."""
+
+MANAGED_BY_THE_BACKEND = (
+    "tls_context",
+    "socket_module",
+    "use_pooling",
+    "max_pool_size",
+    "pool_idle_timeout",
+    "lock_generator",
+    "hasher",
+    "retry_attempts",
+    "retry_timeout",
+    "dead_timeout",
+    "enable_retry_delay",
+)
+"""``HashClient`` keywords the backend decides for every node: it pools, places and retries."""
 
 
 def _node_score(text: str, seed: int) -> int:
@@ -35,47 +62,43 @@ def _node_score(text: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-_Rendezvous = functools.partial(RendezvousHash, hash_function=_node_score)
-
-
-DEFAULT_OPTIONS: dict[str, Any] = {
-    # Seconds; pymemcache waits forever by default.
-    "connect_timeout": 1.0,
-    "timeout": 1.0,
-    "no_delay": True,
-    # A node that fails leaves the hash ring at once (the error is raised, its keys go to
-    # the other nodes) and is tried again after dead_timeout seconds (pymemcache: 60).
-    # With retries pymemcache would instead answer calls for the failing node's keys with
-    # False or the default, unraised, so incr() of an existing key could return False.
-    "retry_attempts": 0,
-    "dead_timeout": 2,
-    # Rendezvous hashing as pymemcache's own, with its hash computed in C (_node_score).
-    "hasher": _Rendezvous,
-}
-"""``pymemcache.HashClient`` keywords used unless OPTIONS sets them."""
-
-
-class _ListedAddresses:
+class RendezvousPlacement:
     """
-    A socket module for pymemcache that resolves each node's hostname to the IP the cluster
+    Rendezvous hashing over the nodes' ``hostname:port`` names, as pymemcache's ``HashClient``
+    places keys over such names, with each score computed in C (``_node_score``).
+    """
+
+    def __init__(self, config: ClusterConfig) -> None:
+        names = [f"{node.hostname or node.ip}:{node.port}" for node in config.nodes]
+        self._index = {name: index for index, name in enumerate(names)}
+        self._ring = RendezvousHash(names, hash_function=_node_score)
+
+    def node_index(self, key: str) -> int:
+        return self._index[self._ring.get_node(key)]
+
+
+class _ListedAddress:
+    """
+    A socket module for pymemcache that resolves the node's hostname to the IP the cluster
     config lists. pymemcache verifies TLS certificates against the host it connects to;
     connecting to the hostname and resolving it here verifies the name the certificate
     carries while the connection goes where the config says, without asking DNS.
     """
 
-    def __init__(self, config: ClusterConfig) -> None:
-        self._listed = {(node.hostname, node.port): node.ip for node in config.nodes}
+    def __init__(self, node: ClusterNode) -> None:
+        self._node = node
 
     def getaddrinfo(self, host: str, port: int, *args: Any) -> list[tuple]:
-        return socket.getaddrinfo(self._listed.get((host, port)) or host, port, *args)
+        if (host, port) == (self._node.hostname, self._node.port) and self._node.ip:
+            host = self._node.ip
+        return socket.getaddrinfo(host, port, *args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(socket, name)
 
 
-class _HashClient(pymemcache.HashClient):
-    """``HashClient`` whose ``flush_all`` survives a dead node and whose ``set_many`` works
-    over TLS."""
+class _NodeClient(pymemcache.Client):
+    """A ``pymemcache.Client`` whose ``set_many`` works over TLS."""
 
     def set_many(self, values: dict[Any, Any], *args: Any, **kwargs: Any) -> list[Any]:
         """
@@ -89,49 +112,42 @@ class _HashClient(pymemcache.HashClient):
 
     set_multi = set_many
 
-    def flush_all(self, *args: Any, **kwargs: Any) -> None:
-        """
-        Flush every node, then raise the first error. pymemcache 4.0's own version runs
-        each node through its failover bookkeeping, which removes a dead node from the
-        ring a second time and raises ``ValueError: No such node``.
-        """
-        first_error: Exception | None = None
-        for client in self.clients.values():
-            try:
-                client.flush_all(*args, **kwargs)
-            except (MemcacheError, OSError) as error:
-                first_error = first_error or error
-        if first_error is not None:
-            raise first_error
-
 
 class ElastiCache(ClusterCacheMixin, PyMemcacheCache):
     """
     ``PyMemcacheCache`` over every node of an ElastiCache cluster, optionally over TLS.
 
     LOCATION and the upper-case OPTIONS are those of ``memcached.ElastiCache``; all others
-    go to ``pymemcache.HashClient`` as with Django's own backend, over ``DEFAULT_OPTIONS``.
+    go to each node's ``pymemcache.Client`` as with Django's own backend, over
+    ``DEFAULT_OPTIONS``.
     """
 
-    server_errors = (MemcacheError, OSError, ClusterDiscoveryError)
+    server_errors = (MemcacheError, OSError, ClusterDiscoveryError, NodeUnavailable)
     caller_errors = (MemcacheIllegalInputError,)
+    connection_errors = (OSError, MemcacheUnexpectedCloseError)
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
-        for managed in ("tls_context", "socket_module"):
+        for managed in MANAGED_BY_THE_BACKEND:
             if managed in self._options:
                 raise InvalidCacheBackendError(
-                    f"OPTIONS[{managed!r}] is set by the backend for every node; "
-                    "use OPTIONS['TLS'] (True or an ssl.SSLContext) for encryption"
+                    f"OPTIONS[{managed!r}] is set by the backend for every node (it pools, "
+                    "places and retries itself; see POOL_SIZE); use OPTIONS['TLS'] (True or "
+                    "an ssl.SSLContext) for encryption"
                 )
         self._options = {**DEFAULT_OPTIONS, **self._options}
-        self._class = _HashClient
+        self._class = _NodeClient
 
-    def _make_client(self, config: ClusterConfig) -> pymemcache.HashClient:
-        servers = [(node.hostname or node.ip, node.port) for node in config.nodes]
+    def _make_node_client(self, node: ClusterNode) -> pymemcache.Client:
         return self._class(
-            servers,
-            socket_module=_ListedAddresses(config),
+            (node.hostname or node.ip, node.port),
+            socket_module=_ListedAddress(node),
             tls_context=self.backend_options.tls,
             **self._options,
         )
+
+    def _close_node_client(self, client: pymemcache.Client) -> None:
+        client.close()
+
+    def _placement(self, config: ClusterConfig) -> RendezvousPlacement:
+        return RendezvousPlacement(config)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from django_elasticache.cluster_utils import DiscoveryNotSupported, EndpointTimeout
 from django_elasticache.memcached import DEFAULT_BEHAVIORS, ElastiCache
-from django_elasticache.pymemcache import DEFAULT_OPTIONS
+from django_elasticache.pymemcache import DEFAULT_OPTIONS, MANAGED_BY_THE_BACKEND
 from django_elasticache.testing import start_memcached
 
 
@@ -270,6 +270,15 @@ def test_bad_backend_options_are_refused(options, message, make_cache) -> None:
         make_cache("cfg.example:11211", **options)
 
 
+def each_node_client(cache, read):
+    """What ``read`` finds on a pooled client of each node of the cache's cluster."""
+    found = []
+    for pool in cache._cache.pools:
+        with pool.client(lambda error: False) as client:
+            found.append(read(client))
+    return found
+
+
 def test_options_are_split_merged_and_left_untouched(elasticache_cluster) -> None:
     options = {
         "IGNORE_CLUSTER_ERRORS": False,
@@ -282,17 +291,17 @@ def test_options_are_split_merged_and_left_untouched(elasticache_cluster) -> Non
     cache = ElastiCache(elasticache_cluster.location, params)
     cache.set("key", "value")
     assert repr(params) == snapshot
-    behaviors = cache._cache.behaviors
-    assert behaviors["tcp_nodelay"] == 0 and behaviors["connect_timeout"] == 250
-    assert behaviors["ketama"] == 1
-    assert behaviors["_poll_timeout"] == DEFAULT_BEHAVIORS["_poll_timeout"]
+    for behaviors in each_node_client(cache, lambda client: client.behaviors):
+        assert behaviors["tcp_nodelay"] == 0 and behaviors["connect_timeout"] == 250
+        assert behaviors["ketama"] == 1
+        assert behaviors["_poll_timeout"] == DEFAULT_BEHAVIORS["_poll_timeout"]
 
 
 def test_binary_protocol_option_reaches_pylibmc(elasticache_cluster, make_pylibmc_cache) -> None:
     cache = make_pylibmc_cache(elasticache_cluster.location, binary=True)
     cache.set("key", "value")
     assert cache.get("key") == "value"
-    assert cache._cache.binary
+    assert each_node_client(cache, lambda client: client.binary) == [True] * 3
 
 
 def test_unknown_client_keyword_fails_as_with_djangos_backend(
@@ -306,9 +315,9 @@ def test_unknown_client_keyword_fails_as_with_djangos_backend(
 def test_defaults_reach_the_client(elasticache_cluster, make_pylibmc_cache) -> None:
     cache = make_pylibmc_cache(elasticache_cluster.location)
     cache.get("key")
-    behaviors = cache._cache.behaviors
-    for name, value in DEFAULT_BEHAVIORS.items():
-        assert behaviors[name] == value, name
+    for behaviors in each_node_client(cache, lambda client: client.behaviors):
+        for name, value in DEFAULT_BEHAVIORS.items():
+            assert behaviors[name] == value, name
 
 
 @settings(max_examples=500, deadline=None)
@@ -329,17 +338,13 @@ def test_key_validation_matches_djangos(key: str) -> None:
 def test_pymemcache_defaults_and_user_options_reach_every_node_client(
     elasticache_cluster, make_pymemcache_cache
 ) -> None:
-    cache = make_pymemcache_cache(elasticache_cluster.location, timeout=0.75, dead_timeout=5)
+    cache = make_pymemcache_cache(elasticache_cluster.location, timeout=0.75)
     cache.set("key", "value")
-    client = cache._cache
-    assert client.dead_timeout == 5
-    assert client.retry_attempts == DEFAULT_OPTIONS["retry_attempts"]
-    for node_client in client.clients.values():
-        assert node_client.timeout == 0.75
-        assert node_client.connect_timeout == DEFAULT_OPTIONS["connect_timeout"]
+    timeouts = each_node_client(cache, lambda client: (client.timeout, client.connect_timeout))
+    assert timeouts == [(0.75, DEFAULT_OPTIONS["connect_timeout"])] * 3
 
 
-@pytest.mark.parametrize("managed", ["tls_context", "socket_module"])
+@pytest.mark.parametrize("managed", MANAGED_BY_THE_BACKEND)
 def test_pymemcache_options_the_backend_manages_are_refused(
     make_pymemcache_cache, managed
 ) -> None:

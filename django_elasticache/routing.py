@@ -1,0 +1,271 @@
+"""
+One node list's clients behind the interface of a single client library object.
+
+Django's memcached backends call ``self._cache.get(...)``, ``set_multi(...)`` and so on on one
+client over every server. ``ClusterClient`` offers those calls, but routes each key to the node
+its backend's ``Placement`` names and runs the call on a client of that node borrowed from the
+node's ``NodePool``. Placement is the backend's (it must match the library's own hashing, for
+the sync and the async path alike); routing and pooling are the same for every library.
+
+After the node list changes, a key may have a new owner while its old copy stays on its former
+owner, which becomes the owner again if the change is undone (scale-out, then scale-in): a key
+deleted in between would come back. So for ``invalidation_window`` seconds after a change,
+every write or delete of a key whose owner changed also deletes it on its former owner, if that
+node is still in the list. The window is the cache's default timeout: by then the old copies
+written with it have expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from .cluster_utils import ClusterConfig, ClusterNode
+from .pool import NodePool
+
+__all__ = ["ClusterClient", "ClusterClients", "Placement", "cluster_clients"]
+
+logger = logging.getLogger("django_elasticache")
+
+
+class Placement(Protocol):
+    """Which node of a node list holds a key: an index into ``ClusterConfig.nodes``."""
+
+    def node_index(self, key: str) -> int: ...
+
+
+NodeKey = tuple[str, int]
+
+
+def node_identity(node: ClusterNode) -> NodeKey:
+    """A node is its hostname and port; its IP changes when ElastiCache replaces it."""
+    return (node.hostname or node.ip, node.port)
+
+
+class ClusterClient:
+    """
+    The library-client calls Django's memcached backends make, over every node of ``config``.
+
+    Single-key calls go to the key's node; multi-key calls are split by node and their results
+    merged; ``flush_all`` reaches every node, and raises the first error once all were tried.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        pools: Sequence[NodePool],
+        placement: Placement,
+        is_node_failure: Callable[[BaseException], bool],
+        previous: ClusterClient | None = None,
+        invalidation_window: float | None = None,
+    ) -> None:
+        self.config = config
+        self._pools = list(pools)
+        self._placement = placement
+        self._is_node_failure = is_node_failure
+        self._single = self._pools[0] if len(self._pools) == 1 else None
+        self._former_owners: list[NodePool | None] | None = None
+        self._former_placement: Placement | None = None
+        self._invalidate_until = 0.0
+        if previous is not None and invalidation_window != 0:
+            self._remember_former_owners(previous, invalidation_window)
+
+    @property
+    def pools(self) -> tuple[NodePool, ...]:
+        """Each node's pool, in the order of ``config.nodes``."""
+        return tuple(self._pools)
+
+    def pool_for(self, key: str) -> NodePool:
+        if self._single is not None:
+            return self._single
+        return self._pools[self._placement.node_index(key)]
+
+    def _remember_former_owners(self, previous: ClusterClient, window: float | None) -> None:
+        by_identity = {node_identity(pool.node): pool for pool in self._pools}
+        self._former_owners = [by_identity.get(node_identity(p.node)) for p in previous._pools]
+        self._former_placement = previous._placement
+        self._invalidate_until = float("inf") if window is None else time.monotonic() + window
+
+    # Single-key calls
+
+    def _call(self, key: str, method: str, *args: Any) -> Any:
+        pool = self.pool_for(key)
+        with pool.client(self._is_node_failure) as client:
+            return getattr(client, method)(key, *args)
+
+    def get(self, key: str, *args: Any) -> Any:
+        return self._call(key, "get", *args)
+
+    def touch(self, key: str, *args: Any) -> Any:
+        return self._call(key, "touch", *args)
+
+    def incr(self, key: str, *args: Any) -> Any:
+        return self._call(key, "incr", *args)
+
+    def decr(self, key: str, *args: Any) -> Any:
+        return self._call(key, "decr", *args)
+
+    def set(self, key: str, *args: Any) -> Any:
+        self._invalidate_former_owners((key,))
+        return self._call(key, "set", *args)
+
+    def add(self, key: str, *args: Any) -> Any:
+        self._invalidate_former_owners((key,))
+        return self._call(key, "add", *args)
+
+    def delete(self, key: str, *args: Any) -> Any:
+        self._invalidate_former_owners((key,))
+        return self._call(key, "delete", *args)
+
+    # Multi-key calls
+
+    def _by_pool(self, keys: Iterable[str]) -> dict[NodePool, list[str]]:
+        groups: dict[NodePool, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.pool_for(key), []).append(key)
+        return groups
+
+    def get_multi(self, keys: Iterable[str], *args: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for pool, node_keys in self._by_pool(keys).items():
+            with pool.client(self._is_node_failure) as client:
+                found.update(client.get_multi(node_keys, *args))
+        return found
+
+    def set_multi(self, mapping: Mapping[str, Any], *args: Any, **kwargs: Any) -> list[str]:
+        self._invalidate_former_owners(mapping)
+        failed: list[str] = []
+        for pool, node_keys in self._by_pool(mapping).items():
+            with pool.client(self._is_node_failure) as client:
+                values = {key: mapping[key] for key in node_keys}
+                failed.extend(client.set_multi(values, *args, **kwargs))
+        return failed
+
+    def delete_multi(self, keys: Iterable[str], *args: Any) -> bool:
+        keys = list(keys)
+        self._invalidate_former_owners(keys)
+        deleted = True
+        for pool, node_keys in self._by_pool(keys).items():
+            with pool.client(self._is_node_failure) as client:
+                deleted = bool(client.delete_multi(node_keys, *args)) and deleted
+        return deleted
+
+    def flush_all(self, *args: Any) -> None:
+        first_error: BaseException | None = None
+        for pool in self._pools:
+            try:
+                with pool.client(self._is_node_failure) as client:
+                    client.flush_all(*args)
+            except Exception as error:
+                first_error = first_error or error
+        if first_error is not None:
+            raise first_error
+
+    # Keys whose owner changed
+
+    def _invalidate_former_owners(self, keys: Iterable[str]) -> None:
+        if self._former_owners is None:
+            return
+        if time.monotonic() >= self._invalidate_until:
+            self._former_owners = self._former_placement = None
+            return
+        assert self._former_placement is not None
+        stale: dict[NodePool, list[str]] = {}
+        for key in keys:
+            former = self._former_owners[self._former_placement.node_index(key)]
+            if former is not None and former is not self.pool_for(key):
+                stale.setdefault(former, []).append(key)
+        for pool, node_keys in stale.items():
+            try:
+                with pool.client(self._is_node_failure) as client:
+                    client.delete_multi(node_keys)
+            except Exception as error:
+                logger.warning(
+                    "Could not delete %d moved keys on their former node %s: %s",
+                    len(node_keys),
+                    pool.node.hostname or pool.node.ip,
+                    error,
+                )
+
+
+class ClusterClients:
+    """
+    The ``ClusterClient`` of the current node list of one cache setting, for the whole process.
+
+    A new node list gets a new ``ClusterClient``, which keeps the pools of the nodes that stay
+    (same hostname, IP and port: their connections stay open, as AWS's own clients do) and
+    retires the others: their idle clients are closed at once, borrowed ones when given back.
+    """
+
+    def __init__(
+        self,
+        make_client: Callable[[ClusterNode], Any],
+        close_client: Callable[[Any], None],
+        placement_for: Callable[[ClusterConfig], Placement],
+        is_node_failure: Callable[[BaseException], bool],
+        max_idle: int,
+        invalidation_window: float | None,
+    ) -> None:
+        self._make_client = make_client
+        self._close_client = close_client
+        self._placement_for = placement_for
+        self._is_node_failure = is_node_failure
+        self._max_idle = max_idle
+        self._invalidation_window = invalidation_window
+        self._current: ClusterClient | None = None
+        self._pools: dict[ClusterNode, NodePool] = {}
+        self._lock = threading.Lock()
+
+    def for_config(self, config: ClusterConfig) -> ClusterClient:
+        current = self._current
+        if current is not None and current.config is config:
+            return current
+        with self._lock:
+            current = self._current
+            if current is None or current.config is not config:
+                current = self._current = self._switch(current, config)
+            return current
+
+    def _switch(self, previous: ClusterClient | None, config: ClusterConfig) -> ClusterClient:
+        pools = {node: self._pools.get(node) or self._new_pool(node) for node in config.nodes}
+        for node, pool in self._pools.items():
+            if node not in pools:
+                pool.retire()
+        self._pools = pools
+        if previous is not None and previous.config.nodes == config.nodes:
+            previous = None  # The same list as a new object (after a fork): nothing moved.
+        return ClusterClient(
+            config,
+            [pools[node] for node in config.nodes],
+            self._placement_for(config),
+            self._is_node_failure,
+            previous,
+            self._invalidation_window,
+        )
+
+    def _new_pool(self, node: ClusterNode) -> NodePool:
+        return NodePool(node, self._make_client, self._close_client, self._max_idle)
+
+
+_registry: weakref.WeakKeyDictionary[object, dict[Hashable, ClusterClients]] = (
+    weakref.WeakKeyDictionary()
+)
+_registry_lock = threading.Lock()
+
+
+def cluster_clients(
+    topology: object, settings: Hashable, create: Callable[[], ClusterClients]
+) -> ClusterClients:
+    """
+    The process's one ``ClusterClients`` for these settings over this topology: every backend
+    instance of the same cache shares it. A forgotten topology takes its clients with it.
+    """
+    with _registry_lock:
+        per_topology = _registry.setdefault(topology, {})
+        if settings not in per_topology:
+            per_topology[settings] = create()
+        return per_topology[settings]
