@@ -22,7 +22,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, MEMCACHE_MAX_KEY_LE
 
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .options import parse_location, split_options
-from .pool import NodeUnavailable
+from .pool import NodeError
 from .routing import ClusterClient, ClusterClients, Placement, cluster_clients
 from .topology import topology_for
 
@@ -115,7 +115,10 @@ class ClusterCacheMixin:
     implement ``_make_node_client``, ``_close_node_client`` and ``_placement``.
     """
 
-    server_errors: ClassVar[tuple[type[Exception], ...]] = (ClusterDiscoveryError, NodeUnavailable)
+    server_errors: ClassVar[tuple[type[Exception], ...]] = (
+        ClusterDiscoveryError,
+        NodeError,
+    )
     caller_errors: ClassVar[tuple[type[Exception], ...]] = ()
     connection_errors: ClassVar[tuple[type[Exception], ...]] = ()
 
@@ -141,7 +144,7 @@ class ClusterCacheMixin:
             close_client=self._close_node_client,
             placement_for=self._placement,
             is_node_failure=self._is_node_failure,
-            max_idle=self.backend_options.pool_size,
+            pool_size=self.backend_options.pool_size,
             invalidation_window=self.default_timeout,
         )
 
@@ -197,7 +200,7 @@ class ClusterCacheMixin:
 
     def _error_source(self, error: Exception) -> str:
         """Where an error came from, for rate-limiting its log lines: its node if known."""
-        if isinstance(error, NodeUnavailable):
+        if isinstance(error, NodeError):
             return error.node_name
         return self._topology.name
 

@@ -23,7 +23,7 @@ from django.core.cache.backends.memcached import PyLibMCCache
 
 from .backend import ClusterCacheMixin
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode, format_address
-from .pool import NodeUnavailable
+from .pool import NodeError
 
 __all__ = ["DEFAULT_BEHAVIORS", "ElastiCache", "LibmemcachedPlacement"]
 
@@ -76,7 +76,7 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
     with Django's own backend, with ``behaviors`` merged over ``DEFAULT_BEHAVIORS``.
     """
 
-    server_errors = (pylibmc.Error, ClusterDiscoveryError, NodeUnavailable)
+    server_errors = (pylibmc.Error, ClusterDiscoveryError, NodeError)
     caller_errors = (pylibmc.TooBig, pylibmc.BadKeyProvided, pylibmc.NotFound)
     connection_errors = (
         pylibmc.ConnectionError,

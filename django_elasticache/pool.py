@@ -3,7 +3,7 @@ The process's client connections to each cache node, shared by every thread and 
 
 Client libraries are not thread-safe, and Django hands one backend instance to every thread
 that shares a context (an ASGI server, a context-propagating executor), so a client per backend
-instance is not safe. Here each node has a pool of idle clients: a call borrows one, uses it
+instance is not safe. Here each node has a bounded pool of clients: a call borrows one, uses it
 alone and gives it back, so no client is ever used by two threads at once, and connections
 outlive requests (a fresh thread or request context reuses them).
 
@@ -29,7 +29,15 @@ from typing import Any
 
 from .cluster_utils import ClusterNode, format_address
 
-__all__ = ["FAILURE_LIMIT", "RETRY_AFTER", "NodePool", "NodeUnavailable"]
+__all__ = [
+    "BORROW_TIMEOUT",
+    "FAILURE_LIMIT",
+    "RETRY_AFTER",
+    "NodeError",
+    "NodePool",
+    "NodeUnavailable",
+    "PoolExhausted",
+]
 
 FAILURE_LIMIT = 2
 """Connection failures in a row after which a node is marked down."""
@@ -37,32 +45,55 @@ FAILURE_LIMIT = 2
 RETRY_AFTER = 2.0
 """Seconds a node marked down is skipped before a call may try it again."""
 
+BORROW_TIMEOUT = 1.0
+"""Seconds a call waits for a client of a node whose every client is in use."""
+
 Client = Any
 """A client of the backend's library connected to one node."""
 
 
-class NodeUnavailable(Exception):
+class NodeError(Exception):
+    """A call could not be given a client of the node that holds its key."""
+
+    def __init__(self, node: ClusterNode, message: str) -> None:
+        self.node = node
+        self.node_name = format_address(node.hostname or node.ip, node.port)
+        super().__init__(f"Cache node {self.node_name}: {message}")
+
+
+class NodeUnavailable(NodeError):
     """
     The node that holds the key failed recently and is not tried again yet. The key is not
     written to another node: its value there would be stale once the node is back.
     """
 
     def __init__(self, node: ClusterNode, retry_in: float) -> None:
-        self.node = node
-        self.node_name = format_address(node.hostname or node.ip, node.port)
         super().__init__(
-            f"Cache node {self.node_name} is marked down after {FAILURE_LIMIT} failures in a row; "
-            f"tried again in {retry_in:.1f} s"
+            node,
+            f"marked down after {FAILURE_LIMIT} failures in a row; "
+            f"tried again in {retry_in:.1f} s",
+        )
+
+
+class PoolExhausted(NodeError):
+    """Every client of a node stayed in use for ``BORROW_TIMEOUT`` seconds."""
+
+    def __init__(self, node: ClusterNode, size: int) -> None:
+        super().__init__(
+            node,
+            f"all {size} clients stayed busy for "
+            f"{BORROW_TIMEOUT} s; raise OPTIONS['POOL_SIZE'] if this process runs more "
+            "concurrent cache calls",
         )
 
 
 class NodePool:
     """
-    Idle clients of one node, at most ``max_idle`` of them, and the node's health.
+    The clients of one node, at most ``size`` of them, and the node's health.
 
-    A borrower that finds no idle client makes a new one, so a burst is never blocked; a client
-    given back to a full pool is closed, so the pool never holds more than ``max_idle``
-    connections between bursts.
+    A borrower takes an idle client, or makes one while fewer than ``size`` exist, or waits
+    for one to be given back: the number of connections a process opens to a node is bounded
+    whatever its concurrency, and connections are reused rather than churned.
     """
 
     def __init__(
@@ -70,14 +101,15 @@ class NodePool:
         node: ClusterNode,
         make_client: Callable[[ClusterNode], Client],
         close_client: Callable[[Client], None],
-        max_idle: int,
+        size: int,
     ) -> None:
         self.node = node
         self._make_client = make_client
         self._close_client = close_client
-        self._max_idle = max_idle
+        self._size = size
         self._idle: list[Client] = []
-        self._lock = threading.Lock()
+        self._open = 0
+        self._changed = threading.Condition(threading.Lock())
         self._retired = False
         self._failures = 0
         self._down_until = 0.0
@@ -87,44 +119,70 @@ class NodePool:
     def client(self, is_node_failure: Callable[[BaseException], bool]) -> Iterator[Client]:
         """
         Lend a client for one call. A connection failure counts against the node's health and
-        the client is dropped rather than pooled, since its connection state is unknown.
+        the client is closed rather than pooled, since its connection state is unknown.
         """
         if self._failures >= FAILURE_LIMIT:
             self._refuse_while_down()
-        with self._lock:
-            client = self._idle.pop() if self._idle else None
-        if client is None:
-            client = self._make_client(self.node)
+        client = self._take()
         try:
             yield client
         except BaseException as error:
             if is_node_failure(error):
                 self._record_failure()
-                self._close_client(client)
-                raise
-            self._give_back(client)
+                self._discard(client)
+            else:
+                self._give_back(client)
             raise
         self._failures = 0
         self._give_back(client)
 
     @property
-    def idle_count(self) -> int:
-        return len(self._idle)
+    def open_count(self) -> int:
+        """Clients of this node that exist now, idle or lent."""
+        return self._open
 
     def retire(self) -> None:
-        """The node left the node list: close idle clients now, borrowed ones when given back."""
-        with self._lock:
+        """The node left the node list: close idle clients now, lent ones when given back."""
+        with self._changed:
             self._retired = True
             idle, self._idle = self._idle, []
+            self._open -= len(idle)
         for client in idle:
             self._close_client(client)
 
+    def _take(self) -> Client:
+        with self._changed:
+            deadline = time.monotonic() + BORROW_TIMEOUT
+            while not self._idle and self._open >= self._size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PoolExhausted(self.node, self._size)
+                self._changed.wait(remaining)
+            if self._idle:
+                return self._idle.pop()
+            self._open += 1
+        try:
+            return self._make_client(self.node)
+        except BaseException:
+            self._forget_one()
+            raise
+
     def _give_back(self, client: Client) -> None:
-        with self._lock:
-            if not self._retired and len(self._idle) < self._max_idle:
+        with self._changed:
+            if not self._retired:
                 self._idle.append(client)
+                self._changed.notify()
                 return
+        self._discard(client)
+
+    def _discard(self, client: Client) -> None:
+        self._forget_one()
         self._close_client(client)
+
+    def _forget_one(self) -> None:
+        with self._changed:
+            self._open -= 1
+            self._changed.notify()
 
     def _refuse_while_down(self) -> None:
         remaining = self._down_until - time.monotonic()
@@ -139,9 +197,10 @@ class NodePool:
             self._down_until = time.monotonic() + RETRY_AFTER
 
     def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition(threading.Lock())
         _clients_inherited_across_fork.extend(self._idle)
         self._idle = []
+        self._open = 0
         self._failures = 0
         self._down_until = 0.0
 

@@ -25,7 +25,7 @@ from pymemcache.exceptions import (
 
 from .backend import ClusterCacheMixin
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
-from .pool import NodeUnavailable
+from .pool import NodeError
 
 __all__ = ["DEFAULT_OPTIONS", "ElastiCache", "RendezvousPlacement"]
 
@@ -122,7 +122,7 @@ class ElastiCache(ClusterCacheMixin, PyMemcacheCache):
     ``DEFAULT_OPTIONS``.
     """
 
-    server_errors = (MemcacheError, OSError, ClusterDiscoveryError, NodeUnavailable)
+    server_errors = (MemcacheError, OSError, ClusterDiscoveryError, NodeError)
     caller_errors = (MemcacheIllegalInputError,)
     connection_errors = (OSError, MemcacheUnexpectedCloseError)
 

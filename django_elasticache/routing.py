@@ -207,14 +207,14 @@ class ClusterClients:
         close_client: Callable[[Any], None],
         placement_for: Callable[[ClusterConfig], Placement],
         is_node_failure: Callable[[BaseException], bool],
-        max_idle: int,
+        pool_size: int,
         invalidation_window: float | None,
     ) -> None:
         self._make_client = make_client
         self._close_client = close_client
         self._placement_for = placement_for
         self._is_node_failure = is_node_failure
-        self._max_idle = max_idle
+        self._pool_size = pool_size
         self._invalidation_window = invalidation_window
         self._current: ClusterClient | None = None
         self._pools: dict[ClusterNode, NodePool] = {}
@@ -248,7 +248,7 @@ class ClusterClients:
         )
 
     def _new_pool(self, node: ClusterNode) -> NodePool:
-        return NodePool(node, self._make_client, self._close_client, self._max_idle)
+        return NodePool(node, self._make_client, self._close_client, self._pool_size)
 
 
 _registry: weakref.WeakKeyDictionary[object, dict[Hashable, ClusterClients]] = (

@@ -1,0 +1,109 @@
+"""
+Where keys live: placement follows node hostnames, as libmemcached (pylibmc backend) and
+pymemcache's rendezvous hashing (pymemcache backend) place them over the names, so that a
+replaced node (same hostname and port, new IP) moves no key, and a failed node's keys are
+never written elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pylibmc
+import pymemcache
+import pytest
+
+from django_elasticache.memcached import DEFAULT_BEHAVIORS
+from django_elasticache.testing import LocalCluster, start_memcached
+
+KEYS = [f"key-{index}" for index in range(3000)]
+DEADLINE = 10.0
+
+
+def django_keys(keys: list[str]) -> list[str]:
+    """The memcached keys Django makes with no KEY_PREFIX and version 1."""
+    return [f":1:{key}" for key in keys]
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"within {DEADLINE} s: {what}")
+        time.sleep(0.02)
+
+
+def test_pylibmc_backend_places_keys_where_libmemcached_does(
+    elasticache_cluster_factory, make_pylibmc_cache
+) -> None:
+    """
+    Nodes advertised as ``localhost`` give names libmemcached itself can connect to: keys a
+    plain pylibmc client with ketama stores over those names are all found by the backend,
+    which computes placement apart from the connections it uses.
+    """
+    cluster = elasticache_cluster_factory(advertise_ip=False)
+    names = [f"localhost:{node.port}" for node in cluster.nodes]
+    plain = pylibmc.Client(names, behaviors=DEFAULT_BEHAVIORS)
+    keys = [f"placed-{index}" for index in range(10_000)]
+    assert plain.set_multi({key: key for key in django_keys(keys)}) == []
+    per_node = cluster.keys_per_node(django_keys(keys))
+    assert all(count > 2000 for count in per_node.values()), per_node
+
+    cache = make_pylibmc_cache(cluster.location)
+    found = {}
+    for start in range(0, len(keys), 500):
+        found.update(cache.get_many(keys[start : start + 500]))
+    assert len(found) == len(keys)
+    assert all(found[key] == f":1:{key}" for key in keys)
+
+
+def owners(cluster: LocalCluster, keys: list[str]) -> dict[str, str]:
+    """The hostname of the node that holds each key, asked of every node directly."""
+    found = {}
+    for node in cluster.nodes:
+        with contextlib.closing(pymemcache.Client((node.ip, node.port), timeout=5)) as direct:
+            for memcached_key in direct.get_many(django_keys(keys)):
+                found[memcached_key.removeprefix(":1:")] = node.hostname
+    return found
+
+
+def test_replacing_a_node_moves_no_key_of_the_others(elasticache_cluster, make_cache) -> None:
+    """
+    ElastiCache replaces a node under the same hostname and port with a new IP. Keys of the
+    nodes that stay must stay where they are: before placement followed hostnames, 18.5% of
+    them moved, and after two replacements old values came back.
+    """
+    cluster = elasticache_cluster
+    cache = make_cache(cluster.location, REFRESH_INTERVAL=0.2)
+    cache.set_many({key: "before" for key in KEYS})
+    victim = cluster.nodes[1]
+    kept = {key for key, host in owners(cluster, KEYS).items() if host != victim.hostname}
+    assert 1500 < len(kept) < 2500
+
+    with start_memcached("127.0.0.2", victim.port, hostname=victim.hostname) as replacement:
+        nodes = [replacement if node is victim else node for node in cluster.nodes]
+        cluster.publish(nodes, cluster.config_version + 1)
+        wait_for(
+            lambda: cache.get("probe") is None and replacement.address in cache.client_servers,
+            "the backend uses the replacement",
+        )
+        found = cache.get_many(sorted(kept))
+        assert len(found) == len(kept)  # not one key of a surviving node moved
+        cache.set_many({key: "after" for key in KEYS})
+        assert set(cache.get_many(KEYS).values()) == {"after"}
+        assert sum(replacement.holds(django_keys([key])) for key in KEYS) == len(KEYS) - len(kept)
+
+
+def test_a_failed_nodes_keys_are_never_written_elsewhere(elasticache_cluster, make_cache) -> None:
+    cluster = elasticache_cluster
+    cache = make_cache(cluster.location, IGNORE_EXCEPTIONS=True, REFRESH_INTERVAL=None)
+    cache.set_many({key: "old" for key in KEYS})
+    victim = cluster.nodes[0]
+    theirs = [key for key, host in owners(cluster, KEYS).items() if host == victim.hostname]
+    cluster.kill_node(victim)
+    for key in theirs[:200]:
+        assert cache.set(key, "new") is False
+    assert cache.set_many({key: "new" for key in theirs[200:400]}) != []
+    others = [node for node in cluster.nodes if node is not victim]
+    assert sum(node.holds(django_keys(theirs)) for node in others) == 0
