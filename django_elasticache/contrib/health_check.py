@@ -39,14 +39,16 @@ class ElastiCache(HealthCheck):
 
     alias: str | None = None
     timeout: datetime.timedelta = dataclasses.field(
-        default=datetime.timedelta(seconds=2), repr=False
+        default=datetime.timedelta(seconds=5), repr=False
     )
 
     def run(self) -> None:
         aliases = our_cache_aliases() if self.alias is None else [self.alias]
         if not aliases:
             raise ServiceUnavailable("no cache uses a django_elasticache backend")
-        reports = [check(alias, self.timeout.total_seconds()) for alias in aliases]
+        # Each cache costs a discovery and then its nodes (in parallel): two steps each.
+        step = self.timeout.total_seconds() / (2 * len(aliases))
+        reports = [check(alias, step) for alias in aliases]
         problems = [
             f"{report.alias}: {'; '.join(report.problems)}"
             for report in reports
