@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import ssl
 import sys
@@ -43,6 +44,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ca-file", help="use TLS, trusting the CA certificates in this PEM file"
     )
     discover_parser.set_defaults(run=run_discover)
+
+    status_parser = commands.add_parser(
+        "status",
+        help="every node's engine, uptime, items, memory and hit ratio; exit 0 healthy, "
+        "1 some node down, 2 unreachable",
+    )
+    status_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
+    status_parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    status_parser.add_argument("--tls", action="store_true", help="as for discover")
+    status_parser.add_argument("--ca-file", help="as for discover")
+    status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status_parser.set_defaults(run=run_status)
 
     cluster_parser = commands.add_parser(
         "local-cluster", help="run memcached nodes and a configuration endpoint on 127.0.0.1"
@@ -100,6 +113,21 @@ def run_discover(args: argparse.Namespace) -> int:
         print(f"error: {silent} of {len(config.nodes)} nodes did not answer", file=sys.stderr)
         return 1
     return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``manage.py elasticache`` for a bare LOCATION, without a Django project."""
+    from .health import Status, check_endpoint, format_report
+    from .options import BackendOptions
+
+    try:
+        endpoint = parse_location(args.location)
+        health = check_endpoint(endpoint, BackendOptions(tls=tls_context(args)), args.timeout)
+    except (OSError, InvalidCacheBackendError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return Status.UNREACHABLE
+    print(json.dumps(health.as_dict(), indent=2) if args.json else format_report(health))
+    return health.status
 
 
 def start_local_cluster(nodes: int) -> LocalCluster | None:

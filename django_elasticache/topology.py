@@ -32,6 +32,7 @@ from .cluster_utils import (
     format_address,
 )
 from .options import BackendOptions, Endpoint
+from .signals import node_list_changed, refresh_failed, send
 
 __all__ = ["ClusterTopology", "forget_all", "topology_for"]
 
@@ -58,6 +59,9 @@ class ClusterTopology:
         self._first_error: ClusterDiscoveryError | None = None
         self._first_error_until = 0.0
         self._last_error_refresh = -math.inf
+        self.last_answer_time: float | None = None
+        self.last_error: ClusterDiscoveryError | None = None
+        self.last_error_time: float | None = None
 
     def _reset_machinery(self) -> None:
         self._lock = threading.Lock()
@@ -67,6 +71,11 @@ class ClusterTopology:
     @property
     def name(self) -> str:
         return format_address(self.endpoint.host, self.endpoint.port)
+
+    @property
+    def config(self) -> ClusterConfig | None:
+        """The node list in use, or None before the first discovery; never asks."""
+        return self._config
 
     def current(self) -> ClusterConfig:
         """
@@ -129,12 +138,19 @@ class ClusterTopology:
         return ClusterConfig(version=0, nodes=(node,))
 
     def _ask(self) -> ClusterConfig:
-        return discover(
-            self.endpoint.host,
-            self.endpoint.port,
-            self.options.discovery_timeout,
-            self.options.tls,
-        )
+        """Discover once, remembering when the endpoint last answered or failed (wall clock)."""
+        try:
+            config = discover(
+                self.endpoint.host,
+                self.endpoint.port,
+                self.options.discovery_timeout,
+                self.options.tls,
+            )
+        except ClusterDiscoveryError as exc:
+            self.last_error, self.last_error_time = exc, time.time()
+            raise
+        self.last_answer_time = time.time()
+        return config
 
     def _schedule_next_refresh(self) -> None:
         interval = self.options.refresh_interval
@@ -159,8 +175,10 @@ class ClusterTopology:
             config = self._ask()
         except ClusterDiscoveryError as exc:
             logger.warning("%s; keeping config version %d", exc, self._config.version)
-        except Exception:
+            send(refresh_failed, ClusterTopology, endpoint=self.name, error=exc)
+        except Exception as exc:
             logger.exception("Refreshing %s failed; keeping the node list", self.name)
+            send(refresh_failed, ClusterTopology, endpoint=self.name, error=exc)
         else:
             self._apply(config)
         finally:
@@ -187,6 +205,7 @@ class ClusterTopology:
             new.version,
             ", ".join(new.addresses),
         )
+        send(node_list_changed, ClusterTopology, endpoint=self.name, old=old, new=new)
 
     def _after_fork_in_child(self) -> None:
         """

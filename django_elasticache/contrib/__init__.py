@@ -1,0 +1,1 @@
+"""Integrations with third-party Django packages, each importable only with its package."""
