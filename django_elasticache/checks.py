@@ -15,7 +15,9 @@ The checks that do reach the clusters are tagged ``elasticache_network`` and als
 ``database``: that is the one tag Django leaves out of a plain ``check`` (and of
 ``runserver``), because such checks "do more than static code analysis". So they run only
 when named, ``manage.py check --tag elasticache_network``, and wherever Django runs its
-database checks (``check --database``, ``migrate``).
+database checks (``check --database``, ``migrate``). Their findings are warnings, so that a
+``migrate`` run while a cache is down reports it and goes on; ``--fail-level WARNING`` makes
+them fail a ``check``.
 """
 
 from __future__ import annotations
@@ -106,22 +108,22 @@ def check_clusters(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         health = check(alias)
         if health.status is Status.UNREACHABLE:
             messages.append(
-                checks.Error(
+                checks.Warning(
                     f"CACHES[{alias!r}]: the cluster at {health.endpoint} cannot be used: "
                     + "; ".join(health.problems),
                     hint="Check LOCATION, the network path (security groups) and TLS; "
                     "`manage.py elasticache` shows every node.",
-                    id="django_elasticache.E201",
+                    id="django_elasticache.W201",
                 )
             )
         elif health.status is Status.DEGRADED:
             messages.append(
-                checks.Error(
+                checks.Warning(
                     f"CACHES[{alias!r}]: the cluster at {health.endpoint} is degraded: "
                     + "; ".join(health.problems),
                     hint="Keys on a node that does not answer fail or miss until the node "
                     "is back or replaced; `manage.py elasticache` shows every node.",
-                    id="django_elasticache.E202",
+                    id="django_elasticache.W202",
                 )
             )
     return messages

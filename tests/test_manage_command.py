@@ -64,7 +64,11 @@ def test_check_tag_elasticache_network_reaches_the_cluster(elasticache_cluster_f
     assert healthy.returncode == 0, healthy.stderr
     cluster.kill_node(cluster.nodes[0])
     degraded = manage(cluster.location, "check", "--tag", "elasticache_network")
-    assert degraded.returncode == 1 and "(django_elasticache.E202)" in degraded.stderr
+    assert degraded.returncode == 0 and "(django_elasticache.W202)" in degraded.stderr
+    strict = manage(
+        cluster.location, "check", "--tag", "elasticache_network", "--fail-level", "WARNING"
+    )
+    assert strict.returncode == 1 and "(django_elasticache.W202)" in strict.stderr
 
 
 def test_elasticache_exit_0_when_every_node_answers(elasticache_cluster_factory) -> None:
