@@ -109,32 +109,63 @@ class NodePool:
         self._size = size
         self._idle: list[Client] = []
         self._open = 0
-        self._changed = threading.Condition(threading.Lock())
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._retired = False
         self._failures = 0
         self._down_until = 0.0
         _live_pools.add(self)
 
-    @contextlib.contextmanager
-    def client(self, is_node_failure: Callable[[BaseException], bool]) -> Iterator[Client]:
+    def borrow(self) -> Client:
         """
-        Lend a client for one call. A connection failure counts against the node's health and
-        the client is closed rather than pooled, since its connection state is unknown.
+        A client for one call, to be handed back with ``give_back`` or ``discard``. Raises
+        ``NodeUnavailable`` while the node is marked down.
         """
         if self._failures >= FAILURE_LIMIT:
             self._refuse_while_down()
-        client = self._take()
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._take_when_none_idle()
+
+    def give_back(self, client: Client) -> None:
+        """The call succeeded: the node is healthy and the client ready for the next call."""
+        self._failures = 0
+        with self._lock:
+            if not self._retired:
+                self._idle.append(client)
+                if self._waiting:
+                    self._changed.notify()
+                return
+        self._discard(client)
+
+    def give_back_after(
+        self,
+        client: Client,
+        error: BaseException,
+        is_node_failure: Callable[[BaseException], bool],
+    ) -> None:
+        """
+        The call raised ``error``. A connection failure counts against the node's health and
+        the client is closed rather than pooled, since its connection state is unknown.
+        """
+        if is_node_failure(error):
+            self._record_failure()
+            self._discard(client)
+        else:
+            self.give_back(client)
+
+    @contextlib.contextmanager
+    def client(self, is_node_failure: Callable[[BaseException], bool]) -> Iterator[Client]:
+        """``borrow`` and the matching hand-back around a block, for calls off the hot path."""
+        client = self.borrow()
         try:
             yield client
         except BaseException as error:
-            if is_node_failure(error):
-                self._record_failure()
-                self._discard(client)
-            else:
-                self._give_back(client)
+            self.give_back_after(client, error, is_node_failure)
             raise
-        self._failures = 0
-        self._give_back(client)
+        self.give_back(client)
 
     @property
     def open_count(self) -> int:
@@ -143,21 +174,25 @@ class NodePool:
 
     def retire(self) -> None:
         """The node left the node list: close idle clients now, lent ones when given back."""
-        with self._changed:
+        with self._lock:
             self._retired = True
             idle, self._idle = self._idle, []
             self._open -= len(idle)
         for client in idle:
             self._close_client(client)
 
-    def _take(self) -> Client:
+    def _take_when_none_idle(self) -> Client:
         with self._changed:
             deadline = time.monotonic() + BORROW_TIMEOUT
             while not self._idle and self._open >= self._size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PoolExhausted(self.node, self._size)
-                self._changed.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._changed.wait(remaining)
+                finally:
+                    self._waiting -= 1
             if self._idle:
                 return self._idle.pop()
             self._open += 1
@@ -167,22 +202,15 @@ class NodePool:
             self._forget_one()
             raise
 
-    def _give_back(self, client: Client) -> None:
-        with self._changed:
-            if not self._retired:
-                self._idle.append(client)
-                self._changed.notify()
-                return
-        self._discard(client)
-
     def _discard(self, client: Client) -> None:
         self._forget_one()
         self._close_client(client)
 
     def _forget_one(self) -> None:
-        with self._changed:
+        with self._lock:
             self._open -= 1
-            self._changed.notify()
+            if self._waiting:
+                self._changed.notify()
 
     def _refuse_while_down(self) -> None:
         remaining = self._down_until - time.monotonic()
@@ -197,7 +225,9 @@ class NodePool:
             self._down_until = time.monotonic() + RETRY_AFTER
 
     def _after_fork_in_child(self) -> None:
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
         _clients_inherited_across_fork.extend(self._idle)
         self._idle = []
         self._open = 0

@@ -94,8 +94,14 @@ class ClusterClient:
 
     def _call(self, key: str, method: str, *args: Any) -> Any:
         pool = self.pool_for(key)
-        with pool.client(self._is_node_failure) as client:
-            return getattr(client, method)(key, *args)
+        client = pool.borrow()
+        try:
+            result = getattr(client, method)(key, *args)
+        except BaseException as error:
+            pool.give_back_after(client, error, self._is_node_failure)
+            raise
+        pool.give_back(client)
+        return result
 
     def get(self, key: str, *args: Any) -> Any:
         return self._call(key, "get", *args)
@@ -124,10 +130,13 @@ class ClusterClient:
     # Multi-key calls
 
     def _by_pool(self, keys: Iterable[str]) -> dict[NodePool, list[str]]:
-        groups: dict[NodePool, list[str]] = {}
+        if self._single is not None:
+            return {self._single: list(keys)}
+        groups: list[list[str]] = [[] for _ in self._pools]
+        node_index = self._placement.node_index
         for key in keys:
-            groups.setdefault(self.pool_for(key), []).append(key)
-        return groups
+            groups[node_index(key)].append(key)
+        return {pool: group for pool, group in zip(self._pools, groups, strict=True) if group}
 
     def get_multi(self, keys: Iterable[str], *args: Any) -> dict[str, Any]:
         found: dict[str, Any] = {}
