@@ -107,3 +107,51 @@ def test_a_failed_nodes_keys_are_never_written_elsewhere(elasticache_cluster, ma
     assert cache.set_many({key: "new" for key in theirs[200:400]}) != []
     others = [node for node in cluster.nodes if node is not victim]
     assert sum(node.holds(django_keys(theirs)) for node in others) == 0
+
+
+def test_keys_deleted_while_scaled_out_stay_deleted_after_scale_in(
+    elasticache_cluster, make_cache
+) -> None:
+    """
+    A scale-out moves some keys to the new node while their old copies stay on their former
+    owner; deleting them then, and scaling back in, used to bring 78 of 300 back.
+    """
+    cluster = elasticache_cluster
+    cache = make_cache(cluster.location, REFRESH_INTERVAL=0.2)
+    keys = [f"deleted-{index}" for index in range(300)]
+    cache.set_many({key: "old" for key in keys})
+    added = cluster.add_node()
+    wait_for(
+        lambda: cache.get("probe") is None and added.address in cache.client_servers,
+        "the backend uses the added node",
+    )
+    cache.delete_many(keys[:150])
+    for key in keys[150:]:
+        cache.delete(key)
+    cluster.remove_node(added)
+    wait_for(
+        lambda: cache.get("probe") is None and added.address not in cache.client_servers,
+        "the backend no longer uses the removed node",
+    )
+    assert cache.get_many(keys) == {}
+
+
+def test_keys_written_while_scaled_out_read_back_new_after_scale_in(
+    elasticache_cluster, make_cache
+) -> None:
+    cluster = elasticache_cluster
+    cache = make_cache(cluster.location, REFRESH_INTERVAL=0.2)
+    keys = [f"rewritten-{index}" for index in range(300)]
+    cache.set_many({key: "old" for key in keys})
+    added = cluster.add_node()
+    wait_for(
+        lambda: cache.get("probe") is None and added.address in cache.client_servers,
+        "the backend uses the added node",
+    )
+    cache.set_many({key: "new" for key in keys})
+    cluster.remove_node(added)
+    wait_for(
+        lambda: cache.get("probe") is None and added.address not in cache.client_servers,
+        "the backend no longer uses the removed node",
+    )
+    assert set(cache.get_many(keys).values()) <= {"new"}
