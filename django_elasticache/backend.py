@@ -160,6 +160,13 @@ class ClusterCacheMixin:
         """Which node holds a key, as the library's own hashing over node hostnames."""
         raise NotImplementedError
 
+    def _is_caller_error(self, error: BaseException) -> bool:
+        """
+        Whether the request itself was refused (a value too large, a non-numeric incr):
+        raised as it is, never a miss, and never a reason to ask for the node list again.
+        """
+        return isinstance(error, self.caller_errors)
+
     def _is_node_failure(self, error: BaseException) -> bool:
         """Whether an error means the node could not be reached (not a refused request)."""
         return isinstance(error, self.connection_errors)
@@ -190,7 +197,7 @@ class ClusterCacheMixin:
         React to a server error: ask the endpoint again soon (the node may have been
         replaced), and tell whether IGNORE_EXCEPTIONS says to answer with a miss.
         """
-        if isinstance(error, self.caller_errors):
+        if self._is_caller_error(error):
             return False
         self._topology.refresh_soon()
         if not self.backend_options.ignore_exceptions:

@@ -77,7 +77,8 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
     """
 
     server_errors = (pylibmc.Error, ClusterDiscoveryError, NodeError)
-    caller_errors = (pylibmc.TooBig, pylibmc.BadKeyProvided, pylibmc.NotFound)
+    # ClientError is memcached's CLIENT_ERROR: the request was wrong (incr of a non-number).
+    caller_errors = (pylibmc.TooBig, pylibmc.BadKeyProvided, pylibmc.NotFound, pylibmc.ClientError)
     connection_errors = (
         pylibmc.ConnectionError,
         pylibmc.ConnectionBindError,

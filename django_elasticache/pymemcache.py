@@ -18,8 +18,9 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyMemcacheCache
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import (
+    MemcacheClientError,
     MemcacheError,
-    MemcacheIllegalInputError,
+    MemcacheServerError,
     MemcacheUnexpectedCloseError,
 )
 
@@ -51,6 +52,9 @@ MANAGED_BY_THE_BACKEND = (
     "enable_retry_delay",
 )
 """``HashClient`` keywords the backend decides for every node: it pools, places and retries."""
+
+VALUE_TOO_LARGE = "object too large for cache"
+"""memcached's SERVER_ERROR text for a value over its item size limit."""
 
 
 def _node_score(text: str, seed: int) -> int:
@@ -123,7 +127,8 @@ class ElastiCache(ClusterCacheMixin, PyMemcacheCache):
     """
 
     server_errors = (MemcacheError, OSError, ClusterDiscoveryError, NodeError)
-    caller_errors = (MemcacheIllegalInputError,)
+    # CLIENT_ERROR replies (incr of a non-number) and keys or values pymemcache refuses.
+    caller_errors = (MemcacheClientError,)
     connection_errors = (OSError, MemcacheUnexpectedCloseError)
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
@@ -151,3 +156,10 @@ class ElastiCache(ClusterCacheMixin, PyMemcacheCache):
 
     def _placement(self, config: ClusterConfig) -> RendezvousPlacement:
         return RendezvousPlacement(config)
+
+    def _is_caller_error(self, error: BaseException) -> bool:
+        """memcached refuses a value over its item size with a SERVER_ERROR, yet the fault is
+        the caller's, as pylibmc's ``TooBig`` says on the other backend."""
+        if isinstance(error, MemcacheServerError) and VALUE_TOO_LARGE in str(error):
+            return True
+        return super()._is_caller_error(error)
