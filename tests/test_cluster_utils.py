@@ -157,7 +157,7 @@ nodes = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(version=st.integers(0, 2**40), listed=nodes, legacy=st.booleans())
 def test_any_well_formed_reply_round_trips(version: int, listed: list, legacy: bool) -> None:
     line = " ".join(f"{host}|{ip}|{port}" for host, ip, port in listed)
@@ -166,7 +166,7 @@ def test_any_well_formed_reply_round_trips(version: int, listed: list, legacy: b
     assert config.nodes == tuple(ClusterNode(*node) for node in listed)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(data=st.data())
 def test_mutated_replies_raise_only_value_error(data: st.DataObject) -> None:
     reply = bytearray(config_reply(AWS_PAYLOAD))

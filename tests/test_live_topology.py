@@ -431,11 +431,12 @@ def test_recreated_cluster_is_followed_back_to_a_lower_version(
 
 
 def test_hung_endpoint_at_start_up_blocks_only_the_first_request(
-    elasticache_cluster, make_cache
+    elasticache_cluster, make_cache, monkeypatch
 ) -> None:
+    monkeypatch.setattr(topology, "FIRST_DISCOVERY_RETRY", 0.2)
     endpoint = elasticache_cluster.endpoint
     endpoint.misbehave("hang")
-    first = make_cache(elasticache_cluster.location, DISCOVERY_TIMEOUT=1.0)
+    first = make_cache(elasticache_cluster.location, DISCOVERY_TIMEOUT=0.5)
     outcome: list[BaseException] = []
 
     def first_request() -> None:
@@ -447,9 +448,9 @@ def test_hung_endpoint_at_start_up_blocks_only_the_first_request(
     thread = threading.Thread(target=first_request)
     thread.start()
     eventually(lambda: attempts(endpoint) == 1, "first discovery under way")
-    strict = make_cache(elasticache_cluster.location, DISCOVERY_TIMEOUT=1.0)
+    strict = make_cache(elasticache_cluster.location, DISCOVERY_TIMEOUT=0.5)
     lenient = make_cache(
-        elasticache_cluster.location, DISCOVERY_TIMEOUT=1.0, IGNORE_EXCEPTIONS=True
+        elasticache_cluster.location, DISCOVERY_TIMEOUT=0.5, IGNORE_EXCEPTIONS=True
     )
     with pytest.raises(DiscoveryPending, match="still under way"):
         strict.get("key")
