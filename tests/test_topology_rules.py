@@ -298,7 +298,7 @@ def test_failed_first_discovery_is_remembered_from_the_end_of_the_attempt(
     servers.endpoint_answers(EndpointTimeout(ENDPOINT.host, "timed out"))
     servers.during = lambda: clock.advance(2.0)  # the attempt takes the whole timeout
     cluster = make()
-    with pytest.raises(EndpointTimeout, match="timed out$"):
+    with pytest.raises(EndpointTimeout, match=r"timed out$"):
         cluster.current()
     clock.advance(topology.FIRST_DISCOVERY_RETRY - 0.1)
     with pytest.raises(EndpointTimeout, match=r"0\.9 s ago; not asked again before 0\.1 s"):
@@ -344,7 +344,7 @@ def test_concurrent_first_request_gives_up_after_the_grace(make, clock, servers)
     try:
         assert inside.wait(30)
         clock.advance(topology.FIRST_DISCOVERY_GRACE)
-        with pytest.raises(DiscoveryPending, match="does not wait|do not wait"):
+        with pytest.raises(DiscoveryPending, match="requests do not wait"):
             cluster.current()
     finally:
         release.set()
