@@ -8,15 +8,20 @@ endpoint; then, each in a bounded load loop of single-key gets and sets:
 errors surfaced to the caller while a node is killed (with and without IGNORE_EXCEPTIONS),
 the worst operation latency while the configuration endpoint hangs, the time from a config
 version bump to the first key stored on the new node, and the share of keys a 4 -> 5 node
-scale-out moves.
+scale-out moves. Then the topology's recovery figures: the share of thread-time spent in
+cache calls while a process starts against a hung endpoint, the time to follow a cluster
+re-created under its name (config version back to 1), and how many workers forked from an
+idle pre-fork master end their short life on the node list from before a scale-out.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import django
@@ -29,7 +34,8 @@ import pylibmc  # noqa: E402
 
 from django_elasticache.cluster_utils import EndpointTimeout, discover  # noqa: E402
 from django_elasticache.memcached import ElastiCache  # noqa: E402
-from django_elasticache.testing import LocalCluster  # noqa: E402
+from django_elasticache.testing import ConfigEndpoint, LocalCluster  # noqa: E402
+from django_elasticache.testing.cluster import start_memcached  # noqa: E402
 
 OPERATIONS = 3000
 KEYS = 500
@@ -158,6 +164,96 @@ def _held(node, names: list[str]) -> list[str]:
     return [name for name in names if node.holds([name])]
 
 
+def blocked_share_at_hung_start_up(threads: int = 8, seconds: float = 6.0) -> float:
+    """
+    Share of thread-time spent inside cache calls while ``threads`` threads serve requests
+    (one get and 2 ms of other work each) from a cold start against an endpoint that never
+    answers; DISCOVERY_TIMEOUT 2 s, IGNORE_EXCEPTIONS so failures are misses.
+    """
+    with ConfigEndpoint() as endpoint:
+        endpoint.misbehave("hang")
+        in_calls = [0.0] * threads
+        lifetimes = [0.0] * threads
+        stop_at = time.monotonic() + seconds
+
+        def serve(index: int) -> None:
+            cache = backend(endpoint.location, DISCOVERY_TIMEOUT=2, IGNORE_EXCEPTIONS=True)
+            began = time.monotonic()
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                cache.get("key")
+                in_calls[index] += time.monotonic() - started
+                time.sleep(0.002)
+            lifetimes[index] = time.monotonic() - began
+
+        workers = [threading.Thread(target=serve, args=(index,)) for index in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    return sum(in_calls) / sum(lifetimes)
+
+
+def recovery_after_recreation() -> float:
+    """
+    Seconds from a cluster's re-creation (new nodes, config version back from 100 to 1) to
+    the backend using the new nodes, under a load of gets and sets with default settings.
+    """
+    with LocalCluster(nodes=3, config_version=100) as cluster:
+        cache = backend(cluster.location, IGNORE_EXCEPTIONS=True)
+        cache.set("warm", 1)
+        fresh = [start_memcached(hostname=f"recreated.{index}.cache.local") for index in range(3)]
+        try:
+            for node in cluster.nodes:
+                cluster.kill_node(node)
+            cluster.publish(fresh, version=1)
+            recreated = time.monotonic()
+            addresses = sorted(node.address for node in fresh)
+            index = 0
+            while time.monotonic() < recreated + 120:
+                cache.set(f"k{index % KEYS}", index)
+                cache.get(f"k{(index + 1) % KEYS}")
+                if sorted(cache.client_servers) == addresses:
+                    return time.monotonic() - recreated
+                index += 1
+                time.sleep(0.001)
+            raise RuntimeError("the re-created cluster was not followed within 120 s")
+        finally:
+            for node in fresh:
+                node.stop()
+
+
+def recycled_worker_staleness(workers: int = 20, interval: float = 1.0) -> int:
+    """
+    Workers, forked one after another more than ``interval`` after a 3 -> 4 scale-out from
+    a master that used the cache before it and served nothing since, that still use 3 nodes
+    at the last of their 20 requests (10 ms apart), as with --preload and --max-requests.
+    """
+    with LocalCluster(nodes=3) as cluster:
+        cache = backend(cluster.location, REFRESH_INTERVAL=interval)
+        cache.get("warm")
+        cluster.add_node()
+        time.sleep(interval * 1.2)
+        stale = 0
+        for _ in range(workers):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    for _ in range(20):
+                        cache.get("key")
+                        time.sleep(0.01)
+                    code = 0 if len(cache.client_servers) == 4 else 3
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code not in (0, 3):
+                raise RuntimeError(f"a worker failed with exit code {code}")
+            stale += code == 3
+        return stale
+
+
 def main() -> None:
     median, p90 = discovery_round_trip()
     print(
@@ -188,6 +284,18 @@ def main() -> None:
             f"{statistics.median(delays):.2f} s (median of 3)"
         )
     print(f"4 -> 5 nodes moved {share_of_keys_moved():.1%} of keys (ideal 20%)")
+    print(
+        "share of thread-time blocked at start-up with a hung endpoint (8 threads, "
+        f"DISCOVERY_TIMEOUT=2, 6 s): {blocked_share_at_hung_start_up():.1%}"
+    )
+    print(
+        "recovery time after a re-creation (config version 100 -> 1, default settings, "
+        f"under load): {recovery_after_recreation():.1f} s"
+    )
+    print(
+        "recycled-worker staleness (REFRESH_INTERVAL=1, workers forked after one interval): "
+        f"{recycled_worker_staleness()} of 20 workers ended on the old node list"
+    )
 
 
 if __name__ == "__main__":

@@ -15,15 +15,22 @@ This module opens one connection, asks, parses and closes. It knows nothing abou
 client libraries or caching of results: see ``topology`` for that. Every step runs under one
 deadline, so a silent or slow endpoint costs at most ``timeout`` seconds, and every failure is
 a ``ClusterDiscoveryError`` that names the endpoint and shows what it sent.
+
+Every ElastiCache node answers the discovery commands too, not only the configuration
+endpoint; ``discover_from_nodes`` asks known nodes when the endpoint cannot be reached.
+A serverless cache has one endpoint and no discovery at all: ``is_serverless_host`` tells
+one by its name.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -35,11 +42,14 @@ __all__ = [
     "EndpointTLSError",
     "EndpointTimeout",
     "EndpointUnreachable",
+    "NodesUnreachable",
     "WrongProtocolData",
     "ask_version",
     "discover",
+    "discover_from_nodes",
     "format_address",
     "get_cluster_info",
+    "is_serverless_host",
     "parse_cluster_config",
     "parse_engine_version",
 ]
@@ -52,10 +62,31 @@ LEGACY_COMMAND = b"get AmazonElastiCache:cluster\r\n"
 FIRST_ENGINE_WITH_CONFIG_COMMAND = (1, 4, 14)
 MAX_REPLY_BYTES = 1 << 20
 
+MAX_CONFIG_VERSION = 2**63 - 1
+"""
+The largest config version taken from a reply. The version counts the cluster's node
+changes from 1, and AWS's clients hold it in a 64-bit integer at most; a larger number can
+only come from a corrupt or hostile reply, and taking it would make every later, genuine
+version look stale.
+"""
+
+MAX_NODES = 1000
+"""
+The most nodes a reply may list. An ElastiCache memcached cluster has at most 60 nodes by
+default and quota raises stay in the hundreds; a longer list is corrupt, and would make
+every client open a connection to each entry.
+"""
+
+MAX_NODES_ASKED = 3
+"""How many known nodes ``discover_from_nodes`` tries, as AWS's Java client does."""
+
 _END = b"\r\nEND\r\n"
 _ERROR_PREFIXES = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
 _ENGINE_VERSION = re.compile(rb"VERSION (\d+)\.(\d+)\.(\d+)")
 _HEADER = re.compile(rb"(?:CONFIG cluster|VALUE AmazonElastiCache:cluster) (\d+) (\d+)")
+_SERVERLESS_HOST = re.compile(
+    r"[a-z0-9-]+\.serverless\.[a-z0-9-]+\.cache\.amazonaws\.com(?:\.cn)?\.?", re.IGNORECASE
+)
 
 
 class ClusterDiscoveryError(Exception):
@@ -102,6 +133,10 @@ class DiscoveryNotSupported(WrongProtocolData):
     """
 
 
+class NodesUnreachable(ClusterDiscoveryError):
+    """None of the known nodes asked by ``discover_from_nodes`` gave a node list."""
+
+
 @dataclass(frozen=True)
 class ClusterNode:
     """One cache node as the configuration endpoint lists it."""
@@ -118,14 +153,28 @@ class ClusterNode:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """A cluster's node list and the config version that grows with every change to it."""
+    """
+    A cluster's node list and the config version that grows with every change to it.
+
+    ``serverless`` marks the one-node list of an ElastiCache Serverless cache: its endpoint
+    is the only server there is, and there is nothing to discover or refresh.
+    """
 
     version: int
     nodes: tuple[ClusterNode, ...]
+    serverless: bool = False
 
     @property
     def addresses(self) -> tuple[str, ...]:
         return tuple(node.address for node in self.nodes)
+
+
+def is_serverless_host(host: str) -> bool:
+    """
+    Whether ``host`` names an ElastiCache Serverless cache
+    (``<name>.serverless.<region>.cache.amazonaws.com``), which has no auto discovery.
+    """
+    return _SERVERLESS_HOST.fullmatch(host) is not None
 
 
 def format_address(host: str, port: int) -> str:
@@ -151,9 +200,11 @@ def parse_cluster_config(reply: bytes) -> ClusterConfig:
     """
     Parse a complete reply to ``config get cluster`` or the legacy ``get``.
 
-    Raises ``ValueError`` naming the first part that breaks the grammar. The byte count in
-    the header is not checked against the payload: AWS's own documentation prints 147 for a
-    136-byte payload, and the ``\\r\\nEND\\r\\n`` terminator already marks the payload's end.
+    Raises ``ValueError`` naming the first part that breaks the grammar, or a version above
+    ``MAX_CONFIG_VERSION``, more than ``MAX_NODES`` nodes, or a node listed twice. The byte
+    count in the header is not checked against the payload: AWS's own documentation prints
+    147 for a 136-byte payload, and the ``\\r\\nEND\\r\\n`` terminator already marks the
+    payload's end.
     """
     header, separator, rest = reply.partition(b"\r\n")
     if not separator:
@@ -169,10 +220,31 @@ def parse_cluster_config(reply: bytes) -> ClusterConfig:
     version_line, nodes_line = lines[0], lines[1]
     if not version_line.isdigit():
         raise ValueError(f"config version is not a number: {_preview(version_line)}")
-    nodes = tuple(_parse_node(item) for item in nodes_line.split(b" ") if item)
-    if not nodes:
+    if len(version_line) > len(str(MAX_CONFIG_VERSION)) or int(version_line) > MAX_CONFIG_VERSION:
+        raise ValueError(f"config version is above 2**63 - 1: {_preview(version_line)}")
+    items = [item for item in nodes_line.split(b" ") if item]
+    if not items:
         raise ValueError("node list is empty")
+    if len(items) > MAX_NODES:
+        raise ValueError(f"{len(items)} nodes listed, more than the {MAX_NODES} accepted")
+    nodes = tuple(_parse_node(item) for item in items)
+    _refuse_repeated_nodes(nodes)
     return ClusterConfig(version=int(version_line), nodes=nodes)
+
+
+def _refuse_repeated_nodes(nodes: tuple[ClusterNode, ...]) -> None:
+    """
+    A node is one hostname and port (what AWS's clients place keys by) and one address to
+    connect to; either listed twice would give one server two shares of the keys.
+    """
+    names: set[tuple[str, int]] = set()
+    addresses: set[str] = set()
+    for node in nodes:
+        name = (node.hostname or node.ip, node.port)
+        if name in names or node.address in addresses:
+            raise ValueError(f"node listed twice: {node.hostname}|{node.ip}|{node.port}")
+        names.add(name)
+        addresses.add(node.address)
 
 
 def _parse_node(item: bytes) -> ClusterNode:
@@ -192,18 +264,19 @@ def discover(
     port: int,
     timeout: float = DEFAULT_TIMEOUT,
     tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> ClusterConfig:
     """
-    Ask the configuration endpoint at ``host:port`` for the cluster's nodes.
+    Ask the configuration endpoint (or any node) at ``host:port`` for the cluster's nodes.
 
     One deadline covers name resolution, connecting, the TLS handshake (with ``tls``, the
-    certificate is verified against ``host``) and every read, so this returns or raises a
-    ``ClusterDiscoveryError`` within about ``timeout`` seconds whatever the endpoint does.
-    The connection is closed before returning.
+    certificate is verified against ``server_hostname``, by default ``host``) and every
+    read, so this returns or raises a ``ClusterDiscoveryError`` within about ``timeout``
+    seconds whatever the server does. The connection is closed before returning.
     """
     endpoint = format_address(host, port)
     deadline = time.monotonic() + timeout
-    with _connect(endpoint, host, port, deadline, tls, host) as conn:
+    with _connect(endpoint, host, port, deadline, tls, server_hostname or host) as conn:
         conn.send(b"version\r\n")
         version_line = conn.read_line()
         try:
@@ -219,6 +292,42 @@ def discover(
         return parse_cluster_config(reply)
     except ValueError as exc:
         raise WrongProtocolData(endpoint, str(exc), reply) from None
+
+
+def discover_from_nodes(
+    nodes: Sequence[ClusterNode],
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
+    *,
+    ask: Callable[..., ClusterConfig] = discover,
+) -> ClusterConfig:
+    """
+    Ask cluster nodes, rather than the configuration endpoint, for the node list.
+
+    Every ElastiCache node answers the discovery commands, so when the endpoint cannot be
+    reached the nodes already known still tell about a scale-out. Up to
+    ``MAX_NODES_ASKED`` nodes, picked at random so that one dead node does not always go
+    first, are asked in turn until one answers; all of them together within ``timeout``,
+    each getting an equal share of what is left. With ``tls``, each node's certificate is
+    verified against its hostname. ``ask`` is the discovery of one server (``discover``).
+    """
+    if not nodes:
+        raise ValueError("no nodes to ask")
+    chosen = random.sample(list(nodes), min(len(nodes), MAX_NODES_ASKED))
+    deadline = time.monotonic() + timeout
+    failures = []
+    for position, node in enumerate(chosen):
+        share = (deadline - time.monotonic()) / (len(chosen) - position)
+        if share <= 0:
+            failures.append(f"{node.address}: not asked, the timeout was spent")
+            continue
+        try:
+            return ask(node.ip or node.hostname, node.port, share, tls, node.hostname or None)
+        except ClusterDiscoveryError as exc:
+            failures.append(f"{node.address}: {exc.problem}")
+    raise NodesUnreachable(
+        ", ".join(node.address for node in chosen), "no node answered: " + "; ".join(failures)
+    )
 
 
 def ask_version(
@@ -302,7 +411,9 @@ class _Connection:
 
         The first line decides early: an error line or a bare ``END`` is raised as what it
         is, and anything that is not a cluster-config header fails without waiting for the
-        timeout.
+        timeout. The reply is complete at its first ``END`` line; bytes after it answer no
+        request of ours and are ignored, since whether they arrive before the connection is
+        closed depends only on how the network cut the stream into packets.
         """
         while b"\r\n" not in self.buffer:
             self._receive()
@@ -321,9 +432,9 @@ class _Connection:
             )
         if _HEADER.fullmatch(header) is None:
             raise WrongProtocolData(self.endpoint, "unexpected reply", self.buffer)
-        while not self.buffer.endswith(_END):
+        while _END not in self.buffer:
             self._receive()
-        return self.buffer
+        return self.buffer[: self.buffer.index(_END) + len(_END)]
 
     def _receive(self) -> None:
         self._arm_timeout()

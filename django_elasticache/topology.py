@@ -3,68 +3,190 @@ The process-wide node list of each configuration endpoint.
 
 Django builds one backend instance per thread, and a process may run many threads, so the
 node list lives here, once per process per endpoint and settings: the first request
-discovers it (concurrent first requests wait for that one discovery), later requests read it
-without locking, and a background thread asks the endpoint again every
-``refresh_interval`` seconds. Backends compare the ``ClusterConfig`` they built their client
-for with ``ClusterTopology.current()`` by identity: a new object means a new node list.
+discovers it, later requests read it without locking, and a background thread asks the
+endpoint again every ``refresh_interval`` seconds. Backends compare the ``ClusterConfig``
+they built their client for with ``ClusterTopology.current()`` by identity: a new object
+means a new node list.
 
-The rules for taking a refreshed list are those of AWS's own cluster clients: apply it only
-when it differs and its config version is higher, and keep the last good list when a refresh
-fails. A forked child keeps the node list as a new object (so every backend builds fresh
-connections) and none of the parent's locks or refresh state.
+The rules, in the order a process meets them:
+
+First discovery. The request that finds no list asks the endpoint and waits for the answer,
+at most DISCOVERY_TIMEOUT. A request arriving while that attempt is in flight waits for it
+at most ``FIRST_DISCOVERY_GRACE`` seconds counted from the attempt's start (a healthy
+endpoint answers well within it), then raises ``DiscoveryPending``. After a failed attempt,
+requests raise that failure again at once, saying when it happened, until
+``FIRST_DISCOVERY_RETRY`` seconds after the attempt ended; the next request then starts a
+new attempt in a background thread and waits for it at most the grace. So a hung endpoint
+holds one thread of a process for one timeout, once; every other request fails within the
+grace, and under IGNORE_EXCEPTIONS the backends turn that into a miss.
+
+Refresh. A request finding the list older than ``refresh_interval`` minus up to
+``REFRESH_JITTER`` of it (drawn per process, so a fleet of workers does not poll in step)
+starts a refresh in the background and goes on with the list it has. The age counts from
+when the endpoint last confirmed the list, not from when this process got it. A node error
+brings the refresh forward, at most once every ``ERROR_REFRESH_SPACING`` seconds.
+
+Taking a reply. A list equal to the current one confirms it. A different list is applied
+when its config version is higher. A different list with a lower or equal version is
+stale and ignored, unless the endpoint has answered with nothing but stale lists for at
+least ``STALE_REPLIES_TO_ACCEPT`` refreshes in a row spanning at least
+``STALE_SECONDS_TO_ACCEPT`` seconds: then the latest of them is applied, since a cluster
+deleted and re-created under the same name starts again at version 1 while every process
+holds a higher one. One odd reply never moves the list back; a failed refresh neither
+counts nor breaks the run. Node errors, which follow a re-creation because the old nodes
+are gone, bring refreshes forward and so shorten the recovery to about
+``STALE_SECONDS_TO_ACCEPT``. Versions above 2**63 - 1 are refused by the parser
+(``cluster_utils.MAX_CONFIG_VERSION``). A failed refresh keeps the last good list.
+
+Endpoint outage. When a refresh cannot reach the endpoint (unreachable or timed out, not a
+protocol or TLS error), up to three known nodes are asked instead, all within one more
+DISCOVERY_TIMEOUT, each with the same TLS context verifying the node's hostname; their
+answer is taken by the rules above.
+
+Serverless. An endpoint named ``<name>.serverless.<region>.cache.amazonaws.com`` is never
+asked; one that answers ``ERROR`` over TLS is taken for a serverless cache too. Either way
+the endpoint is the only node, the ``ClusterConfig`` says ``serverless=True``, and it is
+never refreshed. Without TLS, ``ERROR`` means a plain memcached, which needs
+IGNORE_CLUSTER_ERRORS.
+
+Fork. A forked child keeps the node list as a new object (so every backend builds fresh
+connections), none of the parent's locks or work in flight, and the time the list was last
+confirmed: a pre-fork server's master that served no request for a while hands its
+workers an old list, which they refresh at their first request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import random
 import threading
 import time
+from collections.abc import Callable
 
 from .cluster_utils import (
     ClusterConfig,
     ClusterDiscoveryError,
     ClusterNode,
     DiscoveryNotSupported,
+    EndpointTimeout,
+    EndpointUnreachable,
     discover,
+    discover_from_nodes,
     format_address,
+    is_serverless_host,
 )
 from .options import BackendOptions, Endpoint
 from .signals import node_list_changed, refresh_failed, send
 
-__all__ = ["ClusterTopology", "forget_all", "topology_for"]
+__all__ = ["ClusterTopology", "DiscoveryPending", "forget_all", "topology_for"]
 
 logger = logging.getLogger("django_elasticache")
 
+FIRST_DISCOVERY_GRACE = 0.1
+"""
+Seconds, from the start of a first discovery, that other requests may wait for it. A
+loopback discovery takes about a millisecond and one across a VPC with a TLS handshake a few
+tens; a hung endpoint costs each thread at most this much per attempt.
+"""
+
 FIRST_DISCOVERY_RETRY = 1.0
-"""Seconds during which a failed first discovery is re-raised instead of asked again."""
+"""Seconds after a failed first discovery ended during which it is not attempted again."""
 
 ERROR_REFRESH_SPACING = 5.0
 """Least seconds between two refreshes that node errors bring forward."""
 
 REFRESH_JITTER = 0.1
-"""Share of the interval added at random, so a fleet of workers does not poll in step."""
+"""Largest share of the interval taken off at random, so workers do not poll in step."""
+
+STALE_REPLIES_TO_ACCEPT = 3
+"""Stale replies in a row after which the latest is applied (with the span below)."""
+
+STALE_SECONDS_TO_ACCEPT = 10.0
+"""
+Least seconds between the first and the last of those stale replies: longer than a config
+change takes to reach every node, so a lagging node is never followed backwards.
+"""
+
+Clock = Callable[[], float]
+Discover = Callable[..., ClusterConfig]
+Runner = Callable[[Callable[[], None], str], None]
+
+
+class DiscoveryPending(ClusterDiscoveryError):
+    """The process's first discovery is under way, and this request did not wait for it."""
+
+
+def _in_daemon_thread(work: Callable[[], None], name: str) -> None:
+    threading.Thread(target=work, name=name, daemon=True).start()
+
+
+class _FirstAttempt:
+    """A first discovery in flight, which other requests may wait on for the grace."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.done = threading.Event()
+
+
+class _StaleRun:
+    """The stale replies received in a row, and whether they now outweigh the version rule."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.count = 0
+        self.since = math.inf
+
+    def note(self, now: float) -> bool:
+        """Count one stale reply; tell whether the run is long enough to follow it."""
+        self.count += 1
+        self.since = min(self.since, now)
+        return (
+            self.count >= STALE_REPLIES_TO_ACCEPT and now - self.since >= STALE_SECONDS_TO_ACCEPT
+        )
 
 
 class ClusterTopology:
-    """The current node list of one configuration endpoint, for the whole process."""
+    """
+    The current node list of one configuration endpoint, for the whole process.
 
-    def __init__(self, endpoint: Endpoint, options: BackendOptions) -> None:
+    ``clock``, ``discover`` and ``run_in_background`` are the monotonic clock, the
+    discovery of one server (``cluster_utils.discover``) and how background work is
+    started (a daemon thread); tests of the rules replace them.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        options: BackendOptions,
+        *,
+        clock: Clock = time.monotonic,
+        discover: Discover = discover,
+        run_in_background: Runner = _in_daemon_thread,
+    ) -> None:
         self.endpoint = endpoint
         self.options = options
+        self._clock = clock
+        self._discover = discover
+        self._run_in_background = run_in_background
         self._reset_machinery()
         self._config: ClusterConfig | None = None
-        self._first_error: ClusterDiscoveryError | None = None
-        self._first_error_until = 0.0
+        self._confirmed_at = -math.inf
+        self._failure: ClusterDiscoveryError | None = None
+        self._failed_at = -math.inf
         self._last_error_refresh = -math.inf
         self.last_answer_time: float | None = None
         self.last_error: ClusterDiscoveryError | None = None
         self.last_error_time: float | None = None
+        self._stale = _StaleRun()
 
     def _reset_machinery(self) -> None:
         self._lock = threading.Lock()
+        self._attempt: _FirstAttempt | None = None
         self._refreshing = False
         self._next_refresh = math.inf
 
@@ -86,7 +208,7 @@ class ClusterTopology:
         config = self._config
         if config is None:
             return self._discover_first()
-        if time.monotonic() >= self._next_refresh:
+        if self._clock() >= self._next_refresh:
             self._start_refresh()
         return config
 
@@ -95,8 +217,8 @@ class ClusterTopology:
         Bring the next refresh forward because a node failed: the cluster may have
         replaced it. Spaced so that a dead node cannot turn into a discovery storm.
         """
-        now = time.monotonic()
-        if self._config is None or self.options.refresh_interval is None:
+        now = self._clock()
+        if self._next_refresh == math.inf:  # no list yet, serverless, or no refreshing
             return
         if now - self._last_error_refresh < ERROR_REFRESH_SPACING:
             return
@@ -104,43 +226,144 @@ class ClusterTopology:
         self._next_refresh = now
         self._start_refresh()
 
+    # First discovery
+
     def _discover_first(self) -> ClusterConfig:
         with self._lock:
             if self._config is not None:
                 return self._config
-            if self._first_error is not None and time.monotonic() < self._first_error_until:
-                raise self._first_error.with_traceback(None)
-            try:
-                config = self._ask()
-            except ClusterDiscoveryError as exc:
-                if not self.options.ignore_cluster_errors:
-                    self._first_error = exc
-                    self._first_error_until = time.monotonic() + FIRST_DISCOVERY_RETRY
-                    raise
-                config = self._fallback(exc)
-            else:
-                self._schedule_next_refresh()
-                logger.info(
-                    "Discovered %s: config version %d, nodes %s",
-                    self.name,
-                    config.version,
-                    ", ".join(config.addresses),
+            attempt, started_here = self._attempt, False
+            if attempt is None:
+                self._raise_recent_failure()
+                attempt = self._attempt = _FirstAttempt(self._clock())
+                started_here = True
+            very_first = started_here and self._failure is None
+        if very_first:
+            self._attempt_first(attempt)
+        else:
+            if started_here:
+                self._run_in_background(
+                    lambda: self._attempt_first(attempt), f"discover {self.name}"
                 )
-            self._config = config
+            attempt.done.wait(max(attempt.started + FIRST_DISCOVERY_GRACE - self._clock(), 0))
+        return self._first_outcome(attempt)
+
+    def _raise_recent_failure(self) -> None:
+        """Within the retry window, fail at once with the last failure, saying so."""
+        failure = self._failure
+        now = self._clock()
+        if failure is None or now >= self._failed_at + FIRST_DISCOVERY_RETRY:
+            return
+        problem = (
+            f"{failure.problem} ({now - self._failed_at:.1f} s ago; "
+            f"not asked again before {self._failed_at + FIRST_DISCOVERY_RETRY - now:.1f} s)"
+        )
+        raise type(failure)(failure.endpoint, problem, failure.received)
+
+    def _attempt_first(self, attempt: _FirstAttempt) -> None:
+        """One first discovery; its outcome is left for every request to read."""
+        try:
+            config = self._first_config()
+        except ClusterDiscoveryError as exc:
+            with self._lock:
+                self._failure, self._failed_at = exc, self._clock()
+        else:
+            with self._lock:
+                self._config, self._failure = config, None
+        finally:
+            with self._lock:
+                self._attempt = None
+            attempt.done.set()
+
+    def _first_outcome(self, attempt: _FirstAttempt) -> ClusterConfig:
+        config = self._config
+        if config is not None:
             return config
+        failure = self._failure
+        if attempt.done.is_set() and failure is not None:
+            raise failure
+        waited = self._clock() - attempt.started
+        raise DiscoveryPending(
+            self.name,
+            f"the first discovery of this process is still under way ({waited:.2f} s), "
+            "and requests do not wait for it",
+        )
+
+    def _first_config(self) -> ClusterConfig:
+        """The first node list: discovered, serverless, or LOCATION under IGNORE_CLUSTER_ERRORS."""
+        if is_serverless_host(self.endpoint.host):
+            return self._serverless("its name says so")
+        try:
+            config = self._ask_endpoint()
+        except DiscoveryNotSupported as exc:
+            if self.options.tls is not None:
+                return self._serverless("it answers ERROR over TLS")
+            return self._fallback(exc)
+        except ClusterDiscoveryError as exc:
+            return self._fallback(exc)
+        now = self._clock()
+        self._confirmed_at = now
+        self._schedule_refresh(now)
+        logger.info(
+            "Discovered %s: config version %d, nodes %s",
+            self.name,
+            config.version,
+            ", ".join(config.addresses),
+        )
+        return config
+
+    def _serverless(self, reason: str) -> ClusterConfig:
+        logger.info("%s is an ElastiCache Serverless cache (%s): its only node", self.name, reason)
+        return ClusterConfig(version=0, nodes=(self._endpoint_as_node(),), serverless=True)
 
     def _fallback(self, error: ClusterDiscoveryError) -> ClusterConfig:
-        """LOCATION itself as the only node, as IGNORE_CLUSTER_ERRORS asks."""
+        """LOCATION itself as the only node, as IGNORE_CLUSTER_ERRORS asks; else raise."""
+        if not self.options.ignore_cluster_errors:
+            raise error
         logger.warning("%s; using %s as the only node (IGNORE_CLUSTER_ERRORS)", error, self.name)
         if not isinstance(error, DiscoveryNotSupported):
-            self._schedule_next_refresh()
-        node = ClusterNode(hostname=self.endpoint.host, ip="", port=self.endpoint.port)
-        return ClusterConfig(version=0, nodes=(node,))
+            self._schedule_refresh(self._clock())
+        return ClusterConfig(version=0, nodes=(self._endpoint_as_node(),))
 
-    def _ask(self) -> ClusterConfig:
+    def _endpoint_as_node(self) -> ClusterNode:
+        return ClusterNode(hostname=self.endpoint.host, ip="", port=self.endpoint.port)
+
+    # Refresh
+
+    def _schedule_refresh(self, since: float) -> None:
+        interval = self.options.refresh_interval
+        if interval is None:
+            self._next_refresh = math.inf
+        else:
+            self._next_refresh = since + interval * (1 - random.uniform(0, REFRESH_JITTER))
+
+    def _start_refresh(self) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._refreshing or now < self._next_refresh:
+                return
+            self._refreshing = True
+            self._schedule_refresh(now)
+        self._run_in_background(self._refresh, f"refresh {self.name}")
+
+    def _refresh(self) -> None:
+        """One refresh, in the background; whatever happens, the last good list stays."""
+        try:
+            config = self._ask_endpoint_or_nodes()
+        except ClusterDiscoveryError as exc:
+            self._refresh_failed(exc)
+        except Exception as exc:
+            logger.exception("Refreshing %s failed; keeping the node list", self.name)
+            send(refresh_failed, ClusterTopology, endpoint=self.name, error=exc)
+        else:
+            self._take(config)
+        finally:
+            self._refreshing = False
+
+    def _ask_endpoint(self) -> ClusterConfig:
         """Discover once, remembering when the endpoint last answered or failed (wall clock)."""
         try:
-            config = discover(
+            config = self._discover(
                 self.endpoint.host,
                 self.endpoint.port,
                 self.options.discovery_timeout,
@@ -152,51 +375,58 @@ class ClusterTopology:
         self.last_answer_time = time.time()
         return config
 
-    def _schedule_next_refresh(self) -> None:
-        interval = self.options.refresh_interval
-        if interval is None:
-            self._next_refresh = math.inf
-        else:
-            jitter = random.uniform(0, REFRESH_JITTER * interval)
-            self._next_refresh = time.monotonic() + interval + jitter
-
-    def _start_refresh(self) -> None:
-        with self._lock:
-            if self._refreshing or time.monotonic() < self._next_refresh:
-                return
-            self._refreshing = True
-            self._schedule_next_refresh()
-        thread = threading.Thread(target=self._refresh, name=f"refresh {self.name}", daemon=True)
-        thread.start()
-
-    def _refresh(self) -> None:
-        """One refresh, in its own thread; whatever happens, the last good list stays."""
+    def _ask_endpoint_or_nodes(self) -> ClusterConfig:
+        """The endpoint's list; in an outage of the endpoint, the known nodes' list."""
         try:
-            config = self._ask()
-        except ClusterDiscoveryError as exc:
-            logger.warning("%s; keeping config version %d", exc, self._config.version)
-            send(refresh_failed, ClusterTopology, endpoint=self.name, error=exc)
-        except Exception as exc:
-            logger.exception("Refreshing %s failed; keeping the node list", self.name)
-            send(refresh_failed, ClusterTopology, endpoint=self.name, error=exc)
-        else:
-            self._apply(config)
-        finally:
-            self._refreshing = False
+            return self._ask_endpoint()
+        except (EndpointUnreachable, EndpointTimeout) as outage:
+            nodes = [node for node in self._held().nodes if node != self._endpoint_as_node()]
+            if not nodes:
+                raise
+            try:
+                config = discover_from_nodes(
+                    nodes, self.options.discovery_timeout, self.options.tls, ask=self._discover
+                )
+            except ClusterDiscoveryError as exc:
+                problem = f"{outage.problem}; asking the known nodes instead: {exc.problem}"
+                raise type(outage)(outage.endpoint, problem, outage.received) from None
+            logger.info("%s; the known nodes answered instead", outage)
+            return config
 
-    def _apply(self, new: ClusterConfig) -> None:
-        old = self._config
+    def _take(self, new: ClusterConfig) -> None:
+        """Weigh a refreshed list by the version rules of the module docstring."""
+        now = self._clock()
+        old = self._held()
         if new.nodes == old.nodes:
-            return
-        if new.version <= old.version:
+            self._confirmed_at = now
+            self._stale.clear()
+        elif new.version > old.version:
+            self._apply(new, now)
+        elif self._stale.note(now):
+            logger.warning(
+                "Config version of %s went back from %d to %d in %d refreshes over %.0f s "
+                "(the cluster was re-created?); taking the new list",
+                self.name,
+                old.version,
+                new.version,
+                self._stale.count,
+                now - self._stale.since,
+            )
+            self._apply(new, now)
+        else:
             logger.warning(
                 "Ignoring stale node list from %s: config version %d is not above %d",
                 self.name,
                 new.version,
                 old.version,
             )
-            return
+
+    def _apply(self, new: ClusterConfig, now: float) -> None:
+        """Make ``new`` the node list every backend switches to: the one place it changes."""
+        old = self._held()
         self._config = new
+        self._confirmed_at = now
+        self._stale.clear()
         logger.info(
             "Node list of %s changed: version %d [%s] -> version %d [%s]",
             self.name,
@@ -207,15 +437,35 @@ class ClusterTopology:
         )
         send(node_list_changed, ClusterTopology, endpoint=self.name, old=old, new=new)
 
+    def _refresh_failed(self, error: ClusterDiscoveryError) -> None:
+        """A refresh gave no list: the one place that happens; the last good list stays."""
+        logger.warning("%s; keeping config version %d", error, self._held().version)
+        self.last_error, self.last_error_time = error, time.time()
+        send(refresh_failed, ClusterTopology, endpoint=self.name, error=error)
+
+    def _held(self) -> ClusterConfig:
+        """The current list, which exists whenever a refresh runs."""
+        config = self._config
+        if config is None:
+            raise RuntimeError(f"{self.name} has no node list to refresh")
+        return config
+
+    # Fork
+
     def _after_fork_in_child(self) -> None:
         """
-        Start the child clean: fresh locks, no inherited refresh in flight, and the node
-        list as a new object so that backends build their own connections.
+        Start the child clean: fresh locks, no inherited work in flight, and the node list
+        as a new object so that backends build their own connections. The list is as old
+        as the parent's last confirmation, so a child of an idle parent refreshes at once.
         """
+        next_refresh = self._next_refresh
         self._reset_machinery()
-        if self._config is not None:
-            self._config = ClusterConfig(self._config.version, self._config.nodes)
-            self._schedule_next_refresh()
+        if self._config is None:
+            return
+        self._config = dataclasses.replace(self._config)
+        if next_refresh != math.inf:
+            self._schedule_refresh(self._confirmed_at)
+            self._next_refresh = min(self._next_refresh, next_refresh)
 
 
 _topologies: dict[tuple[Endpoint, BackendOptions], ClusterTopology] = {}

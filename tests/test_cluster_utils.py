@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +13,7 @@ from django_elasticache.cluster_utils import (
     ClusterConfig,
     ClusterNode,
     format_address,
+    is_serverless_host,
     parse_cluster_config,
     parse_engine_version,
 )
@@ -76,10 +78,19 @@ def test_ipv6_node_address_is_bracketed_for_the_client() -> None:
         (config_reply(b"12\n\n"), "node list is empty"),
         (config_reply(b"12\nh|1.2.3.4|11211"), "payload is not two newline-terminated lines"),
         (config_reply(b"12\nh|1.2.3.4|11211\nextra\n"), "two newline-terminated lines"),
+        (config_reply(b"%d\nh|1.2.3.4|11211\n" % 2**63), "above 2**63 - 1"),
+        (config_reply(b"1%s\nh|1.2.3.4|11211\n" % (b"0" * 5000)), "above 2**63 - 1"),
+        (config_reply(b"12\nh|1.2.3.4|11211 h|1.2.3.5|11211\n"), "node listed twice: h|1.2.3.5"),
+        (config_reply(b"12\na|1.2.3.4|11211 b|1.2.3.4|11211\n"), "node listed twice: b|1.2.3.4"),
+        (config_reply(b"12\n" + b" ".join([b"h||1"] * 2) + b"\n"), "node listed twice"),
+        (
+            config_reply(b"12\n%s\n" % b" ".join(b"h%d||1" % i for i in range(1001))),
+            "1001 nodes listed",
+        ),
     ],
 )
 def test_malformed_reply_names_the_broken_part(reply: bytes, problem: str) -> None:
-    with pytest.raises(ValueError, match=problem.replace("|", r"\|")):
+    with pytest.raises(ValueError, match=re.escape(problem)):
         parse_cluster_config(reply)
 
 
@@ -102,6 +113,33 @@ def test_engine_version_rejects_other_lines(line: bytes) -> None:
         parse_engine_version(line)
 
 
+def test_largest_version_and_node_count_are_accepted() -> None:
+    listed = b" ".join(b"h%d||11211" % index for index in range(1000))
+    config = parse_cluster_config(config_reply(b"%d\n%s\n" % (2**63 - 1, listed)))
+    assert config.version == 2**63 - 1 and len(config.nodes) == 1000
+
+
+def test_same_hostname_on_other_ports_is_two_nodes() -> None:
+    config = parse_cluster_config(config_reply(b"3\nlocalhost||11211 localhost||11212\n"))
+    assert config.addresses == ("localhost:11211", "localhost:11212")
+
+
+@pytest.mark.parametrize(
+    ("host", "serverless"),
+    [
+        ("my-cache-abc123.serverless.use1.cache.amazonaws.com", True),
+        ("MY-CACHE-ABC123.Serverless.euw2.cache.amazonaws.com", True),
+        ("c.serverless.cnn1.cache.amazonaws.com.cn", True),
+        ("my-cluster.abc123.cfg.use1.cache.amazonaws.com", False),
+        ("serverless.use1.cache.amazonaws.com", False),
+        ("my-cache.serverless.use1.cache.amazonaws.com.evil.example", False),
+        ("127.0.0.1", False),
+    ],
+)
+def test_serverless_endpoint_is_told_by_its_name(host: str, serverless: bool) -> None:
+    assert is_serverless_host(host) is serverless
+
+
 def test_format_address_brackets_only_ipv6() -> None:
     assert format_address("10.0.0.1", 11211) == "10.0.0.1:11211"
     assert format_address("::1", 11211) == "[::1]:11211"
@@ -114,10 +152,12 @@ nodes = st.lists(
     st.tuples(hostnames, st.one_of(st.just(""), ipv4), st.integers(1, 65535)),
     min_size=1,
     max_size=20,
+    # A node is listed once: by hostname and port, and by the address connected to.
+    unique_by=(lambda node: (node[0], node[2]), lambda node: (node[1] or node[0], node[2])),
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(version=st.integers(0, 2**40), listed=nodes, legacy=st.booleans())
 def test_any_well_formed_reply_round_trips(version: int, listed: list, legacy: bool) -> None:
     line = " ".join(f"{host}|{ip}|{port}" for host, ip, port in listed)
@@ -126,7 +166,7 @@ def test_any_well_formed_reply_round_trips(version: int, listed: list, legacy: b
     assert config.nodes == tuple(ClusterNode(*node) for node in listed)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(data=st.data())
 def test_mutated_replies_raise_only_value_error(data: st.DataObject) -> None:
     reply = bytearray(config_reply(AWS_PAYLOAD))

@@ -11,16 +11,21 @@ import pytest
 from support import requires_ipv6
 
 from django_elasticache.cluster_utils import (
+    ClusterConfig,
     ClusterDiscoveryError,
+    ClusterNode,
     DiscoveryNotSupported,
     EndpointTimeout,
     EndpointUnreachable,
+    NodesUnreachable,
     WrongProtocolData,
     ask_version,
     discover,
+    discover_from_nodes,
     get_cluster_info,
 )
 from django_elasticache.testing import ConfigEndpoint, start_memcached
+from django_elasticache.testing.tls import CertificateAuthority
 
 TIMEOUT = 0.5
 # Generous on a loaded two-core machine; what matters is that a call ends, not how fast.
@@ -124,6 +129,16 @@ def test_misbehaving_endpoint_raises_a_precise_error_in_time(
         (b"CONFIG cluster 0 13\r\n10\nh|127.0.0.1\n\r\nEND\r\n", r"not hostname\|ip\|port"),
         (b"CONFIG cluster 0 4\r\n10\n\n\r\nEND\r\n", "node list is empty"),
         (b"VALUE SomethingElse 0 2\r\nhi\r\nEND\r\n", "unexpected reply"),
+        (b"CONFIG cluster 0 37\r\n%d\nh|127.0.0.1|1\n\r\nEND\r\n" % 10**30, "above 2\\*\\*63"),
+        (
+            b"CONFIG cluster 0 33\r\n2\nh|127.0.0.1|1 h|127.0.0.1|1\n\r\nEND\r\n",
+            r"node listed twice: h\|127.0.0.1\|1",
+        ),
+        (
+            b"CONFIG cluster 0 1\r\n2\n%s\n\r\nEND\r\n"
+            % b" ".join(b"h%d|127.0.0.1|%d" % (index, index + 1) for index in range(1001)),
+            "1001 nodes listed, more than the 1000 accepted",
+        ),
     ],
 )
 def test_malformed_config_is_refused_with_what_was_received(
@@ -133,6 +148,13 @@ def test_malformed_config_is_refused_with_what_was_received(
     with pytest.raises(WrongProtocolData, match=shown) as caught:
         discover(*split(elasticache_cluster.location), TIMEOUT)
     assert caught.value.received.startswith(raw.split(b"\r\n")[0])
+
+
+def test_bytes_after_end_are_ignored_without_waiting(elasticache_cluster) -> None:
+    reply = b"CONFIG cluster 0 15\r\n7\nh|127.0.0.1|1\n\r\nEND\r\nEND\r\nstray"
+    elasticache_cluster.endpoint.misbehave("raw", reply)
+    config = discover(*split(elasticache_cluster.location), TIMEOUT)
+    assert config == ClusterConfig(7, (ClusterNode("h", "127.0.0.1", 1),))
 
 
 def test_reply_without_end_times_out_instead_of_hanging(elasticache_cluster) -> None:
@@ -200,3 +222,42 @@ def split(location: str) -> tuple[str, int]:
 def test_endpoint_given_by_name_is_resolved(elasticache_cluster) -> None:
     config = discover("localhost", elasticache_cluster.endpoint.port, TIMEOUT)
     assert list(config.addresses) == elasticache_cluster.node_addresses
+
+
+def as_node(hostname: str, server: ConfigEndpoint) -> ClusterNode:
+    return ClusterNode(hostname, server.host, server.port)
+
+
+def test_nodes_are_asked_in_turn_until_one_answers() -> None:
+    with ConfigEndpoint() as alive, ConfigEndpoint() as dead:
+        alive.publish([("n1", "127.0.0.1", 1), ("n2", "127.0.0.1", 2)], 4)
+        dead.stop()
+        known = [as_node("n1", alive), as_node("n2", dead)]
+        for _ in range(5):  # whichever is picked first
+            config = discover_from_nodes(known, TIMEOUT)
+            assert config.version == 4 and len(config.nodes) == 2
+
+
+def test_no_node_answering_names_each_node() -> None:
+    with ConfigEndpoint() as hanging, ConfigEndpoint() as plain:
+        hanging.misbehave("hang")
+        plain.misbehave("error")
+        known = [as_node("n1", hanging), as_node("n2", plain)]
+        with pytest.raises(NodesUnreachable, match="no node answered") as caught:
+            discover_from_nodes(known, TIMEOUT)
+    assert hanging.location in str(caught.value) and plain.location in str(caught.value)
+    assert "does not support cluster discovery" in str(caught.value)
+
+
+def test_nodes_are_asked_over_tls_verifying_their_hostnames() -> None:
+    with CertificateAuthority() as authority:
+        server_tls = authority.server_context(["n1.cache.local"])
+        with ConfigEndpoint(tls=server_tls) as node:
+            node.publish([("n1.cache.local", "127.0.0.1", node.port)], 3)
+            client = authority.client_context()
+            assert (
+                discover_from_nodes([as_node("n1.cache.local", node)], TIMEOUT, client).version
+                == 3
+            )
+            with pytest.raises(NodesUnreachable, match="certificate verification failed"):
+                discover_from_nodes([as_node("impostor.cache.local", node)], TIMEOUT, client)

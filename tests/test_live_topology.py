@@ -12,8 +12,12 @@ import pylibmc
 import pytest
 
 from django_elasticache import topology
-from django_elasticache.cluster_utils import EndpointUnreachable
+from django_elasticache.cluster_utils import EndpointTimeout, EndpointUnreachable
 from django_elasticache.memcached import ElastiCache
+from django_elasticache.options import BackendOptions, Endpoint
+from django_elasticache.testing import ConfigEndpoint
+from django_elasticache.testing.tls import CertificateAuthority
+from django_elasticache.topology import DiscoveryPending, topology_for
 
 REFRESH = 0.2
 DEADLINE = 10.0
@@ -125,7 +129,7 @@ def test_misbehaving_endpoint_during_refresh_keeps_the_last_list(
     elasticache_cluster, make_cache, mode
 ) -> None:
     cache = make_cache(
-        elasticache_cluster.location, REFRESH_INTERVAL=REFRESH, DISCOVERY_TIMEOUT=1.0
+        elasticache_cluster.location, REFRESH_INTERVAL=REFRESH, DISCOVERY_TIMEOUT=0.5
     )
     cache.set("key", "value")
     good = list(cache.client_servers)
@@ -143,15 +147,27 @@ def test_misbehaving_endpoint_during_refresh_keeps_the_last_list(
     assert cache.client_servers == good
 
 
-def test_endpoint_gone_during_refresh_keeps_the_last_list(elasticache_cluster, make_cache):
+def test_endpoint_gone_during_refresh_keeps_the_last_list(
+    elasticache_cluster, make_cache, caplog
+) -> None:
     cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=REFRESH)
     cache.set("key", "value")
     good = list(cache.client_servers)
     elasticache_cluster.endpoint.stop()
-    deadline = time.monotonic() + 3 * REFRESH + 1
-    while time.monotonic() < deadline:
+
+    def refreshed_twice() -> bool:
         assert cache.get("key") == "value"
-        time.sleep(0.01)
+        # Refused by the endpoint, each refresh asks the nodes, which answer or not.
+        outcomes = ("keeping config version", "the known nodes answered instead")
+        return (
+            sum(
+                outcome in record.getMessage() for record in caplog.records for outcome in outcomes
+            )
+            >= 2
+        )
+
+    with caplog.at_level(logging.INFO, logger="django_elasticache"):
+        eventually(refreshed_twice, "two refreshes with the endpoint gone")
     assert cache.client_servers == good
 
 
@@ -159,10 +175,8 @@ def test_no_refresh_when_interval_is_zero(elasticache_cluster, make_cache) -> No
     cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=0)
     cache.get("warm")
     elasticache_cluster.add_node()
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
+    for _ in range(50):  # an interval of 0 taken literally would refresh on each request
         cache.get("probe")
-        time.sleep(0.01)
     assert elasticache_cluster.endpoint.discovery_requests == 1
     assert len(cache.client_servers) == 3
 
@@ -351,3 +365,143 @@ def test_clear_with_a_dead_node_flushes_the_others_and_raises(
         with pytest.raises(cache.server_errors):
             cache.clear()
     assert [node.holds([cache.make_key(key) for key in keys]) for node in alive] == [0, 0]
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_workers_forked_from_an_idle_parent_follow_a_scale_out(
+    elasticache_cluster, make_cache
+) -> None:
+    """
+    A pre-fork server's master used the cache once, then served nothing while the cluster
+    grew; workers forked more than an interval later refresh at their first request.
+    """
+    interval = 0.5
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=interval)
+    cache.set("parent", "value")
+    confirmed = time.monotonic()
+    elasticache_cluster.add_node()
+    grown = sorted(elasticache_cluster.node_addresses)
+    while time.monotonic() < confirmed + interval * 1.2:  # the master idles
+        time.sleep(0.05)
+    requests_before = elasticache_cluster.endpoint.discovery_requests
+    children = [fork_child(lambda: child_follows(cache, grown)) for _ in range(3)]
+    assert [exit_code(pid) for pid in children] == [0, 0, 0]
+    assert elasticache_cluster.endpoint.discovery_requests >= requests_before + 3
+
+
+def child_follows(cache, grown: list[str]) -> bool:
+    assert cache.get("parent") == "value"  # the first request: starts the refresh
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        if serves(cache, grown):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def fork_child(work) -> int:
+    """Run ``work`` in a forked child whose exit code is 0 if it returned True."""
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            status = 0 if work() else 1
+        finally:
+            os._exit(status)
+    return pid
+
+
+def exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_recreated_cluster_is_followed_back_to_a_lower_version(
+    elasticache_cluster_factory, make_cache, monkeypatch
+) -> None:
+    monkeypatch.setattr(topology, "STALE_SECONDS_TO_ACCEPT", 3 * REFRESH)
+    cluster = elasticache_cluster_factory(nodes=3, config_version=40)
+    cache = make_cache(cluster.location, REFRESH_INTERVAL=REFRESH)
+    cache.set("warm", 1)
+    recreated = cluster.nodes[1:]
+    cluster.publish(recreated, version=1)
+    eventually(lambda: serves(cache, [node.address for node in recreated]), "version 1 taken")
+    cluster.add_node()
+    eventually(lambda: serves(cache, cluster.node_addresses), "version 2 taken")
+
+
+def test_hung_endpoint_at_start_up_blocks_only_the_first_request(
+    elasticache_cluster, make_cache, monkeypatch
+) -> None:
+    monkeypatch.setattr(topology, "FIRST_DISCOVERY_RETRY", 0.2)
+    endpoint = elasticache_cluster.endpoint
+    endpoint.misbehave("hang")
+    first = make_cache(elasticache_cluster.location, DISCOVERY_TIMEOUT=0.5)
+    outcome: list[BaseException] = []
+
+    def first_request() -> None:
+        try:
+            first.get("key")
+        except EndpointTimeout as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=first_request)
+    thread.start()
+    eventually(lambda: attempts(endpoint) == 1, "first discovery under way")
+    strict = make_cache(elasticache_cluster.location, DISCOVERY_TIMEOUT=0.5)
+    lenient = make_cache(
+        elasticache_cluster.location, DISCOVERY_TIMEOUT=0.5, IGNORE_EXCEPTIONS=True
+    )
+    with pytest.raises(DiscoveryPending, match="still under way"):
+        strict.get("key")
+    assert lenient.get("key", "miss") == "miss"
+    thread.join(DEADLINE)
+    assert len(outcome) == 1
+    endpoint.behave()
+
+    def recovered() -> bool:
+        with contextlib.suppress(EndpointTimeout, DiscoveryPending):
+            return strict.set("key", "value") is None and lenient.get("key") == "value"
+        return False
+
+    eventually(recovered, "discovery retried once the endpoint answers")
+
+
+@pytest.mark.parametrize("outage", ["stopped", "hang"])
+@pytest.mark.parametrize("tls", [False, True], ids=["clear-text", "tls"])
+def test_scale_out_during_an_endpoint_outage_is_learnt_from_the_nodes(
+    tls: bool, outage: str
+) -> None:
+    """Every ElastiCache node answers discovery: emulated here by ConfigEndpoint servers."""
+    with contextlib.ExitStack() as stack:
+        authority = stack.enter_context(CertificateAuthority()) if tls else None
+
+        def server(name: str) -> ConfigEndpoint:
+            context = None if authority is None else authority.server_context([name])
+            return stack.enter_context(ConfigEndpoint(tls=context))
+
+        endpoint = server("127.0.0.1")
+        names = ["n1.cache.local", "n2.cache.local", "n3.cache.local"]
+        nodes = [server(name) for name in names]
+        listed = [(name, node.host, node.port) for name, node in zip(names, nodes, strict=True)]
+
+        def publish(count: int, version: int) -> None:
+            for each in (endpoint, *nodes):
+                each.publish(listed[:count], version)
+
+        publish(2, 1)
+        options = BackendOptions(
+            refresh_interval=REFRESH,
+            discovery_timeout=0.5,
+            tls=None if authority is None else authority.client_context(),
+        )
+        cluster = topology_for(Endpoint(endpoint.host, endpoint.port), options)
+        assert [node.hostname for node in cluster.current().nodes] == names[:2]
+        if outage == "stopped":
+            endpoint.stop()
+        else:
+            endpoint.misbehave("hang")
+        publish(3, 2)
+        eventually(lambda: len(cluster.current().nodes) == 3, "scale-out learnt from nodes")
+        assert cluster.current().version == 2
+        assert sum(node.discovery_requests for node in nodes[:2]) >= 1
