@@ -40,6 +40,10 @@ class _ErrorLog:
     """At most one log line per source per interval, so a dead node cannot flood the logs."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start empty, with a new lock (after a fork, the parent's may be held forever)."""
         self._lock = threading.Lock()
         self._last_logged: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
@@ -63,8 +67,7 @@ class _ErrorLog:
 
 
 _error_log = _ErrorLog()
-# A lock held by another thread at fork time would stay held forever in the child.
-os.register_at_fork(after_in_child=_error_log.__init__)
+os.register_at_fork(after_in_child=_error_log.reset)
 
 
 def _miss_on_server_error(miss: Callable[..., Any]) -> Callable[[Method], Method]:
@@ -121,6 +124,10 @@ class ClusterCacheMixin:
     )
     caller_errors: ClassVar[tuple[type[Exception], ...]] = ()
     connection_errors: ClassVar[tuple[type[Exception], ...]] = ()
+
+    # Set by Django's BaseMemcachedCache and BaseCache, which the mixin is combined with.
+    _options: dict[str, Any]
+    default_timeout: float | None
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         endpoint = parse_location(server)

@@ -22,7 +22,13 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyLibMCCache
 
 from .backend import ClusterCacheMixin
-from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode, format_address
+from .cluster_utils import (
+    ClusterConfig,
+    ClusterDiscoveryError,
+    ClusterNode,
+    format_address,
+    is_serverless_host,
+)
 from .pool import NodeError
 
 __all__ = ["DEFAULT_BEHAVIORS", "ElastiCache", "LibmemcachedPlacement"]
@@ -97,6 +103,12 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
             raise InvalidCacheBackendError(
                 "pylibmc cannot speak TLS; for a cluster with in-transit encryption use "
                 "BACKEND 'django_elasticache.pymemcache.ElastiCache'"
+            )
+        if is_serverless_host(self._topology.endpoint.host):
+            raise InvalidCacheBackendError(
+                f"{server!r} is an ElastiCache Serverless endpoint, which speaks only TLS and "
+                "pylibmc cannot; use BACKEND 'django_elasticache.pymemcache.ElastiCache' "
+                "with OPTIONS['TLS'] = True"
             )
         self._options = {
             **self._options,

@@ -116,6 +116,18 @@ class _NodeClient(pymemcache.Client):
 
     set_multi = set_many
 
+    def flush_all(self, delay: int = 0, noreply: bool | None = None) -> bool:
+        """
+        A flush without a delay is sent as a bare ``flush_all``: ElastiCache Serverless
+        refuses the command with any delay argument, and every memcached reads both alike.
+        """
+        if delay:
+            return super().flush_all(delay, noreply)
+        noreply = self.default_noreply if noreply is None else noreply
+        command = b"flush_all noreply\r\n" if noreply else b"flush_all\r\n"
+        results = self._misc_cmd([command], b"flush_all", noreply)
+        return noreply or results[0] == b"OK"
+
 
 class ElastiCache(ClusterCacheMixin, PyMemcacheCache):
     """

@@ -21,13 +21,16 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from .cluster_utils import ClusterConfig, ClusterNode
 from .pool import NodePool
 
 __all__ = ["ClusterClient", "ClusterClients", "Placement", "cluster_clients"]
+
+SERVERLESS_MAX_REQUEST = 16 * 1024
+"""Bytes of one multi-key request that ElastiCache Serverless for memcached accepts."""
 
 logger = logging.getLogger("django_elasticache")
 
@@ -142,8 +145,28 @@ class ClusterClient:
         found: dict[str, Any] = {}
         for pool, node_keys in self._by_pool(keys).items():
             with pool.client(self._is_node_failure) as client:
-                found.update(client.get_multi(node_keys, *args))
+                for batch in self._get_batches(node_keys):
+                    found.update(client.get_multi(batch, *args))
         return found
+
+    def _get_batches(self, keys: list[str]) -> Iterator[list[str]]:
+        """
+        The keys in batches whose ``get`` line fits ElastiCache Serverless's limit on a
+        multi-key request; one batch elsewhere.
+        """
+        if not self.config.serverless:
+            yield keys
+            return
+        batch: list[str] = []
+        size = len(b"get \r\n")
+        for key in keys:
+            key_size = len(key.encode()) + 1
+            if batch and size + key_size > SERVERLESS_MAX_REQUEST:
+                yield batch
+                batch, size = [], len(b"get \r\n")
+            batch.append(key)
+            size += key_size
+        yield batch
 
     def set_multi(self, mapping: Mapping[str, Any], *args: Any, **kwargs: Any) -> list[str]:
         self._invalidate_former_owners(mapping)
