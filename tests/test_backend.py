@@ -141,11 +141,16 @@ def test_unreachable_endpoint_with_ignore_cluster_errors_uses_location(make_cach
         assert cache.get("key") == "value"
 
 
-def test_close_never_discovers(make_cache) -> None:
+def test_close_never_discovers(elasticache_cluster, make_cache) -> None:
     """Django closes every cache after each request, even one that never connected."""
-    cache = make_cache("127.0.0.1:9", IGNORE_EXCEPTIONS=True, DISCOVERY_TIMEOUT=0.5)
-    assert cache.get("key", "default") == "default"
+    cache = make_cache(elasticache_cluster.location)
     cache.close()
+    assert elasticache_cluster.endpoint.discovery_requests == 0
+    cache.get("key")
+    cache.close()
+    assert elasticache_cluster.endpoint.discovery_requests == 1
+    unreachable = make_cache("127.0.0.1:9", DISCOVERY_TIMEOUT=0.5)
+    unreachable.close()  # neither discovers nor raises
 
 
 def test_close_after_use_keeps_the_cache_working(elasticache_cluster, make_cache) -> None:

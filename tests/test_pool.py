@@ -1,0 +1,124 @@
+"""
+The rules of one node's client pool, with stand-in clients: the bound, waiting for a client,
+node health, retirement and fork. The end-to-end behaviour on real memcached is in
+test_concurrency.py and test_placement.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from django_elasticache import pool as pool_module
+from django_elasticache.cluster_utils import ClusterNode
+from django_elasticache.pool import NodePool, NodeUnavailable, PoolExhausted
+
+NODE = ClusterNode(hostname="node-1.example", ip="10.0.0.1", port=11211)
+
+
+class Connection:
+    """A stand-in client that records whether it was closed."""
+
+    made = 0
+
+    def __init__(self, node: ClusterNode) -> None:
+        Connection.made += 1
+        self.node = node
+        self.closed = False
+
+
+def close(connection: Connection) -> None:
+    connection.closed = True
+
+
+def never_a_node_failure(error: BaseException) -> bool:
+    return False
+
+
+def always_a_node_failure(error: BaseException) -> bool:
+    return True
+
+
+@pytest.fixture
+def short_waits(monkeypatch):
+    monkeypatch.setattr(pool_module, "BORROW_TIMEOUT", 0.2)
+    monkeypatch.setattr(pool_module, "RETRY_AFTER", 0.2)
+
+
+def test_clients_are_reused_one_borrower_at_a_time() -> None:
+    pool = NodePool(NODE, Connection, close, size=4)
+    first = pool.borrow()
+    second = pool.borrow()
+    assert first is not second
+    pool.give_back(first)
+    assert pool.borrow() is first
+    assert pool.open_count == 2
+
+
+def test_a_full_pool_makes_a_borrower_wait_then_raise(short_waits) -> None:
+    pool = NodePool(NODE, Connection, close, size=1)
+    held = pool.borrow()
+    with pytest.raises(PoolExhausted, match=r"node-1\.example:11211.*POOL_SIZE"):
+        pool.borrow()
+    threading.Timer(0.05, pool.give_back, args=(held,)).start()
+    assert pool.borrow() is held  # a client given back wakes the waiting borrower
+    assert pool.open_count == 1
+
+
+def test_node_failures_mark_the_node_down_then_let_calls_try_again(short_waits) -> None:
+    pool = NodePool(NODE, Connection, close, size=4)
+    for _ in range(pool_module.FAILURE_LIMIT):
+        with pytest.raises(OSError), pool.client(always_a_node_failure):
+            raise OSError("connection refused")
+    with pytest.raises(NodeUnavailable, match=r"node-1\.example:11211"):
+        pool.borrow()
+    assert pool.open_count == 0  # a failed connection is closed, never pooled
+    time.sleep(0.25)
+    with pool.client(always_a_node_failure):
+        pass  # tried again after RETRY_AFTER, and a success heals the node
+    with pool.client(always_a_node_failure):
+        pass
+
+
+def test_errors_that_are_not_node_failures_keep_the_client() -> None:
+    pool = NodePool(NODE, Connection, close, size=4)
+    with pytest.raises(ValueError), pool.client(never_a_node_failure) as client:
+        raise ValueError("a caller's mistake")
+    assert not client.closed and pool.borrow() is client
+
+
+def test_retired_pool_closes_idle_clients_now_and_lent_ones_on_return() -> None:
+    pool = NodePool(NODE, Connection, close, size=4)
+    idle, lent = pool.borrow(), pool.borrow()
+    pool.give_back(idle)
+    pool.retire()
+    assert idle.closed and not lent.closed
+    pool.give_back(lent)
+    assert lent.closed and pool.open_count == 0
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_forked_child_never_touches_the_parents_clients() -> None:
+    pool = NodePool(NODE, Connection, close, size=4)
+    inherited = pool.borrow()
+    pool.give_back(inherited)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        status = 1
+        try:
+            fresh = pool.borrow()
+            os.write(write, f"{fresh is not inherited} {inherited.closed}".encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read, 100).decode()
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == "True False"
+    assert pool.borrow() is inherited  # the parent's pool is as it was
