@@ -22,10 +22,7 @@ NODE = ClusterNode(hostname="node-1.example", ip="10.0.0.1", port=11211)
 class Connection:
     """A stand-in client that records whether it was closed."""
 
-    made = 0
-
     def __init__(self, node: ClusterNode) -> None:
-        Connection.made += 1
         self.node = node
         self.closed = False
 
