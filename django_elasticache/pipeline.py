@@ -72,7 +72,7 @@ def exchange(
 
 def _writes(commands: Sequence[bytes], max_write_bytes: int | None) -> Iterator[tuple[int, int]]:
     """The ``(start, end)`` slices of ``commands`` each write sends."""
-    if max_write_bytes is None and len(commands) <= MAX_COMMANDS_PER_WRITE:
+    if max_write_bytes is None and 0 < len(commands) <= MAX_COMMANDS_PER_WRITE:
         yield 0, len(commands)
         return
     limit = max_write_bytes or float("inf")
