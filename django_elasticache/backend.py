@@ -18,7 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, MEMCACHE_MAX_KEY_LENGTH
+from django.core.cache.backends.base import (
+    DEFAULT_TIMEOUT,
+    MEMCACHE_MAX_KEY_LENGTH,
+    default_key_func,
+)
 
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .options import parse_location, split_options
@@ -228,13 +232,42 @@ class ClusterCacheMixin:
             return
         super().validate_key(key)  # type: ignore[misc]
 
+    def _make_and_validate_keys(self, keys: list[Any], version: Any) -> list[str]:
+        """
+        ``make_and_validate_key`` for many keys at once, with the same keys and the same
+        error. With Django's key function every key gets one prefix; the keys are then checked
+        together: their concatenation is printable without spaces and none is too long. Should
+        the check fail, each key is checked in order as Django does, so the first bad key
+        raises Django's message.
+        """
+        if self.key_func is default_key_func:  # type: ignore[attr-defined]
+            prefix = f"{self.key_prefix}:{self.version if version is None else version}:"  # type: ignore[attr-defined]
+            made = [prefix + key if type(key) is str else f"{prefix}{key}" for key in keys]
+        else:
+            made = [self.make_key(key, version) for key in keys]  # type: ignore[attr-defined]
+        joined = "".join(made)
+        if not (
+            joined.isprintable()
+            and " " not in joined
+            and (
+                len(joined) <= MEMCACHE_MAX_KEY_LENGTH
+                or max(map(len, made)) <= MEMCACHE_MAX_KEY_LENGTH
+            )
+        ):
+            for key in made:
+                self.validate_key(key)
+        return made
+
     @_miss_on_server_error(_default_argument)
     def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
         return super().get(key, default, version)  # type: ignore[misc]
 
     @_miss_on_server_error(_constant({}))
     def get_many(self, keys: Any, version: Any = None) -> dict[Any, Any]:
-        return super().get_many(keys, version)  # type: ignore[misc]
+        keys = list(keys)
+        originals = dict(zip(self._make_and_validate_keys(keys, version), keys, strict=True))
+        found = self._cache.get_multi(originals)
+        return {originals[key]: value for key, value in found.items()}
 
     @_miss_on_server_error(_constant(False))
     def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
@@ -258,11 +291,20 @@ class ClusterCacheMixin:
 
     @_miss_on_server_error(_every_key)
     def set_many(self, data: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
-        return super().set_many(data, timeout, version)  # type: ignore[misc]
+        keys = list(data)
+        made = self._make_and_validate_keys(keys, version)
+        failed = self._cache.set_multi(
+            dict(zip(made, data.values(), strict=True)),
+            self.get_backend_timeout(timeout),  # type: ignore[attr-defined]
+        )
+        if not failed:
+            return []
+        originals = dict(zip(made, keys, strict=True))
+        return [originals[key] for key in failed]
 
     @_miss_on_server_error(_constant(None))
     def delete_many(self, keys: Any, version: Any = None) -> None:
-        return super().delete_many(keys, version)  # type: ignore[misc]
+        self._cache.delete_multi(self._make_and_validate_keys(list(keys), version))
 
     @_miss_on_server_error(_constant(None))
     def clear(self) -> None:

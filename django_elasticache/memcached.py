@@ -15,12 +15,15 @@ that did not change.
 from __future__ import annotations
 
 import re
+import socket
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pylibmc
 from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyLibMCCache
 
+from . import pipeline
 from .backend import ClusterCacheMixin
 from .cluster_utils import (
     ClusterConfig,
@@ -31,7 +34,7 @@ from .cluster_utils import (
 )
 from .pool import NodeError
 
-__all__ = ["DEFAULT_BEHAVIORS", "ElastiCache", "LibmemcachedPlacement"]
+__all__ = ["DEFAULT_BEHAVIORS", "ElastiCache", "LibmemcachedPlacement", "PipelinedClient"]
 
 DEFAULT_BEHAVIORS: dict[str, Any] = {
     # Consistent hashing: a node added or removed moves only its share of the keys.
@@ -48,6 +51,9 @@ DEFAULT_BEHAVIORS: dict[str, Any] = {
     "retry_timeout": 2,
 }
 """pylibmc behaviours used unless OPTIONS['behaviors'] overrides them key by key."""
+
+MAX_KEY_BYTES = 250
+"""memcached's key length limit, in bytes."""
 
 _FAILED_HOST = re.compile(r"host: (\S+?)(?: ->|$)")
 
@@ -71,6 +77,104 @@ class LibmemcachedPlacement:
     def __init__(self, config: ClusterConfig, behaviors: dict[str, Any]) -> None:
         names = [node_name(node) for node in config.nodes]
         self.node_index = pylibmc.Client(names, behaviors=behaviors).hash
+
+
+def _seconds(milliseconds: int, default: float) -> float:
+    """A libmemcached timeout behaviour in seconds; not positive means libmemcached's default."""
+    return milliseconds / 1000 if milliseconds > 0 else default
+
+
+class PipelinedClient(pylibmc.Client):
+    """
+    A pylibmc client of one node whose ``set_multi`` and ``delete_multi`` are pipelined (see
+    ``pipeline``) on a connection of its own, opened on first use with the client's timeouts.
+
+    Every key's outcome is read back: a refused key is returned as failed, and a value over
+    the node's item size limit raises ``pylibmc.TooBig`` as libmemcached's ``set_multi`` does,
+    but only after every other key was stored (the node drops the too large key's old value).
+    With the binary protocol, SASL or any of pylibmc's extra arguments, libmemcached does the
+    work.
+    """
+
+    def __init__(self, node: ClusterNode, **options: Any) -> None:
+        super().__init__([node.address], **options)
+        self._host = node.ip or node.hostname
+        self._port = node.port
+        self._pipelines = not options.get("binary") and options.get("username") is None
+        self._sock: socket.socket | None = None
+
+    def set_multi(self, mapping: Mapping[Any, Any], time: int = 0, **extra: Any) -> list[Any]:
+        keys = list(mapping)
+        encoded = self._encoded(keys, extra)
+        if encoded is None:
+            return super().set_multi(mapping, time, **extra)
+        serialize = self.serialize
+        commands = []
+        for key, key_bytes in zip(keys, encoded, strict=True):
+            data, flags = serialize(mapping[key])
+            commands.append(pipeline.set_command(key_bytes, flags, time, data))
+        replies = self._exchange(commands)
+        failed = [key for key, reply in zip(keys, replies, strict=True) if reply != b"STORED"]
+        too_large = [
+            key for key, reply in zip(keys, replies, strict=True) if reply == pipeline.TOO_LARGE
+        ]
+        if too_large:
+            raise pylibmc.TooBig(f"values larger than the node's item size limit: {too_large!r}")
+        return failed
+
+    def delete_multi(self, keys: Iterable[Any], **extra: Any) -> bool:
+        keys = list(keys)
+        encoded = self._encoded(keys, extra)
+        if encoded is None:
+            return super().delete_multi(keys, **extra)
+        replies = self._exchange([pipeline.delete_command(key) for key in encoded])
+        return all(reply == b"DELETED" for reply in replies)
+
+    def disconnect_all(self) -> None:
+        super().disconnect_all()
+        self._close_pipeline()
+
+    def _encoded(self, keys: list[Any], extra: dict[str, Any]) -> list[bytes] | None:
+        """The keys as sent, or None when libmemcached must do the call."""
+        if extra or not self._pipelines:
+            return None
+        encoded = [key.encode() if type(key) is str else key for key in keys]
+        if any(type(key) is not bytes or len(key) > MAX_KEY_BYTES for key in encoded):
+            return None  # libmemcached reports such keys its own way.
+        return encoded
+
+    def _exchange(self, commands: list[bytes]) -> list[bytes]:
+        """
+        Run the commands; a pooled connection the node closed since is replaced once (sets and
+        deletes can be repeated). Errors are pylibmc's, naming the node as libmemcached does.
+        """
+        reused = self._sock is not None
+        while True:
+            try:
+                return pipeline.exchange(self._connection(), commands)
+            except OSError as error:
+                self._close_pipeline()
+                if not reused:
+                    raise pylibmc.ConnectionError(
+                        f"pipelined call failed: {error},  host: {self._host}:{self._port}"
+                    ) from error
+                reused = False
+
+    def _connection(self) -> socket.socket:
+        if self._sock is None:
+            behaviors = self.behaviors
+            sock = socket.create_connection(
+                (self._host, self._port), _seconds(behaviors["connect_timeout"], 4.0)
+            )
+            sock.settimeout(_seconds(behaviors["_poll_timeout"], 5.0))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+        return self._sock
+
+    def _close_pipeline(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 class ElastiCache(ClusterCacheMixin, PyLibMCCache):
@@ -116,7 +220,7 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
         }
 
     def _make_node_client(self, node: ClusterNode) -> pylibmc.Client:
-        return self._class([node.address], **self._options)
+        return PipelinedClient(node, **self._options)
 
     def _close_node_client(self, client: pylibmc.Client) -> None:
         client.disconnect_all()

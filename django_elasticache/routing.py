@@ -171,27 +171,44 @@ class ClusterClient:
     def set_multi(self, mapping: Mapping[str, Any], *args: Any, **kwargs: Any) -> list[str]:
         self._invalidate_former_owners(mapping)
         failed: list[str] = []
-        for pool, node_keys in self._by_pool(mapping).items():
-            with pool.client(self._is_node_failure) as client:
-                values = {key: mapping[key] for key in node_keys}
-                failed.extend(client.set_multi(values, *args, **kwargs))
+
+        def store(client: Any, node_keys: list[str]) -> None:
+            failed.extend(
+                client.set_multi({key: mapping[key] for key in node_keys}, *args, **kwargs)
+            )
+
+        self._on_every_node(self._by_pool(mapping), store)
         return failed
 
     def delete_multi(self, keys: Iterable[str], *args: Any) -> bool:
         keys = list(keys)
         self._invalidate_former_owners(keys)
-        deleted = True
-        for pool, node_keys in self._by_pool(keys).items():
-            with pool.client(self._is_node_failure) as client:
-                deleted = bool(client.delete_multi(node_keys, *args)) and deleted
-        return deleted
+        outcomes: list[bool] = []
+
+        def delete(client: Any, node_keys: list[str]) -> None:
+            outcomes.append(bool(client.delete_multi(node_keys, *args)))
+
+        self._on_every_node(self._by_pool(keys), delete)
+        return all(outcomes)
 
     def flush_all(self, *args: Any) -> None:
+        self._on_every_node(
+            {pool: [] for pool in self._pools}, lambda client, _: client.flush_all(*args)
+        )
+
+    def _on_every_node(
+        self, groups: Mapping[NodePool, list[str]], call: Callable[[Any, list[str]], None]
+    ) -> None:
+        """
+        ``call(client, keys)`` for each node's keys. A node that fails does not stop the others
+        (the keys of a write not tried would keep their old values); the first error is raised
+        once every node was tried.
+        """
         first_error: BaseException | None = None
-        for pool in self._pools:
+        for pool, node_keys in groups.items():
             try:
                 with pool.client(self._is_node_failure) as client:
-                    client.flush_all(*args)
+                    call(client, node_keys)
             except Exception as error:
                 first_error = first_error or error
         if first_error is not None:

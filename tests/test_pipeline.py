@@ -1,0 +1,162 @@
+"""Pipelined set_many and delete_many on real memcached: every key's outcome, no stale value."""
+
+from __future__ import annotations
+
+import random
+
+import pylibmc
+import pytest
+from django.core.cache import InvalidCacheKey
+from django.core.cache.backends.memcached import PyLibMCCache
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pymemcache.exceptions import MemcacheServerError
+
+from django_elasticache import memcached, pipeline
+
+OVER_THE_ITEM_SIZE_LIMIT = b"x" * (2 * 1024 * 1024)
+
+
+def too_large_error(cache: object) -> type[Exception]:
+    """What each backend's own one-key set raises for a value over memcached's limit."""
+    return pylibmc.TooBig if isinstance(cache, memcached.ElastiCache) else MemcacheServerError
+
+
+def assert_too_large_value_fails_alone(cache) -> None:
+    keys = [f"k{index}" for index in range(60)]
+    cache.set_many({key: "old" for key in [*keys, "big"]})
+    batch: dict[str, object] = {key: f"new-{key}" for key in keys}
+    batch["big"] = OVER_THE_ITEM_SIZE_LIMIT
+    with pytest.raises(too_large_error(cache)):
+        cache.set_many(batch)
+    assert cache.get_many([*keys, "big"]) == {key: f"new-{key}" for key in keys}
+
+
+def test_too_large_value_in_set_many_fails_alone(elasticache_cluster, make_cache) -> None:
+    """The other keys are stored, and the too large key's old value is not readable."""
+    assert_too_large_value_fails_alone(make_cache(elasticache_cluster.location))
+
+
+def test_too_large_value_in_set_many_over_tls_fails_alone(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    cluster = elasticache_cluster_factory(tls=True)
+    cache = make_pymemcache_cache(cluster.location, TLS=cluster.client_tls_context())
+    assert_too_large_value_fails_alone(cache)
+
+
+def old_values_then_first_node_killed(cluster, cache) -> list[str]:
+    """Keys written on every node, then the first node (the first a batch goes to) killed."""
+    keys = [f"k{index}" for index in range(120)]
+    cache.set_many({key: "old" for key in keys})
+    cluster.kill_node(cluster.nodes[0])
+    return keys
+
+
+def test_set_many_with_a_node_killed_leaves_no_old_value(elasticache_cluster, make_cache) -> None:
+    """
+    The pooled connections of every node are open when a node dies: the batch of the dead
+    node fails and is reported, the batches of the other nodes are still stored.
+    """
+    cluster = elasticache_cluster
+    cache = make_cache(cluster.location)
+    keys = old_values_then_first_node_killed(cluster, cache)
+    with pytest.raises(cache.server_errors):
+        cache.set_many({key: "new" for key in keys})
+    reader = make_cache(cluster.location, IGNORE_EXCEPTIONS=True)
+    assert {reader.get(key) for key in keys} == {"new", None}
+
+
+def test_delete_many_with_a_node_killed_deletes_on_the_other_nodes(
+    elasticache_cluster, make_cache
+) -> None:
+    cluster = elasticache_cluster
+    cache = make_cache(cluster.location)
+    keys = old_values_then_first_node_killed(cluster, cache)
+    with pytest.raises(cache.server_errors):
+        cache.delete_many(keys)
+    reader = make_cache(cluster.location, IGNORE_EXCEPTIONS=True)
+    assert {reader.get(key) for key in keys} == {None}
+
+
+def test_set_many_reports_keys_the_node_did_not_store(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    data = {f"k{index}": index for index in range(300)}
+    assert cache.set_many(data) == []
+    assert cache.get_many(list(data)) == data
+    assert cache.set_many(data, timeout=0) == []
+    assert cache.get_many(list(data)) == {}
+
+
+def test_pylibmc_binary_protocol_set_many_is_libmemcacheds(
+    elasticache_cluster, make_pylibmc_cache
+) -> None:
+    cache = make_pylibmc_cache(elasticache_cluster.location, binary=True)
+    data = {f"k{index}": {"index": index} for index in range(50)}
+    assert cache.set_many(data) == []
+    cache.delete_many(list(data)[:25])
+    assert cache.get_many(list(data)) == dict(list(data.items())[25:])
+
+
+def test_tls_set_many_far_beyond_one_tls_record_is_answered(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    """
+    Without write bounds memcached 1.6.18 would stop reading this connection; the node
+    client's 1 s timeout then fails the call instead of letting it hang.
+    """
+    cluster = elasticache_cluster_factory(tls=True)
+    cache = make_pymemcache_cache(cluster.location, TLS=cluster.client_tls_context(), timeout=1.0)
+    small = {f"small-{index}": "v" * 100 for index in range(600)}
+    sizes = random.Random(7).choices([1, 10, 100, 1000, 5000, 8000, 9000, 20000], k=300)
+    mixed = {f"mixed-{index}": "m" * size for index, size in enumerate(sizes)}
+    for data in (small, mixed):
+        assert cache.set_many(data) == []
+        assert cache.get_many(list(data)) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=20000), max_size=600),
+    max_write_bytes=st.sampled_from([None, pipeline.TLS_WRITE_BYTES]),
+)
+def test_writes_stay_within_their_bounds(sizes: list[int], max_write_bytes: int | None) -> None:
+    commands = [b"x" * size for size in sizes]
+    writes = list(pipeline._writes(commands, max_write_bytes))
+    assert [index for start, end in writes for index in range(start, end)] == list(
+        range(len(commands))
+    )
+    for start, end in writes:
+        assert 0 < end - start <= pipeline.MAX_COMMANDS_PER_WRITE
+        if max_write_bytes is not None and end - start > 1:
+            assert sum(sizes[start:end]) <= max_write_bytes
+
+
+any_key = (
+    st.text(max_size=260)
+    | st.text(alphabet=st.characters(max_codepoint=300))
+    | st.integers()
+    | st.sampled_from(["ok", "x" * 240, "tab\there", "é" * 250])
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    keys=st.lists(any_key, max_size=6),
+    version=st.none() | st.integers(min_value=0, max_value=10**12),
+    key_prefix=st.sampled_from(["", "site", "s p"]),
+)
+def test_bulk_key_validation_matches_djangos(keys: list, version, key_prefix: str) -> None:
+    params = {"KEY_PREFIX": key_prefix}
+    ours = memcached.ElastiCache("cfg.example:11211", params)
+    django_backend = PyLibMCCache("cfg.example:11211", params)
+    outcomes = []
+    for make_all in (
+        lambda: ours._make_and_validate_keys(keys, version),
+        lambda: [django_backend.make_and_validate_key(key, version) for key in keys],
+    ):
+        try:
+            outcomes.append(make_all())
+        except InvalidCacheKey as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
