@@ -12,10 +12,14 @@ scale-out moves. Then the topology's recovery figures: the share of thread-time 
 cache calls while a process starts against a hung endpoint, the time to follow a cluster
 re-created under its name (config version back to 1), and how many workers forked from an
 idle pre-fork master end their short life on the node list from before a scale-out.
+Last, placement: how many keys of the nodes that stay a node replacement moves, how many
+reads return a value from before a rewrite after two replacements, and how many keys deleted
+while scaled out come back after scaling in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
@@ -160,6 +164,78 @@ def share_of_keys_moved(keys: int = 5000) -> float:
         return moved / keys
 
 
+def _follow(cache: ElastiCache, wanted) -> None:
+    """Serve probes until the backend's node list satisfies ``wanted`` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        # A node that just left the list errs until the new list is in use.
+        with contextlib.suppress(*cache.server_errors):
+            cache.get("probe")
+        if wanted(cache.client_servers):
+            return
+        time.sleep(0.02)
+    raise RuntimeError("the backend did not follow the node list within 10 s")
+
+
+def _replace(cluster: LocalCluster, node, ip: str):
+    """ElastiCache's replacement: a new, empty node under the same hostname and port, new IP."""
+    replacement = start_memcached(ip, node.port, hostname=node.hostname)
+    cluster.publish(
+        [replacement if other is node else other for other in cluster.nodes],
+        cluster.config_version + 1,
+    )
+    node.stop()
+    return replacement
+
+
+def keys_moved_by_replacement(keys: int = 5000) -> tuple[int, int]:
+    """Keys held by the nodes that stay, and how many of them a replacement moved (target 0)."""
+    with LocalCluster(nodes=3) as cluster:
+        cache = backend(cluster.location, REFRESH_INTERVAL=0.1)
+        names = [f"k{index}" for index in range(keys)]
+        cache.set_many(dict.fromkeys(names, "value"))
+        victim = cluster.nodes[1]
+        on_victim = set(_held(victim, [cache.make_key(name) for name in names]))
+        kept = [name for name in names if cache.make_key(name) not in on_victim]
+        with _replace(cluster, victim, "127.0.0.2") as replacement:
+            _follow(cache, lambda servers: replacement.address in servers)
+            found = cache.get_many(kept)
+        return len(kept) - len(found), len(kept)
+
+
+def stale_reads_after_replacements(keys: int = 5000) -> int:
+    """
+    Reads of a value from before a rewrite, after the same node was replaced twice, as
+    vertical scaling or repeated failures do (target 0).
+    """
+    with LocalCluster(nodes=3) as cluster:
+        cache = backend(cluster.location, REFRESH_INTERVAL=0.1)
+        names = [f"k{index}" for index in range(keys)]
+        cache.set_many(dict.fromkeys(names, "before"))
+        first = _replace(cluster, cluster.nodes[0], "127.0.0.2")
+        with first:
+            _follow(cache, lambda servers: first.address in servers)
+            cache.set_many(dict.fromkeys(names, "after"))
+            second = _replace(cluster, first, "127.0.0.3")
+            with second:
+                _follow(cache, lambda servers: second.address in servers)
+                return sum(value == "before" for value in cache.get_many(names).values())
+
+
+def resurrected_deletes(keys: int = 300) -> int:
+    """Keys deleted while scaled out 3 -> 4 that read back after scaling in (target 0)."""
+    with LocalCluster(nodes=3) as cluster:
+        cache = backend(cluster.location, REFRESH_INTERVAL=0.1)
+        names = [f"k{index}" for index in range(keys)]
+        cache.set_many(dict.fromkeys(names, "old"))
+        added = cluster.add_node()
+        _follow(cache, lambda servers: added.address in servers)
+        cache.delete_many(names)
+        cluster.remove_node(added)
+        _follow(cache, lambda servers: added.address not in servers)
+        return len(cache.get_many(names))
+
+
 def _held(node, names: list[str]) -> list[str]:
     return [name for name in names if node.holds([name])]
 
@@ -295,6 +371,16 @@ def main() -> None:
     print(
         "recycled-worker staleness (REFRESH_INTERVAL=1, workers forked after one interval): "
         f"{recycled_worker_staleness()} of 20 workers ended on the old node list"
+    )
+    moved, kept = keys_moved_by_replacement()
+    print(f"replacing 1 node of 3: {moved} of the {kept} keys of the other nodes moved")
+    print(
+        "one node replaced twice, every key rewritten in between: "
+        f"{stale_reads_after_replacements()} of 5000 reads returned the value from before"
+    )
+    print(
+        "300 keys deleted while scaled out 3 -> 4, read after scaling back in: "
+        f"{resurrected_deletes()} came back"
     )
 
 
