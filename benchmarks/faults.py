@@ -29,6 +29,7 @@ import pylibmc  # noqa: E402
 
 from django_elasticache.cluster_utils import EndpointTimeout, discover  # noqa: E402
 from django_elasticache.memcached import ElastiCache  # noqa: E402
+from django_elasticache.options import parse_location  # noqa: E402
 from django_elasticache.testing import LocalCluster  # noqa: E402
 
 OPERATIONS = 3000
@@ -47,12 +48,11 @@ def discovery_round_trip(runs: int = 200) -> tuple[float, float]:
     command = [sys.executable, "-m", "django_elasticache", "local-cluster", "--nodes", "3"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as cluster:
         try:
-            location = cluster.stdout.readline().split()[-1]
-            host, _, port = location.rpartition(":")
+            endpoint = parse_location(cluster.stdout.readline().split()[-1])
             timings = []
             for _ in range(runs):
                 started = time.perf_counter()
-                discover(host, int(port))
+                discover(endpoint.host, endpoint.port)
                 timings.append(time.perf_counter() - started)
         finally:
             cluster.send_signal(signal.SIGINT)
