@@ -647,18 +647,6 @@ def requests_sections(data: Mapping[str, Any], with_targets: bool = True) -> lis
         Section(
             "Django request cycle",
             [
-                Paragraph(
-                    f"On {nodes}-node clusters, a request is {data['request_gets']} ``get`` "
-                    "through ``caches[alias]`` and then Django's ``close_caches()`` (what "
-                    "``request_finished`` runs), or the same without closing. *wsgi*: a pool "
-                    "of 8 threads, each with its own backend instance; *asgi*: each request a "
-                    "task in its own ``ThreadSensitiveContext``, its view and the signal run "
-                    "through ``sync_to_async``, 8 at a time, as Django's ASGI handler runs a "
-                    f"sync view. Median µs per request over {data['rounds']} interleaved rounds "
-                    f"of {data['requests_per_measurement']}; *close cost* is the median of the "
-                    "per-round ratios. *new connections* is the most any node accepted (its "
-                    f"``total_connections``) over {data['connection_requests']} warm requests."
-                ),
                 Table.of(
                     [
                         "backend",
@@ -671,6 +659,17 @@ def requests_sections(data: Mapping[str, Any], with_targets: bool = True) -> lis
                         "without",
                     ],
                     request_rows(figures),
+                    f"On {nodes}-node clusters, a request is {data['request_gets']} ``get`` "
+                    "through ``caches[alias]`` and then Django's ``close_caches()`` (what "
+                    "``request_finished`` runs), or the same without closing. *wsgi*: a pool "
+                    f"of {data['threads']} threads, each with its own backend instance; *asgi*: "
+                    "each request a task in its own ``ThreadSensitiveContext``, its view and the "
+                    f"signal run through ``sync_to_async``, {data['threads']} at a time, as "
+                    "Django's ASGI handler runs a sync view. Median µs per request over "
+                    f"{data['rounds']} interleaved rounds "
+                    f"of {data['requests_per_measurement']}; *close cost* is the median of the "
+                    "per-round ratios. *new connections* is the most any node accepted (its "
+                    f"``total_connections``) over {data['connection_requests']} warm requests.",
                 ),
             ],
         ),
