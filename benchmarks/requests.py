@@ -441,6 +441,8 @@ def shared_by_threads(alias: str) -> Counter[str]:
         start.wait()
         for i in range(SHARING_ITERATIONS):
             key, value = f"bench:shared:{thread}:{i % 10}", f"{thread}:{i}"
+            with lock:
+                outcome["operations"] += 3
             try:
                 cache.set(key, value)
                 right = cache.get(key) == value
@@ -451,7 +453,6 @@ def shared_by_threads(alias: str) -> Counter[str]:
                     outcome[f"exception {type(error).__name__}"] += 1
                 continue
             with lock:
-                outcome["operations"] += 3
                 outcome["wrong"] += not right
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(SHARING_THREADS)]
@@ -575,6 +576,15 @@ def describe(contender: Contender) -> dict[str, Any]:
     }
 
 
+def kinds(outcome: Mapping[str, int]) -> dict[str, int]:
+    """The exceptions of a crash case's outcome, by class name."""
+    return {
+        what.removeprefix("exception "): count
+        for what, count in outcome.items()
+        if what.startswith("exception ")
+    }
+
+
 def summarize(data: Mapping[str, Any]) -> dict[str, Any]:
     """The figures the report shows, from the samples."""
     cycle = data["cycle"]
@@ -621,11 +631,8 @@ def summarize(data: Mapping[str, Any]) -> dict[str, Any]:
             name: {
                 "crashed": result["ended"] != "ok",
                 "how": result["ended"],
-                "exceptions": sum(
-                    count
-                    for what, count in result["outcome"].items()
-                    if what.startswith("exception")
-                ),
+                "exceptions": sum(kinds(result["outcome"]).values()),
+                "kinds": kinds(result["outcome"]),
                 "wrong": result["outcome"].get("wrong", 0),
                 "operations": result["outcome"].get("operations", 0),
                 "stderr": result["stderr"],

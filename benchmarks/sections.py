@@ -701,7 +701,14 @@ def requests_sections(data: Mapping[str, Any], with_targets: bool = True) -> lis
             "Crash cases",
             [
                 Table.of(
-                    ["case", "backend", "crashed", "exceptions", "wrong values", "operations"],
+                    [
+                        "case",
+                        "backend",
+                        "crashed",
+                        "exceptions",
+                        "wrong values",
+                        "operations tried",
+                    ],
                     crash_rows(figures),
                     "Each in a fresh subprocess: one backend instance shared by 32 threads "
                     "doing set/get/get_many; an instance made at start-up, then used by waves of "
@@ -768,11 +775,19 @@ def crash_rows(figures: Mapping[str, Any]) -> Iterator[list[str]]:
 
 
 def crash_notes(figures: Mapping[str, Any]) -> list[str]:
-    """What a crashed process said last, once per distinct message."""
+    """The exceptions raised, and what a crashed process said, once per distinct message."""
+    raised = [
+        f"{REQUEST_LABELS[name]}, {case}: "
+        + ", ".join(f"{kind} {count}" for kind, count in row["kinds"].items())
+        for case, by_backend in figures["crashes"].items()
+        for name, row in by_backend.items()
+        if row["kinds"]
+    ]
     said = {
         row["stderr"]
         for by_backend in figures["crashes"].values()
         for row in by_backend.values()
         if row["crashed"] and row["stderr"]
     }
-    return [f"A crashed process wrote: {message}" for message in sorted(said)]
+    notes = [f"Raised: {'; '.join(raised)}."] if raised else []
+    return [*notes, *(f"A crashed process wrote: {message}" for message in sorted(said))]
