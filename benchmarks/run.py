@@ -5,7 +5,7 @@ nodes behind an emulated configuration endpoint (``django_elasticache.testing``)
 
 Usage::
 
-    python benchmarks/run.py                # full run, under 3 minutes on 2 cores
+    python benchmarks/run.py                # full run, about 4 minutes on 2 cores
     python benchmarks/run.py --quick        # smoke test: few rounds, writes JSON only
     python benchmarks/run.py --rounds 9 --out results.json --chart chart.png --rst RESULTS.rst
 
@@ -104,7 +104,7 @@ PIPELINE_MAX_READS = 100
 ENDPOINT_REQUESTS = 5
 CONFIG_GET = b"config get cluster\r\n"
 MAX_SECONDS = 600.0
-"""Hard stop for a run that has gone wrong; a normal full run takes well under 3 minutes."""
+"""Hard stop for a run that has gone wrong; a normal full run takes about 4 minutes."""
 
 PROBED = ("ours", "ours_pymemcache", BASELINE, "pymemcache", "elastipymemcache")
 """Contenders whose per-process costs are measured (raw pylibmc is not a Django backend)."""
