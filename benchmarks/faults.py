@@ -47,6 +47,7 @@ def discovery_round_trip(runs: int = 200) -> tuple[float, float]:
     """
     command = [sys.executable, "-m", "django_elasticache", "local-cluster", "--nodes", "3"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as cluster:
+        assert cluster.stdout is not None  # stdout=PIPE
         try:
             endpoint = parse_location(cluster.stdout.readline().split()[-1])
             timings = []
@@ -100,7 +101,7 @@ def worst_latency_while_endpoint_hangs() -> tuple[float, float, int]:
         cache = backend(cluster.location, REFRESH_INTERVAL=0.2, DISCOVERY_TIMEOUT=2)
         cache.set("key", "value")
         cluster.endpoint.misbehave("hang")
-        timings = []
+        timings: list[float] = []
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and len(timings) < 200_000:
             started = time.perf_counter()

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sections
+import request_report
 import tables
 import targets
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -58,6 +58,8 @@ from backends import TIMEOUT_SECONDS, ListedHosts, our_behaviors, static_locatio
 from django.core.cache import caches, close_caches
 from django.test.utils import override_settings
 from stats import paired, quartiles
+from tables import Section
+from targets import target_table
 from wire import connect
 
 from django_elasticache.cluster_utils import format_address
@@ -660,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"[{time.monotonic() - started:6.1f} s] {what}", file=sys.stderr, flush=True
         ),
     )
-    print(tables.text(sections.requests_sections(data)))
+    report = [*request_report.sections(data), Section("Targets", [target_table(data["targets"])])]
+    print(tables.text(report))
     print(f"\n{time.monotonic() - started:.0f} s")
     return 0
 

@@ -6,9 +6,10 @@ reads them. ``report`` writes them to the terminal and to RESULTS.rst alike.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import request_report
 import tuning
 from backends import BASELINE, TLS_PAIRS
 from stats import geometric_mean
@@ -22,6 +23,7 @@ from summary import (
     PYMEMCACHE_COMPARED,
 )
 from tables import Notes, Paragraph, Section, Table, fmt_added, fmt_ratio, fmt_us
+from targets import target_table
 
 SHORT = {
     "ours": "ours",
@@ -450,23 +452,6 @@ def notes(summary: Mapping[str, Any]) -> list[str]:
     ]
 
 
-TARGET_HEADER = ["target", "met", "worst case", "value", "quartiles"]
-
-
-def target_rows(verdicts: Sequence[Mapping[str, Any]]) -> Iterator[list[str]]:
-    for verdict in verdicts:
-        spread = verdict["quartiles"]
-        unit = verdict.get("unit", "x")
-        value = f"{verdict['worst']:.2f}x" if unit == "x" else f"{verdict['worst']:g}"
-        yield [
-            verdict["target"],
-            "yes" if verdict["met"] else "no",
-            verdict["where"],
-            value,
-            f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-",
-        ]
-
-
 def main_sections(results: Mapping[str, Any]) -> list[Section]:
     """Every section of a full run, in reading order."""
     summary = results["summary"]
@@ -521,11 +506,8 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
                     "when they straddle the bound, the pass or the miss is within the noise "
                     "of a shared machine."
                 ),
-                Table.of(
-                    TARGET_HEADER,
-                    target_rows(
-                        [*summary["targets"], *results.get("requests", {}).get("targets", [])]
-                    ),
+                target_table(
+                    [*summary["targets"], *results.get("requests", {}).get("targets", [])]
                 ),
                 Notes([versus_stock_line(summary)]),
             ],
@@ -534,7 +516,7 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
         tuning_section(results),
     ]
     if "requests" in results:
-        sections += requests_sections(results["requests"], with_targets=False)
+        sections += request_report.sections(results["requests"])
     return sections
 
 
@@ -627,167 +609,3 @@ def tuning_section(results: Mapping[str, Any]) -> Section:
             ),
         ],
     )
-
-
-# The request cycle (requests.py)
-
-REQUEST_LABELS = {
-    "ours": "ours (pylibmc)",
-    "ours_pymemcache": "ours (pymemcache)",
-    "stock": "PyLibMCCache",
-    "pymemcache": "PyMemcacheCache",
-}
-
-
-def requests_sections(data: Mapping[str, Any], with_targets: bool = True) -> list[Section]:
-    """What ``requests.py`` measured: the request cycle, aget, concurrency, crashes."""
-    figures = data["summary"]
-    nodes = data["nodes"]
-    sections = [
-        Section(
-            "Django request cycle",
-            [
-                Table.of(
-                    [
-                        "backend",
-                        "style",
-                        "transport",
-                        "µs with close",
-                        "µs without",
-                        "close cost",
-                        "new connections, close",
-                        "without",
-                    ],
-                    request_rows(figures),
-                    f"On {nodes}-node clusters, a request is {data['request_gets']} ``get`` "
-                    "through ``caches[alias]`` and then Django's ``close_caches()`` (what "
-                    "``request_finished`` runs), or the same without closing. *wsgi*: a pool "
-                    f"of {data['threads']} threads, each with its own backend instance; *asgi*: "
-                    "each request a task in its own ``ThreadSensitiveContext``, its view and the "
-                    f"signal run through ``sync_to_async``, {data['threads']} at a time, as "
-                    "Django's ASGI handler runs a sync view. Median µs per request over "
-                    f"{data['rounds']} interleaved rounds "
-                    f"of {data['requests_per_measurement']}; *close cost* is the median of the "
-                    "per-round ratios. *new connections* is the most any node accepted (its "
-                    f"``total_connections``) over {data['connection_requests']} warm requests.",
-                ),
-            ],
-        ),
-        Section(
-            "aget and 50 concurrent ASGI requests",
-            [
-                Table.of(
-                    ["backend", "get µs", "aget µs", "aget / get"],
-                    aget_rows(figures),
-                    "``aget`` awaited one after another inside one request's context, against "
-                    "``get`` on the same instance (median of the per-round ratios).",
-                ),
-                Table.of(
-                    [
-                        "backend",
-                        "requests/s",
-                        "vs PyLibMCCache",
-                        "wrong values",
-                        "exceptions",
-                    ],
-                    concurrent_rows(figures),
-                    "Waves of 50 ASGI-style requests at once (``asyncio.gather``), each in its "
-                    "own context writing its own key with ``aset`` and reading it back with "
-                    "``aget``.",
-                ),
-            ],
-        ),
-        Section(
-            "Crash cases",
-            [
-                Table.of(
-                    [
-                        "case",
-                        "backend",
-                        "crashed",
-                        "exceptions",
-                        "wrong values",
-                        "operations tried",
-                    ],
-                    crash_rows(figures),
-                    "Each in a fresh subprocess: one backend instance shared by 32 threads "
-                    "doing set/get/get_many; an instance made at start-up, then used by waves of "
-                    "50 ASGI-style requests (each in its own ``ThreadSensitiveContext``) with "
-                    "``aset``/``aget``.",
-                ),
-                Notes(crash_notes(figures)),
-            ],
-        ),
-    ]
-    if with_targets:
-        sections.append(
-            Section("Targets", [Table.of(TARGET_HEADER, target_rows(data["targets"]))])
-        )
-    return sections
-
-
-def request_rows(figures: Mapping[str, Any]) -> Iterator[list[str]]:
-    for row in figures["requests"].values():
-        yield [
-            REQUEST_LABELS[row["backend"]],
-            row["style"],
-            "TLS" if row["tls"] else "clear",
-            f"{row['close_us']:,.0f}",
-            f"{row['no_close_us']:,.0f}",
-            fmt_ratio(row["close_cost"]),
-            str(row["connections_per_node"]),
-            str(row["connections_per_node_no_close"]),
-        ]
-
-
-def aget_rows(figures: Mapping[str, Any]) -> Iterator[list[str]]:
-    for name, row in figures["aget"].items():
-        yield [
-            REQUEST_LABELS[name],
-            fmt_us(row["get_us"]),
-            fmt_us(row["aget_us"]),
-            fmt_ratio(row["ratio"]),
-        ]
-
-
-def concurrent_rows(figures: Mapping[str, Any]) -> Iterator[list[str]]:
-    for name, row in figures["concurrent"].items():
-        yield [
-            REQUEST_LABELS[name],
-            f"{row['requests_per_second']:,.0f}",
-            fmt_ratio(row["versus_stock"]),
-            str(row["wrong"]),
-            str(row["exceptions"]),
-        ]
-
-
-def crash_rows(figures: Mapping[str, Any]) -> Iterator[list[str]]:
-    for case, by_backend in figures["crashes"].items():
-        for name, row in by_backend.items():
-            yield [
-                case,
-                REQUEST_LABELS[name],
-                f"yes ({row['how']})" if row["crashed"] else "no",
-                str(row["exceptions"]),
-                str(row["wrong"]),
-                str(row["operations"]),
-            ]
-
-
-def crash_notes(figures: Mapping[str, Any]) -> list[str]:
-    """The exceptions raised, and what a crashed process said, once per distinct message."""
-    raised = [
-        f"{REQUEST_LABELS[name]}, {case}: "
-        + ", ".join(f"{kind} {count}" for kind, count in row["kinds"].items())
-        for case, by_backend in figures["crashes"].items()
-        for name, row in by_backend.items()
-        if row["kinds"]
-    ]
-    said = {
-        row["stderr"]
-        for by_backend in figures["crashes"].values()
-        for row in by_backend.values()
-        if row["crashed"] and row["stderr"]
-    }
-    notes = [f"Raised: {'; '.join(raised)}."] if raised else []
-    return [*notes, *(f"A crashed process wrote: {message}" for message in sorted(said))]

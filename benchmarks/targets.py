@@ -17,6 +17,7 @@ from typing import Any
 
 from backends import BASELINE
 from stats import paired, quartiles
+from tables import Table
 
 OURS = "ours"
 OURS_PYMEMCACHE = "ours_pymemcache"
@@ -216,3 +217,24 @@ def failures(figures: Mapping[str, Any]) -> Iterator[tuple[float, str, None]]:
             result = by_backend[name]
             count = int(result["crashed"]) + result["exceptions"] + result["wrong"]
             yield count, f"{name}, {case}", None
+
+
+TARGET_HEADER = ["target", "met", "worst case", "value", "quartiles"]
+
+
+def target_rows(verdicts: Sequence[Mapping[str, Any]]) -> Iterator[list[str]]:
+    for verdict in verdicts:
+        spread = verdict["quartiles"]
+        unit = verdict.get("unit", "x")
+        value = f"{verdict['worst']:.2f}x" if unit == "x" else f"{verdict['worst']:g}"
+        yield [
+            verdict["target"],
+            "yes" if verdict["met"] else "no",
+            verdict["where"],
+            value,
+            f"{spread[0]:.2f}-{spread[1]:.2f}" if spread else "-",
+        ]
+
+
+def target_table(verdicts: Sequence[Mapping[str, Any]]) -> Table:
+    return Table.of(TARGET_HEADER, target_rows(verdicts))
