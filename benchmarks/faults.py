@@ -38,6 +38,7 @@ import pylibmc  # noqa: E402
 
 from django_elasticache.cluster_utils import EndpointTimeout, discover  # noqa: E402
 from django_elasticache.memcached import ElastiCache  # noqa: E402
+from django_elasticache.options import parse_location  # noqa: E402
 from django_elasticache.testing import ConfigEndpoint, LocalCluster  # noqa: E402
 from django_elasticache.testing.cluster import start_memcached  # noqa: E402
 
@@ -56,13 +57,13 @@ def discovery_round_trip(runs: int = 200) -> tuple[float, float]:
     """
     command = [sys.executable, "-m", "django_elasticache", "local-cluster", "--nodes", "3"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as cluster:
+        assert cluster.stdout is not None  # stdout=PIPE
         try:
-            location = cluster.stdout.readline().split()[-1]
-            host, _, port = location.rpartition(":")
+            endpoint = parse_location(cluster.stdout.readline().split()[-1])
             timings = []
             for _ in range(runs):
                 started = time.perf_counter()
-                discover(host, int(port))
+                discover(endpoint.host, endpoint.port)
                 timings.append(time.perf_counter() - started)
         finally:
             cluster.send_signal(signal.SIGINT)
@@ -110,7 +111,7 @@ def worst_latency_while_endpoint_hangs() -> tuple[float, float, int]:
         cache = backend(cluster.location, REFRESH_INTERVAL=0.2, DISCOVERY_TIMEOUT=2)
         cache.set("key", "value")
         cluster.endpoint.misbehave("hang")
-        timings = []
+        timings: list[float] = []
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and len(timings) < 200_000:
             started = time.perf_counter()

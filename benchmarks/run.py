@@ -5,7 +5,7 @@ nodes behind an emulated configuration endpoint (``django_elasticache.testing``)
 
 Usage::
 
-    python benchmarks/run.py                # full run, under 3 minutes on 2 cores
+    python benchmarks/run.py                # full run, about 4 minutes on 2 cores
     python benchmarks/run.py --quick        # smoke test: few rounds, writes JSON only
     python benchmarks/run.py --rounds 9 --out results.json --chart chart.png --rst RESULTS.rst
 
@@ -37,6 +37,10 @@ request (import, build, discovery and connection) and resident memory; in nanose
 per-call node-list check and Django's key handling; and candidate pylibmc behaviours for
 our backend against its current defaults, with a binary-protocol round-trip check.
 
+Last, ``request_cycle.py``: Django's request cycle (``caches[alias]``, then ``close_caches()``) in
+WSGI-style threads and ASGI-style contexts, the connections it opens, ``aget`` against
+``get``, 50 concurrent ASGI requests, and the crash cases of a shared backend instance.
+
 Whatever ``ElastiCache`` overrides (key validation, say) is picked up on the next run: the
 benchmark calls the public cache API, and for the nanosecond timings
 ``make_and_validate_key``, ``get_backend_timeout`` and ``_cache``; the methods ours
@@ -46,17 +50,13 @@ overrides are listed in the output.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import logging
 import shlex
-import socket
 import ssl
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ import machine
 import micro
 import probe
 import report
+import request_cycle
 import tuning
 import workloads
 from backends import (
@@ -75,8 +76,10 @@ from backends import (
     django_calls,
     our_behaviors,
 )
+from wire import Addressed, connect
 from workloads import Case, Deadline
 
+from django_elasticache.options import parse_location
 from django_elasticache.testing import LocalCluster
 
 HERE = Path(__file__).resolve().parent
@@ -101,7 +104,7 @@ PIPELINE_MAX_READS = 100
 ENDPOINT_REQUESTS = 5
 CONFIG_GET = b"config get cluster\r\n"
 MAX_SECONDS = 600.0
-"""Hard stop for a run that has gone wrong; a normal full run takes well under 3 minutes."""
+"""Hard stop for a run that has gone wrong; a normal full run takes about 4 minutes."""
 
 PROBED = ("ours", "ours_pymemcache", BASELINE, "pymemcache", "elastipymemcache")
 """Contenders whose per-process costs are measured (raw pylibmc is not a Django backend)."""
@@ -215,16 +218,12 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
             "clear": endpoint_reply_ms(clear_cluster, None),
         }
         probe_rounds = min(args.rounds, PROBE_ROUNDS)
-        with endpoint_nodelay(tls_cluster, clear_cluster):
-            endpoint_reply["tls, TCP_NODELAY"] = endpoint_reply_ms(
-                tls_cluster, tls_cluster.client_tls_context()
-            )
-            samples = probe.probe_all(
-                {name: addresses(cluster) for name, cluster in clusters.items()},
-                our_behaviors(),
-                probe_rounds,
-                connections=True,
-            )
+        samples = probe.probe_all(
+            {name: addresses(cluster) for name, cluster in clusters.items()},
+            our_behaviors(),
+            probe_rounds,
+            connections=True,
+        )
         return {
             "nodes": MAIN_NODES,
             "rounds": rounds,
@@ -266,7 +265,7 @@ def pipelining(cluster: LocalCluster, context: ssl.SSLContext | None) -> dict[st
     )
     replies = b""
     start = time.perf_counter()
-    with connect(node, context) as sock:
+    with connect(node, context, PIPELINE_TIMEOUT) as sock:
         try:
             sock.sendall(burst)
             for _ in range(PIPELINE_MAX_READS):
@@ -291,11 +290,11 @@ def endpoint_reply_ms(cluster: LocalCluster, context: ssl.SSLContext | None) -> 
     Median milliseconds from sending ``config get cluster`` to the end of the reply, on a
     new connection each time, its handshake done before the clock starts.
     """
-    host, port = cluster.location.rsplit(":", 1)
-    where = Addressed(host.strip("[]"), int(port), cluster.endpoint.host)
+    endpoint = parse_location(cluster.location)
+    where = Addressed(endpoint.host, endpoint.port, cluster.endpoint.host)
     times = []
     for _ in range(ENDPOINT_REQUESTS):
-        with connect(where, context) as sock:
+        with connect(where, context, PIPELINE_TIMEOUT) as sock:
             reply = b""
             start = time.perf_counter()
             sock.sendall(CONFIG_GET)
@@ -306,52 +305,6 @@ def endpoint_reply_ms(cluster: LocalCluster, context: ssl.SSLContext | None) -> 
                     break
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-@dataclass(frozen=True)
-class Addressed:
-    """Where to connect, and the name the server's certificate must carry."""
-
-    ip: str
-    port: int
-    hostname: str
-
-
-@contextlib.contextmanager
-def endpoint_nodelay(*clusters: LocalCluster) -> Iterator[None]:
-    """
-    Set TCP_NODELAY on the connections the clusters' emulated endpoints accept, as
-    memcached does on its own. Without it, over TLS 1.3, the endpoint's reply waits behind
-    the session tickets it sent after the handshake until the client's delayed ACK, about
-    40 ms (``endpoint_reply_ms`` shows it): a cost of the emulator's Python server, not
-    of TLS. A no-op once the endpoint sets it itself.
-    """
-    servers = [cluster.endpoint._server for cluster in clusters]
-    for server in servers:
-        server.get_request = functools.partial(accept_nodelay, server.get_request)
-    try:
-        yield
-    finally:
-        for server in servers:
-            del server.get_request
-
-
-def accept_nodelay(accept: Callable[[], tuple[socket.socket, Any]]) -> tuple[socket.socket, Any]:
-    connection, address = accept()
-    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return connection, address
-
-
-def connect(node: Any, context: ssl.SSLContext | None) -> socket.socket:
-    """A connection to a node, over TLS with its hostname checked if ``context``."""
-    conn = socket.create_connection((node.ip, node.port), timeout=PIPELINE_TIMEOUT)
-    if context is None:
-        return conn
-    try:
-        return context.wrap_socket(conn, server_hostname=node.hostname)
-    except BaseException:
-        conn.close()
-        raise
 
 
 def pymemcache_evictions(cache: Any) -> int:
@@ -442,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             operations, _ = run_operations(cluster, workloads.scaling_cases(), args, deadline)
             results["clusters"][str(nodes)] = operations
     results["tls"] = run_tls(args, deadline, started)
+    results["requests"] = request_cycle.run(
+        min(args.rounds, request_cycle.ROUNDS), lambda what: progress(started, what)
+    )
     results["load_after"] = machine.load_average()
     results["duration_seconds"] = round(time.monotonic() - started, 1)
     report.save(results, args.out, args.chart, args.rst)

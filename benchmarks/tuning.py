@@ -13,7 +13,6 @@ loopback benchmark cannot measure it.
 
 from __future__ import annotations
 
-import math
 import pickle
 import random
 import statistics
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends import Calls
+from stats import geometric_mean
 
 ADOPT_AT = 1.10
 """Smallest speed-up worth a change of default, however quiet the control: every candidate
@@ -92,10 +92,6 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("pickle_protocol 4", {"behaviors": {"pickle_protocol": 4}}, "", objects_only=True),
     Candidate("pickle_protocol 2", {"behaviors": {"pickle_protocol": 2}}, "", objects_only=True),
 )
-
-
-def geometric_mean(ratios: list[float]) -> float:
-    return math.exp(sum(math.log(ratio) for ratio in ratios) / len(ratios))
 
 
 def bar(control_ratios: Mapping[str, float]) -> float:

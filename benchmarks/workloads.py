@@ -182,6 +182,8 @@ def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], 
         for chunk in batched(keys, 100):
             calls.set_many(dict.fromkeys(chunk, DELETE_VALUE))
         return lambda: _time_each(calls.delete, keys)
+    if case.size is None:
+        raise ValueError(f"{case.name}: {case.op} needs a value size")
     value = pools.value(case.size, case.kind)
     pool = [calls.key(key) for key in pools.keys(case.size, case.kind, case.pool_size)]
     if case.op == "get":

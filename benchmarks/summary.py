@@ -1,0 +1,211 @@
+"""
+Every figure the reports show, computed once from the samples and kept in the JSON with
+them: medians, speed ratios, the targets' verdicts, the probes', TLS and tuning figures.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import targets
+import tuning
+from backends import BASELINE, TLS_PAIRS
+from stats import geometric_mean, micros, minus, speed
+
+OURS = "ours"
+OURS_PYMEMCACHE = "ours_pymemcache"
+OURS_TLS = "ours_pymemcache_tls"
+ELASTI_TLS = "elastipymemcache_tls"
+MAIN = "3"
+COMPARED = (BASELINE, "stock_defaults", "raw", "elastipymemcache", "pymemcache")
+"""The contenders ours is compared with, in column order."""
+PYMEMCACHE_COMPARED = ("elastipymemcache", "pymemcache", OURS)
+"""What our pymemcache backend is compared with, in column order."""
+
+
+def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Every figure the reports show, computed once, and kept in the JSON with the samples."""
+    clusters = results["clusters"]
+    return {
+        "median_us": {
+            nodes: {
+                case: {name: micros(values) for name, values in data["seconds"].items()}
+                for case, data in cluster["cases"].items()
+            }
+            for nodes, cluster in clusters.items()
+        },
+        "ours_vs": {
+            nodes: {
+                case: {other: speed(data["seconds"], OURS, other) for other in COMPARED}
+                for case, data in cluster["cases"].items()
+            }
+            for nodes, cluster in clusters.items()
+        },
+        "versus_stock": {
+            case: {name: speed(data["seconds"], name, BASELINE) for name in data["seconds"]}
+            for case, data in clusters[MAIN]["cases"].items()
+        },
+        "pymemcache_vs": {
+            nodes: {
+                case: {
+                    other: speed(data["seconds"], OURS_PYMEMCACHE, other)
+                    for other in PYMEMCACHE_COMPARED
+                }
+                for case, data in cluster["cases"].items()
+            }
+            for nodes, cluster in clusters.items()
+        },
+        "targets": targets.speed_targets(clusters),
+        "versus_stock_overall": versus_stock_overall(clusters),
+        "pymemcache_overall": overall(clusters, OURS_PYMEMCACHE, "elastipymemcache"),
+        "probes": summarize_probes(results["probes"]["samples"]),
+        "tuning": summarize_tuning(results["tuning"]),
+        "tls": summarize_tls(results["tls"]),
+    }
+
+
+def versus_stock_overall(clusters: Mapping[str, Any]) -> dict[str, Any]:
+    """On how many operations ours was faster than stock, and by how much on average
+    (geometric mean): a worst case of many noisy ratios is lower than the truth."""
+    return overall(clusters, OURS, BASELINE)
+
+
+def overall(clusters: Mapping[str, Any], faster: str, slower: str) -> dict[str, Any]:
+    """On how many operations of every cluster ``faster`` was faster, and the geometric mean
+    of its speed ratios."""
+    ratios = [
+        speed(data["seconds"], faster, slower)
+        for cluster in clusters.values()
+        for data in cluster["cases"].values()
+    ]
+    return {
+        "faster": sum(ratio > 1 for ratio in ratios),
+        "operations": len(ratios),
+        "geometric_mean": geometric_mean(ratios),
+    }
+
+
+def summarize_probes(samples: Mapping[str, Mapping[str, list[float]]]) -> dict[str, Any]:
+    medians = {
+        name: {metric: statistics.median(values) for metric, values in metrics.items()}
+        for name, metrics in samples.items()
+    }
+    for metrics in medians.values():
+        metrics["first_request_ms"] = (
+            metrics["import_ms"] + metrics["build_ms"] + metrics["first_get_ms"]
+        )
+        metrics["rss_growth_kib"] = metrics["rss_after_kib"] - metrics["rss_before_kib"]
+    return medians
+
+
+def summarize_tls(data: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Per operation, each TLS contender against its clear-text twin: the median of the
+    per-round ratios of their times (above 1: TLS is slower) and of the per-round
+    differences; and our pymemcache backend against django-elastipymemcache, each side
+    with TLS and each without. Then the connections of a fresh process, likewise paired.
+    """
+    cases = {}
+    for case, case_data in data["cases"].items():
+        seconds = case_data["seconds"]
+        cases[case] = {
+            "median_us": {name: micros(values) for name, values in seconds.items()},
+            "cost": {
+                tls: {
+                    "ratio": speed(seconds, clear, tls),
+                    "added_us": statistics.median(minus(seconds[tls], seconds[clear])) * 1e6,
+                }
+                for tls, clear in TLS_PAIRS.items()
+            },
+            "ours_vs_elastipymemcache": {
+                "tls": speed(seconds, OURS_TLS, ELASTI_TLS),
+                "clear": speed(seconds, OURS_PYMEMCACHE, "elastipymemcache"),
+            },
+        }
+    samples = {
+        name: {**metrics, **connection_costs(metrics)}
+        for name, metrics in data["probes"]["samples"].items()
+    }
+    connections = {
+        name: {metric: statistics.median(values) for metric, values in metrics.items()}
+        for name, metrics in samples.items()
+    }
+    first_request = {
+        tls: {
+            "ratio": speed(
+                {name: samples[name]["connections_ms"] for name in (tls, clear)}, clear, tls
+            ),
+            "added_ms": {
+                metric: statistics.median(minus(samples[tls][metric], samples[clear][metric]))
+                for metric in (*CONNECTION_STEPS, "connections_ms", "build_ms")
+            },
+        }
+        for tls, clear in TLS_PAIRS.items()
+    }
+    return {"cases": cases, "connections": connections, "first_request": first_request}
+
+
+CONNECTION_STEPS = ("discovery_ms", "first_node_ms", "other_nodes_ms")
+
+
+def connection_costs(metrics: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """
+    Per round: the first node's connection (the first get less a warm one), the other
+    nodes' (the first get_many less a warm one), and with discovery the three together.
+    """
+    first_node = minus(metrics["first_get_ms"], metrics["warm_get_ms"])
+    other_nodes = minus(metrics["first_get_many_ms"], metrics["warm_get_many_ms"])
+    return {
+        "first_node_ms": first_node,
+        "other_nodes_ms": other_nodes,
+        "connections_ms": [
+            sum(steps)
+            for steps in zip(metrics["discovery_ms"], first_node, other_nodes, strict=True)
+        ],
+    }
+
+
+def summarize_tuning(data: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Each candidate's ratio per operation and over the operations it can affect, and the
+    decision against the bar the control sets. A candidate's ratio is taken against the
+    faster of the two instances with the current defaults, reference and control, so that
+    one slow measurement of the reference cannot make every candidate look good.
+    """
+    round_trip = data["round_trip"]
+    binary_ok = (
+        round_trip[tuning.OURS_BINARY]["identical"] >= round_trip[tuning.OURS_TEXT]["identical"]
+    )
+    control = next(candidate for candidate in tuning.CANDIDATES if candidate.control)
+
+    def versus_defaults(seconds: Mapping[str, Sequence[float]], name: str) -> float:
+        reference = speed(seconds, name, tuning.REFERENCE)
+        return (
+            reference
+            if name == control.name
+            else min(reference, speed(seconds, name, control.name))
+        )
+
+    per_case = {
+        candidate.name: {
+            case: versus_defaults(case_data["seconds"], candidate.name)
+            for case, case_data in data["cases"].items()
+        }
+        for candidate in tuning.CANDIDATES[1:]
+    }
+    needed = tuning.bar(per_case[control.name])
+    summary = {}
+    for candidate in tuning.CANDIDATES[1:]:
+        ratios = per_case[candidate.name]
+        relevant = {case: ratio for case, ratio in ratios.items() if candidate.affects(case)}
+        round_trip_ok = binary_ok or candidate.name != tuning.BINARY
+        summary[candidate.name] = {
+            "per_case": ratios,
+            "geometric_mean": geometric_mean(list(relevant.values())),
+            "decision": tuning.decide(
+                candidate, relevant, needed, round_trip_ok, data["pickling"]["bytes"]
+            ),
+        }
+    return summary
