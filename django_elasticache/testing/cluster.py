@@ -509,9 +509,10 @@ class LocalCluster:
 
     With ``relay=True`` (the default) each node is reached through a relay that answers
     ``config get cluster`` (and the legacy ``get AmazonElastiCache:cluster``) with the
-    current config, as every ElastiCache node does, and forwards every other command to
-    its memcached. It costs a local hop per request; ``relay=False`` gives direct nodes,
-    which answer discovery with ``ERROR`` like stock memcached (for benchmarks).
+    current config, as every ElastiCache node does, reports the cluster's engine version
+    to ``version``, and forwards every other command to its memcached. The relay costs a
+    local hop per request; ``relay=False`` gives direct nodes, which answer discovery
+    with ``ERROR`` like stock memcached (what benchmarks want).
 
     With ``tls=True``, nodes and endpoint accept only TLS, as with ElastiCache in-transit
     encryption: each node's certificate names its hostname (not its IP), the endpoint's

@@ -324,14 +324,15 @@ class ConfigEndpoint:
     # Called from a relay in front of each node
 
     def reply_to(self, line: bytes) -> bytes | None:
-        """What an ElastiCache node answers to a discovery command line, else None.
+        """What an ElastiCache node of this cluster answers itself, else None.
 
-        Every node answers like a healthy endpoint, whatever misbehave() set for the
-        endpoint itself, and without counting. ``config get cluster`` on an engine that
-        lacks it is left to memcached, which answers ``ERROR`` as such an engine does.
+        Every node reports the cluster's engine version and answers the discovery
+        commands like a healthy endpoint, whatever misbehave() set for the endpoint
+        itself, and without counting. ``config get cluster`` on an engine that lacks it
+        is left to memcached, which answers ``ERROR`` as such an engine does.
         """
         words = tuple(line.decode("utf-8", "replace").split())
-        if words not in (CONFIG_COMMAND, LEGACY_COMMAND):
+        if words not in (CONFIG_COMMAND, LEGACY_COMMAND, ("version",)):
             return None
         with self._lock:
             reply = self._correct_reply(words)

@@ -95,6 +95,9 @@ class _Connection:
         self.pending_reply = b""
         self.client_eof = False
         self.upstream_eof = False
+        # What the selector watches for on each side.
+        self.client_events = 0
+        self.upstream_events = 0
 
     # Parsing the client's stream
 
@@ -352,8 +355,10 @@ class Relay:
         connection = _Connection(front, client, upstream)
         front.connections.add(connection)
         self._connections.add(connection)
-        self._selector.register(client, connection.wants_client(), (connection, "client"))
-        self._selector.register(upstream, connection.wants_upstream(), (connection, "upstream"))
+        connection.client_events = connection.wants_client()
+        connection.upstream_events = connection.wants_upstream()
+        self._selector.register(client, connection.client_events, (connection, "client"))
+        self._selector.register(upstream, connection.upstream_events, (connection, "upstream"))
 
     def _service(self, connection: _Connection, side: str, events: int) -> None:
         try:
@@ -369,10 +374,17 @@ class Relay:
         if connection.finished:
             self._drop(connection)
             return
-        self._selector.modify(connection.client, connection.wants_client(), (connection, "client"))
-        self._selector.modify(
-            connection.upstream, connection.wants_upstream(), (connection, "upstream")
-        )
+        self._watch(connection)
+
+    def _watch(self, connection: _Connection) -> None:
+        """Tell the selector what each side now waits for, if that changed (a syscall)."""
+        client_events, upstream_events = connection.wants_client(), connection.wants_upstream()
+        if client_events != connection.client_events:
+            self._selector.modify(connection.client, client_events, (connection, "client"))
+            connection.client_events = client_events
+        if upstream_events != connection.upstream_events:
+            self._selector.modify(connection.upstream, upstream_events, (connection, "upstream"))
+            connection.upstream_events = upstream_events
 
     def _service_client(self, connection: _Connection, events: int) -> None:
         if not connection.handshaken:
