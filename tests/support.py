@@ -61,7 +61,7 @@ def survivors(pids: list[int], timeout: float = DEATH_TIMEOUT) -> list[int]:
 
 def read_until_closed(conn: socket.socket) -> bytes:
     """Read everything the server sends until it closes the connection."""
-    chunks = []
+    chunks: list[bytes] = []
     deadline = time.monotonic() + READ_TIMEOUT
     while time.monotonic() < deadline:
         chunk = conn.recv(4096)

@@ -28,7 +28,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, cast
 
 PR_SET_PDEATHSIG = 1
 
@@ -38,10 +38,11 @@ def _load_prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    prctl: Callable[..., int] = libc.prctl
+    prctl = libc.prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
-    return prctl
+    function: Callable[..., int] = prctl
+    return function
 
 
 _prctl = _load_prctl()
@@ -90,7 +91,11 @@ class _Spawner:
             command, options, future = self._requests.get()
             preexec = functools.partial(_die_with_parent, os.getpid())
             try:
-                process = subprocess.Popen(command, preexec_fn=preexec, **options)
+                # Bytes: the options never ask for text mode (mypy cannot see that).
+                process = cast(
+                    "subprocess.Popen[bytes]",
+                    subprocess.Popen(command, preexec_fn=preexec, **options),
+                )
             except BaseException as exc:
                 future.set_exception(exc)
             else:
