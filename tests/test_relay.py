@@ -235,3 +235,23 @@ def test_serverless_rules_leave_ordinary_commands_alone() -> None:
     assert rules.reply_to(b"get " + b"k" * 16_380) is None
     assert rules.reply_to(b"get " + b"k " * 8_200) == b"CLIENT_ERROR line too long\r\n"
     assert rules.reply_to(b"mg " + b"k" * 20_000) is None
+
+
+def test_nodes_answer_while_the_endpoint_misbehaves(cluster: LocalCluster) -> None:
+    cluster.endpoint.misbehave("garbage")
+    node = cluster.nodes[0]
+
+    assert discover(node.ip, node.port, TIMEOUT).addresses == tuple(cluster.node_addresses)
+    assert cluster.endpoint.discovery_requests == 0  # a node's answer is not the endpoint's
+
+
+def test_a_long_pipeline_arrives_whole(cluster: LocalCluster) -> None:
+    node = cluster.nodes[1]
+    sets = b"".join(b"set p%d 0 0 4 noreply\r\n%04d\r\n" % (i, i) for i in range(5000))
+    gets = b"get " + b" ".join(b"p%d" % i for i in range(0, 5000, 50)) + b"\r\n"
+
+    reply = exchange(node, sets + CONFIG_GET + gets)
+
+    config = exchange(node, CONFIG_GET)
+    values = b"".join(b"VALUE p%d 0 4\r\n%04d\r\n" % (i, i) for i in range(0, 5000, 50))
+    assert reply == config + values + b"END\r\n"

@@ -82,9 +82,9 @@ class _Connection:
         self.accepted = time.monotonic()
         self.handshaken = not isinstance(client, ssl.SSLSocket)
         self.handshake_wants = selectors.EVENT_READ
-        self.inbox = b""  # from the client, not yet parsed
-        self.to_upstream = b""
-        self.to_client = b""
+        self.inbox = bytearray()  # from the client, not yet parsed
+        self.to_upstream = bytearray()
+        self.to_client = bytearray()
         self.held = b""  # from memcached while waiting for the sync token
         self.data_left = 0
         self.binary = False
@@ -102,33 +102,40 @@ class _Connection:
     # Parsing the client's stream
 
     def parse(self) -> None:
-        while self.inbox and self.token is None:
+        """Move what can be decided of the client's bytes on; keep an unfinished line.
+
+        Works along an offset and cuts the buffer once: a pipeline of thousands of
+        commands in one read must not copy the rest of the buffer per command.
+        """
+        position = 0
+        while position < len(self.inbox) and self.token is None:
             if not self.started:
                 self.started = True
                 self.binary = self.inbox[0] == BINARY_REQUEST_MAGIC
             if self.binary:
-                self._forward(self.inbox)
-                self.inbox = b""
+                self._forward(self.inbox[position:])
+                position = len(self.inbox)
             elif self.data_left:
-                chunk = self.inbox[: self.data_left]
-                self.inbox = self.inbox[len(chunk) :]
+                chunk = self.inbox[position : position + self.data_left]
+                position += len(chunk)
                 self.data_left -= len(chunk)
                 self._forward(chunk)
-            elif not self._take_line():
-                return
+            else:
+                end = self.inbox.find(b"\n", position)
+                if end < 0:
+                    if len(self.inbox) - position > MAX_LINE:  # forwarded, never claimed
+                        self._forward(self.inbox[position:])
+                        position, self.in_long_line = len(self.inbox), True
+                    break
+                self._take_line(bytes(self.inbox[position : end + 1]))
+                position = end + 1
+        del self.inbox[:position]
 
-    def _take_line(self) -> bool:
-        end = self.inbox.find(b"\n")
-        if end < 0:
-            if len(self.inbox) > MAX_LINE:  # forwarded as is, and never claimed
-                self._forward(self.inbox)
-                self.inbox, self.in_long_line = b"", True
-            return False
-        line, self.inbox = self.inbox[: end + 1], self.inbox[end + 1 :]
+    def _take_line(self, line: bytes) -> None:
         if self.in_long_line:
             self.in_long_line = False
             self._forward(line)
-            return True
+            return
         reply = self.front.rules.reply_to(line.rstrip(b"\r\n"))
         if reply is None:
             self._forward(line)
@@ -137,9 +144,8 @@ class _Connection:
             self._sync(reply)
         else:
             self.to_client += reply
-        return True
 
-    def _forward(self, data: bytes) -> None:
+    def _forward(self, data: bytes | bytearray) -> None:
         self.to_upstream += data
         self.forwarded = True
 
@@ -163,7 +169,8 @@ class _Connection:
             self.held = self.held[-keep:]
             return
         line_start = self.held.rfind(b"\n", 0, found) + 1
-        self.to_client += self.held[:line_start] + self.pending_reply
+        self.to_client += self.held[:line_start]
+        self.to_client += self.pending_reply
         self.to_client += self.held[found + len(self.token) :]
         self.held, self.token, self.pending_reply, self.forwarded = b"", None, b"", False
         self.parse()
@@ -187,9 +194,7 @@ class _Connection:
     @property
     def finished(self) -> bool:
         """Nothing more can move: memcached is gone and the client has all it will get."""
-        return (self.upstream_eof and not self.to_client) or (
-            self.client_eof and not self.to_upstream and self.upstream_eof
-        )
+        return self.upstream_eof and not self.to_client
 
 
 class Front:
@@ -445,11 +450,11 @@ class Relay:
         if connection.to_upstream:
             with contextlib.suppress(BlockingIOError):
                 sent = connection.upstream.send(connection.to_upstream)
-                connection.to_upstream = connection.to_upstream[sent:]
+                del connection.to_upstream[:sent]
         if connection.to_client:
             with contextlib.suppress(BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = connection.client.send(connection.to_client)
-                connection.to_client = connection.to_client[sent:]
+                del connection.to_client[:sent]
         done_sending = connection.client_eof and connection.token is None
         if done_sending and not connection.to_upstream and not connection.upstream_eof:
             # The client is done sending; memcached answers what it got, then closes.
