@@ -3,6 +3,7 @@ passes every other command to the real memcached unchanged."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import ssl
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 import pylibmc
 import pytest
 from pymemcache.client.base import Client as PymemcacheClient
-from support import parse_config_reply, read_until_closed
+from support import parse_config_reply, read_until_closed, survivors
 
 from django_elasticache.cluster_utils import ClusterNode, DiscoveryNotSupported, discover
 from django_elasticache.testing import LocalCluster, MemcachedNode
@@ -255,3 +256,15 @@ def test_a_long_pipeline_arrives_whole(cluster: LocalCluster) -> None:
     config = exchange(node, CONFIG_GET)
     values = b"".join(b"VALUE p%d 0 4\r\n%04d\r\n" % (i, i) for i in range(0, 5000, 50))
     assert reply == config + values + b"END\r\n"
+
+
+def test_a_cluster_dropped_without_stop_closes_its_nodes() -> None:
+    cluster = LocalCluster(nodes=1).start()
+    node = cluster.nodes[0]
+    where, pid = (node.ip, node.port), node.pid
+    del cluster, node
+    gc.collect()
+
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(where, timeout=TIMEOUT)
+    assert pid is not None and survivors([pid]) == []

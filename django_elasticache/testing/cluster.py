@@ -559,7 +559,11 @@ class LocalCluster:
         if self._ca is not None and not serverless:
             server_tls = self._ca.server_context(_endpoint_names(host))
         self._endpoint = ConfigEndpoint(host, engine_version=engine_version, tls=server_tls)
-        self._relay = Relay(f"LocalCluster {cluster_name} relay") if relay or serverless else None
+        self._relay = None
+        if relay or serverless:
+            self._relay = Relay(f"LocalCluster {cluster_name} relay")
+            # A cluster dropped without stop() must not leave its fronts listening.
+            weakref.finalize(self, self._relay.stop)
         self._config_version = config_version
         self._nodes: list[MemcachedNode] = []
         self._started: list[MemcachedNode] = []
