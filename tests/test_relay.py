@@ -268,3 +268,16 @@ def test_a_cluster_dropped_without_stop_closes_its_nodes() -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(where, timeout=TIMEOUT)
     assert pid is not None and survivors([pid]) == []
+
+
+def test_pipelined_writes_over_tls() -> None:
+    with LocalCluster(nodes=1, tls=True) as cluster:
+        node = cluster.nodes[0]
+        context = _named(cluster.client_tls_context(), node)
+        client = PymemcacheClient((node.ip, node.port), tls_context=context, timeout=TIMEOUT)
+        values = {f"t{index}": b"%d" % index * 100 for index in range(2000)}
+        try:
+            assert client.set_many(values, noreply=False) == []
+            assert client.get_many(list(values)) == values
+        finally:
+            client.close()
