@@ -8,6 +8,7 @@ CA (see tls.py), like an ElastiCache cluster with in-transit encryption.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -478,11 +479,19 @@ class LoopbackAddresses:
 
 def spreads_nodes(host: str, advertise_ip: bool) -> bool:
     """Whether nodes can each have their own IP: only on IPv4 loopback, with IPs advertised
-    (without them, clients resolve "localhost", which is 127.0.0.1 alone)."""
+    (without them, clients resolve "localhost", which is 127.0.0.1 alone), and where the
+    system answers on all of 127.0.0.0/8 (Linux does; macOS has only 127.0.0.1 unless
+    aliases are added, so there the nodes share the host and cannot be replaced)."""
     try:
-        return advertise_ip and ipaddress.ip_address(host) in LOOPBACK_V4
+        on_loopback = ipaddress.ip_address(host) in LOOPBACK_V4
     except ValueError:
         return False
+    return advertise_ip and on_loopback and _whole_loopback_network()
+
+
+@functools.cache
+def _whole_loopback_network() -> bool:
+    return _port_is_free("127.0.0.2", 0)
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -788,8 +797,8 @@ class LocalCluster:
             raise RuntimeError(
                 f"replace_node needs a new IP with the same port, and this cluster's nodes "
                 f"share {self._host!r} (IPv6 has one loopback address; with "
-                "advertise_ip=False clients reach every node as localhost): use an IPv4 "
-                "loopback host with advertise_ip=True"
+                "advertise_ip=False clients reach every node as localhost; macOS answers "
+                "only on 127.0.0.1): use an IPv4 loopback host with advertise_ip=True"
             )
         for _ in range(REPLACEMENT_ATTEMPTS):
             ip = self._addresses.next()
