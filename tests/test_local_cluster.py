@@ -609,3 +609,12 @@ def test_fixtures_stop_their_clusters_at_teardown(pytester: pytest.Pytester) -> 
     assert len(started["pids"]) == 4
     assert not any(process_exists(pid) for pid in started["pids"])
     assert not any(accepts_connections("127.0.0.1", port) for port in started["ports"])
+
+
+def test_replace_node_without_advertised_ips_is_refused_clearly() -> None:
+    with LocalCluster(nodes=2, advertise_ip=False) as cluster:
+        node = cluster.nodes[0]
+        assert node.ip == "127.0.0.1"
+        with pytest.raises(RuntimeError, match="advertise_ip=False clients reach every node"):
+            cluster.replace_node(node)
+        assert cluster.nodes[0] is node and node.is_running
