@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from django.core.cache.backends.base import InvalidCacheBackendError
@@ -33,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     discover_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
     discover_parser.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=DEFAULT_TIMEOUT,
         help=f"seconds for discovery and for each node check (default {DEFAULT_TIMEOUT:g})",
     )
@@ -51,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "1 some node down, 2 unreachable",
     )
     status_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
-    status_parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    status_parser.add_argument(
+        "--timeout",
+        type=seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds for discovery and for each node (default {DEFAULT_TIMEOUT:g})",
+    )
     status_parser.add_argument("--tls", action="store_true", help="as for discover")
     status_parser.add_argument("--ca-file", help="as for discover")
     status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -76,15 +83,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def positive(text: str) -> int:
     """argparse type: a whole number of at least 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive whole number, got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0 (inf would wait forever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds above 0, such as 2 or 0.5, got {text!r}"
+        )
+    return value
+
+
+class CAFileError(Exception):
+    """The --ca-file could not be read as PEM CA certificates."""
+
+
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if args.ca_file:
-        return ssl.create_default_context(cafile=args.ca_file)
+        try:
+            return ssl.create_default_context(cafile=args.ca_file)
+        except OSError as exc:  # missing, unreadable, or no certificate in it
+            reason = exc.strerror or str(exc)
+            raise CAFileError(f"cannot use CA file {args.ca_file!r}: {reason}") from None
     return system_tls_context() if args.tls else None
 
 
@@ -94,7 +127,7 @@ def run_discover(args: argparse.Namespace) -> int:
         tls = tls_context(args)
         endpoint = parse_location(args.location)
         config = discover(endpoint.host, endpoint.port, args.timeout, tls)
-    except (OSError, InvalidCacheBackendError, ClusterDiscoveryError) as exc:
+    except (CAFileError, OSError, InvalidCacheBackendError, ClusterDiscoveryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"config version {config.version}, {len(config.nodes)} nodes")
@@ -130,6 +163,36 @@ def run_status(args: argparse.Namespace) -> int:
     return health.status
 
 
+# What ends a foreground process: Ctrl+C, kill, a closed terminal or ssh session, Ctrl+\\.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+class Stopped(Exception):
+    """A stop signal arrived; raised where the program was, so ``finally`` blocks run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    # Further signals must not interrupt the cleanup this one starts.
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn every stop signal into ``Stopped``, so a cluster is stopped, not orphaned."""
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def start_local_cluster(nodes: int) -> LocalCluster | None:
     """A started LocalCluster, or None after saying on stderr why it cannot run."""
     from .testing import LocalCluster, MemcachedNotFound
@@ -142,31 +205,45 @@ def start_local_cluster(nodes: int) -> LocalCluster | None:
 
 
 def run_local_cluster(args: argparse.Namespace) -> int:
-    """Run a LocalCluster in the foreground until interrupted."""
-    cluster = start_local_cluster(args.nodes)
-    if cluster is None:
-        return 1
-    try:
-        print(f"configuration endpoint: {cluster.location}")
-        for node in cluster.nodes:
-            print(f"  node {node.address}  ({node.hostname})")
-        print("\nIn settings.py:\n")
-        print("CACHES = {")
-        print('    "default": {')
-        print('        "BACKEND": "django_elasticache.memcached.ElastiCache",')
-        print(f'        "LOCATION": "{cluster.location}",')
-        print("    }")
-        print("}\n\nPress Ctrl+C to stop.", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
-    finally:
-        cluster.stop()
+    """Run a LocalCluster in the foreground until a stop signal; exit 0 then."""
+    with contextlib.suppress(Stopped), stop_on_signals():
+        cluster = start_local_cluster(args.nodes)
+        if cluster is None:
+            return 1
+        try:
+            print_settings(cluster)
+            while True:
+                signal.pause()
+        finally:
+            cluster.stop()
     return 0
 
 
+def print_settings(cluster: LocalCluster) -> None:
+    print(f"configuration endpoint: {cluster.location}")
+    for node in cluster.nodes:
+        print(f"  node {node.address}  ({node.hostname})")
+    print("\nIn settings.py:\n")
+    print("CACHES = {")
+    print('    "default": {')
+    print('        "BACKEND": "django_elasticache.memcached.ElastiCache",')
+    print(f'        "LOCATION": "{cluster.location}",')
+    print("    }")
+    print("}\n\nPress Ctrl+C to stop.", flush=True)
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    """A Django round trip on a LocalCluster, showing which node holds how many keys."""
+    """A Django round trip on a LocalCluster; a stop signal ends it with 128 + its number."""
+    try:
+        with stop_on_signals():
+            return demo_round_trip(args)
+    except Stopped as stopped:
+        print(f"stopped by {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
+
+
+def demo_round_trip(args: argparse.Namespace) -> int:
+    """Set and read back keys through Django's cache; show which node holds how many."""
     import django
     from django.conf import settings
 

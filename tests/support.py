@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 READ_TIMEOUT = 5.0
+# Generous: a loaded machine may take a while to deliver a death signal and reap.
+DEATH_TIMEOUT = 20.0
 
 
 def process_exists(pid: int) -> bool:
@@ -20,23 +22,46 @@ def process_exists(pid: int) -> bool:
     return True
 
 
-def memcached_children() -> list[int]:
-    """Pids of memcached processes whose parent is this test process (Linux /proc)."""
+def _stat(pid: int) -> tuple[str, str, int] | None:
+    """(command, state, parent pid) of a process from /proc, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+    except OSError:
+        return None
+    rest = fields[1].split()
+    return fields[0].split("(", 1)[1], rest[0], int(rest[1])
+
+
+def memcached_children(parent: int | None = None) -> list[int]:
+    """Pids of live memcached processes whose parent is parent (default: this process)."""
+    parent = os.getpid() if parent is None else parent
     children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)
-        except OSError:
-            continue  # The process ended while we looked.
-        command, rest = fields[0].split("(", 1)[1], fields[1].split()
-        if command == "memcached" and int(rest[1]) == os.getpid():
-            children.append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = _stat(int(entry.name))
+        if stat is not None and stat[0] == "memcached" and stat[1] != "Z" and stat[2] == parent:
+            children.append(int(entry.name))
     return children
+
+
+def is_alive(pid: int) -> bool:
+    """Whether the process runs: gone or a zombie (dead, not yet reaped) is not alive."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+def survivors(pids: list[int], timeout: float = DEATH_TIMEOUT) -> list[int]:
+    """The pids still alive after waiting up to timeout for all of them to die."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if is_alive(pid)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def read_until_closed(conn: socket.socket) -> bytes:
     """Read everything the server sends until it closes the connection."""
-    chunks = []
+    chunks: list[bytes] = []
     deadline = time.monotonic() + READ_TIMEOUT
     while time.monotonic() < deadline:
         chunk = conn.recv(4096)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from django_elasticache.testing import start_memcached
 
 TIMEOUT = 60
@@ -95,3 +97,48 @@ def test_local_cluster_runs_until_interrupted() -> None:
 def test_nodes_must_be_positive() -> None:
     result = run("local-cluster", "--nodes", "0")
     assert result.returncode == 2 and "must be at least 1" in result.stderr
+
+
+def test_missing_ca_file_is_named_without_a_traceback() -> None:
+    result = run("discover", "127.0.0.1:9", "--ca-file", "/nonexistent/ca.pem")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: cannot use CA file '/nonexistent/ca.pem': No such file or directory\n"
+    )
+
+
+def test_ca_file_without_certificates_is_named(tmp_path) -> None:
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    result = run("discover", "127.0.0.1:9", "--ca-file", str(not_pem))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: cannot use CA file {str(not_pem)!r}: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_nodes_must_be_a_whole_number() -> None:
+    result = run("local-cluster", "--nodes", "abc")
+    assert result.returncode == 2
+    assert "argument --nodes: must be a positive whole number, got 'abc'" in result.stderr
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1", "-inf", "soon"])
+def test_timeout_must_be_finite_and_positive(timeout: str) -> None:
+    # "--timeout=-inf": argparse would read a separate "-inf" as an option.
+    result = run("discover", "127.0.0.1:9", f"--timeout={timeout}")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        "argument --timeout: must be a finite number of seconds above 0, "
+        f"such as 2 or 0.5, got {timeout!r}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_negative_timeout_as_a_separate_argument_is_refused() -> None:
+    result = run("discover", "127.0.0.1:9", "--timeout", "-1")
+    assert result.returncode == 2 and "got '-1'" in result.stderr
+
+
+def test_fractional_timeout_is_accepted() -> None:
+    result = run("discover", "127.0.0.1:9", "--timeout", "0.25")
+    assert result.returncode == 1 and "cannot connect" in result.stderr

@@ -126,7 +126,7 @@ def test_node_list_changed_is_sent_on_a_real_change(elasticache_cluster_factory,
 
 
 def test_refresh_failed_is_sent_and_seen_by_health(elasticache_cluster_factory, received) -> None:
-    cluster = elasticache_cluster_factory(nodes=2)
+    cluster = elasticache_cluster_factory(nodes=2, relay=False)
     failed = received(signals.refresh_failed)
     options = {"REFRESH_INTERVAL": 0.2, "DISCOVERY_TIMEOUT": 1}
     cache = ElastiCache(cluster.location, {"OPTIONS": options})

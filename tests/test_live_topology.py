@@ -505,3 +505,20 @@ def test_scale_out_during_an_endpoint_outage_is_learnt_from_the_nodes(
         eventually(lambda: len(cluster.current().nodes) == 3, "scale-out learnt from nodes")
         assert cluster.current().version == 2
         assert sum(node.discovery_requests for node in nodes[:2]) >= 1
+
+
+def test_scale_out_during_an_endpoint_outage_is_followed_through_the_nodes(
+    elasticache_cluster, make_cache
+) -> None:
+    """Every ElastiCache node answers ``config get cluster``: with the configuration
+    endpoint down, the backend asks the nodes it knows and still follows a scale-out."""
+    cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=REFRESH)
+    cache.set("key", "value")
+    elasticache_cluster.endpoint.stop()
+    added = elasticache_cluster.add_node()
+    eventually(
+        lambda: serves(cache, elasticache_cluster.node_addresses),
+        f"the backend uses {added.address} while the endpoint is down",
+    )
+    cache.set_many({f"k{index}": index for index in range(200)})
+    assert added.holds([cache.make_key(f"k{index}") for index in range(200)]) > 0

@@ -6,6 +6,7 @@ socket, and the expected replies are built from the Auto Discovery grammar in th
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import threading
@@ -413,7 +414,11 @@ def test_cluster_advertises_elasticache_like_nodes(cluster: LocalCluster) -> Non
         "local.abc123.0003.cache.local",
     ]
     assert cluster.location == f"127.0.0.1:{cluster.endpoint.port}"
-    assert cluster.node_addresses == [f"127.0.0.1:{port}" for _, _, port in nodes]
+    assert cluster.node_addresses == [f"{ip}:{port}" for _, ip, port in nodes]
+    ips = [ipaddress.IPv4Address(ip) for _, ip, _ in nodes]
+    assert len(set(ips)) == 3  # one IP per node, so a replacement can keep its port
+    assert all(ip in ipaddress.ip_network("127.0.0.0/8") for ip in ips)
+    assert ipaddress.IPv4Address("127.0.0.1") not in ips
 
 
 def test_every_advertised_node_is_a_separate_live_memcached(cluster: LocalCluster) -> None:
@@ -450,7 +455,7 @@ def test_remove_node_stops_advertising_and_stops_it(cluster: LocalCluster) -> No
         cluster.remove_node(removed)
 
 
-def test_replace_node_keeps_the_hostname_on_a_new_port(cluster: LocalCluster) -> None:
+def test_replace_node_keeps_hostname_and_port_with_a_new_ip(cluster: LocalCluster) -> None:
     old = cluster.nodes[0]
     memcached_client(old.address).set("k", "old")
 
@@ -458,11 +463,37 @@ def test_replace_node_keeps_the_hostname_on_a_new_port(cluster: LocalCluster) ->
 
     version, nodes = cluster_config(cluster)
     assert version == 2
-    assert nodes[0] == (old.hostname, new.ip, new.port)
-    assert new.hostname == old.hostname
-    assert new.port != old.port
+    assert nodes[0] == (old.hostname, new.ip, old.port)
+    assert (new.hostname, new.port) == (old.hostname, old.port)
+    assert new.ip != old.ip
+    assert new.ip not in [node.ip for node in cluster.nodes[1:]]
+    assert cluster.nodes[0] is new and cluster.node_addresses[0] == new.address
     assert not old.is_running
+    assert not accepts_connections(old.ip, old.port)
     assert memcached_client(new.address).get("k") is None  # a new node starts empty
+    assert cluster.keys_per_node(["k"]) == dict.fromkeys(cluster.node_addresses, 0)
+
+
+def test_replacement_skips_an_ip_where_the_port_is_taken(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = cluster.nodes[1]
+    monkeypatch.setattr(cluster, "_addresses", cluster_module.LoopbackAddresses("127.201.7.1"))
+    with socket.create_server(("127.201.7.1", old.port)):
+        new = cluster.replace_node(old)
+
+    assert (new.hostname, new.ip, new.port) == (old.hostname, "127.201.7.2", old.port)
+    assert cluster_config(cluster)[1][1] == (old.hostname, "127.201.7.2", old.port)
+
+
+@requires_ipv6
+def test_replace_node_on_ipv6_is_refused_clearly() -> None:
+    with LocalCluster(nodes=1, host="::1") as cluster:
+        node = cluster.nodes[0]
+        with pytest.raises(RuntimeError, match=r"new IP with the same port.*'::1'.*IPv4"):
+            cluster.replace_node(node)
+        assert cluster.nodes == [node] and node.is_running
+        assert cluster.config_version == 1
 
 
 def test_kill_and_restart_leave_the_config_alone(cluster: LocalCluster) -> None:
@@ -578,3 +609,12 @@ def test_fixtures_stop_their_clusters_at_teardown(pytester: pytest.Pytester) -> 
     assert len(started["pids"]) == 4
     assert not any(process_exists(pid) for pid in started["pids"])
     assert not any(accepts_connections("127.0.0.1", port) for port in started["ports"])
+
+
+def test_replace_node_without_advertised_ips_is_refused_clearly() -> None:
+    with LocalCluster(nodes=2, advertise_ip=False) as cluster:
+        node = cluster.nodes[0]
+        assert node.ip == "127.0.0.1"
+        with pytest.raises(RuntimeError, match="advertise_ip=False clients reach every node"):
+            cluster.replace_node(node)
+        assert cluster.nodes[0] is node and node.is_running

@@ -37,6 +37,7 @@ from django_elasticache.testing import endpoint as endpoint_module
 from django_elasticache.testing.pytest_plugin import ClusterFactory
 
 TIMEOUT = 2.0
+Address = tuple[str, int]
 # A client talking plaintext to a TLS server must learn it has no memcached there this fast.
 FAIL_FAST = 1.0
 CONFIG_GET = b"config get cluster\r\n"
@@ -55,22 +56,31 @@ def strict(context: ssl.SSLContext) -> ssl.SSLContext:
     return context
 
 
+def local(port: int) -> Address:
+    """Where the endpoint listens: 127.0.0.1 (each node has an IP of its own)."""
+    return ("127.0.0.1", port)
+
+
+def at(node: MemcachedNode) -> Address:
+    return (node.ip, node.port)
+
+
 def tls_exchange(
-    context: ssl.SSLContext, port: int, server_hostname: str, *commands: bytes
+    context: ssl.SSLContext, address: Address, server_hostname: str, *commands: bytes
 ) -> bytes:
-    """Connect to 127.0.0.1:port, verify the certificate against server_hostname, send
-    the commands and ``quit``, and return every byte until the server closes."""
+    """Connect to address, verify the certificate against server_hostname, send the
+    commands and ``quit``, and return every byte until the server closes."""
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+        socket.create_connection(address, timeout=TIMEOUT) as raw,
         context.wrap_socket(raw, server_hostname=server_hostname) as conn,
     ):
         conn.sendall(b"".join(commands) + QUIT)
         return read_until_closed(conn)
 
 
-def peer_certificate(context: ssl.SSLContext, port: int, server_hostname: str) -> dict:
+def peer_certificate(context: ssl.SSLContext, address: Address, server_hostname: str) -> dict:
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+        socket.create_connection(address, timeout=TIMEOUT) as raw,
         context.wrap_socket(raw, server_hostname=server_hostname) as conn,
     ):
         return conn.getpeercert()
@@ -78,7 +88,7 @@ def peer_certificate(context: ssl.SSLContext, port: int, server_hostname: str) -
 
 def discover_over_tls(cluster: LocalCluster, server_hostname: str = "127.0.0.1") -> tuple:
     context = strict(cluster.client_tls_context())
-    reply = tls_exchange(context, cluster.endpoint.port, server_hostname, CONFIG_GET)
+    reply = tls_exchange(context, local(cluster.endpoint.port), server_hostname, CONFIG_GET)
     return parse_config_reply(reply)
 
 
@@ -90,17 +100,17 @@ def assert_serves_tls(cluster: LocalCluster, node: MemcachedNode) -> None:
     """The node answers version and a set/get over TLS verified under its hostname."""
     context = strict(cluster.client_tls_context())
     reply = tls_exchange(
-        context, node.port, node.hostname, VERSION, b"set k 0 0 2\r\nhi\r\n", b"get k\r\n"
+        context, at(node), node.hostname, VERSION, b"set k 0 0 2\r\nhi\r\n", b"get k\r\n"
     )
     assert reply == b"VERSION 1.6.18\r\nSTORED\r\nVALUE k 0 2\r\nhi\r\nEND\r\n"
 
 
-def plaintext_attempt(port: int) -> tuple[str, bytes, float]:
+def plaintext_attempt(address: Address) -> tuple[str, bytes, float]:
     """Talk memcached in plaintext to a TLS server; return how it ended, the bytes that
     came back, and how long it took."""
     started = time.monotonic()
     received = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=FAIL_FAST) as conn:
+    with socket.create_connection(address, timeout=FAIL_FAST) as conn:
         conn.sendall(VERSION)
         try:
             for _ in range(16):
@@ -118,8 +128,8 @@ def plaintext_attempt(port: int) -> tuple[str, bytes, float]:
     return outcome, received, time.monotonic() - started
 
 
-def assert_refused_plaintext(port: int) -> None:
-    outcome, received, elapsed = plaintext_attempt(port)
+def assert_refused_plaintext(address: Address) -> None:
+    outcome, received, elapsed = plaintext_attempt(address)
     # The server drops the connection (a reset when our bytes were left unread), at most
     # after a TLS alert; it never answers the plaintext command.
     assert outcome in ("closed", "reset"), (outcome, received)
@@ -170,7 +180,7 @@ def test_endpoint_answers_discovery_over_tls(tls_cluster: LocalCluster) -> None:
 def test_endpoint_certificate_names_its_host_and_localhost(tls_cluster: LocalCluster) -> None:
     context = strict(tls_cluster.client_tls_context())
 
-    certificate = peer_certificate(context, tls_cluster.endpoint.port, "127.0.0.1")
+    certificate = peer_certificate(context, local(tls_cluster.endpoint.port), "127.0.0.1")
 
     assert certificate["subjectAltName"] == (("IP Address", "127.0.0.1"), ("DNS", "localhost"))
     assert discover_over_tls(tls_cluster, "localhost")[1] == advertised(tls_cluster.nodes)
@@ -180,7 +190,7 @@ def test_endpoint_rejects_a_wrong_hostname(tls_cluster: LocalCluster) -> None:
     context = strict(tls_cluster.client_tls_context())
 
     with pytest.raises(ssl.SSLCertVerificationError) as failure:
-        tls_exchange(context, tls_cluster.endpoint.port, "local.abc123.0001.cache.local")
+        tls_exchange(context, local(tls_cluster.endpoint.port), "local.abc123.0001.cache.local")
 
     assert failure.value.verify_code == HOSTNAME_MISMATCH
 
@@ -188,7 +198,7 @@ def test_endpoint_rejects_a_wrong_hostname(tls_cluster: LocalCluster) -> None:
 def test_plaintext_client_to_tls_endpoint_fails_fast(tls_cluster: LocalCluster) -> None:
     tls_cluster.endpoint.reset_counts()
 
-    assert_refused_plaintext(tls_cluster.endpoint.port)
+    assert_refused_plaintext(local(tls_cluster.endpoint.port))
 
     assert tls_cluster.endpoint.requests == []  # no plaintext line was ever read as a command
 
@@ -239,7 +249,7 @@ def test_node_certificate_names_the_hostname_only(tls_cluster: LocalCluster) -> 
     node = tls_cluster.nodes[1]
     context = strict(tls_cluster.client_tls_context())
 
-    certificate = peer_certificate(context, node.port, node.hostname)
+    certificate = peer_certificate(context, at(node), node.hostname)
 
     assert certificate["subjectAltName"] == (("DNS", node.hostname),)
     # Valid already for a while (a slightly late clock still accepts it), and for days.
@@ -265,7 +275,7 @@ def test_node_rejects_a_wrong_hostname(
     context = strict(tls_cluster.client_tls_context())
 
     with pytest.raises(ssl.SSLCertVerificationError) as failure:
-        tls_exchange(context, node.port, server_hostname, VERSION)
+        tls_exchange(context, at(node), server_hostname, VERSION)
 
     assert failure.value.verify_code == verify_code
 
@@ -276,15 +286,15 @@ def test_another_ca_is_not_trusted(
     node = tls_cluster.nodes[0]
     for context in (strict(other_ca.client_context()), ssl.create_default_context()):
         with pytest.raises(ssl.SSLCertVerificationError) as failure:
-            tls_exchange(context, node.port, node.hostname, VERSION)
+            tls_exchange(context, at(node), node.hostname, VERSION)
         assert failure.value.verify_code == UNKNOWN_ISSUER
         with pytest.raises(ssl.SSLCertVerificationError):
-            tls_exchange(context, tls_cluster.endpoint.port, "127.0.0.1", CONFIG_GET)
+            tls_exchange(context, local(tls_cluster.endpoint.port), "127.0.0.1", CONFIG_GET)
 
 
 def test_plaintext_client_to_tls_node_fails_fast(tls_cluster: LocalCluster) -> None:
     for node in tls_cluster.nodes:
-        assert_refused_plaintext(node.port)
+        assert_refused_plaintext(at(node))
 
 
 def test_client_context_verifies_and_checks_hostnames(tls_cluster: LocalCluster) -> None:
@@ -297,7 +307,7 @@ def test_client_context_verifies_and_checks_hostnames(tls_cluster: LocalCluster)
 def test_keys_per_node_speaks_tls(tls_cluster: LocalCluster) -> None:
     node = tls_cluster.nodes[2]
     context = strict(tls_cluster.client_tls_context())
-    tls_exchange(context, node.port, node.hostname, b"set mine 0 0 1\r\nx\r\n")
+    tls_exchange(context, at(node), node.hostname, b"set mine 0 0 1\r\nx\r\n")
 
     assert tls_cluster.keys_per_node(["mine"])[node.address] == 1
 
@@ -328,8 +338,8 @@ def test_replace_node_keeps_a_certificate_for_the_hostname(fresh_cluster: LocalC
 
     new = fresh_cluster.replace_node(old)
 
-    assert (new.hostname, fresh_cluster.config_version) == (old.hostname, 2)
-    assert new.port != old.port
+    assert (new.hostname, new.port, fresh_cluster.config_version) == (old.hostname, old.port, 2)
+    assert new.ip != old.ip
     assert_serves_tls(fresh_cluster, new)
     assert discover_over_tls(fresh_cluster) == (2, advertised(fresh_cluster.nodes))
 
@@ -341,7 +351,7 @@ def test_add_node_gets_a_certificate_for_its_hostname(fresh_cluster: LocalCluste
     assert_serves_tls(fresh_cluster, added)
     context = strict(fresh_cluster.client_tls_context())
     with pytest.raises(ssl.SSLCertVerificationError):
-        tls_exchange(context, added.port, fresh_cluster.nodes[0].hostname, VERSION)
+        tls_exchange(context, at(added), fresh_cluster.nodes[0].hostname, VERSION)
     assert discover_over_tls(fresh_cluster) == (2, advertised(fresh_cluster.nodes))
 
 
@@ -448,9 +458,9 @@ def test_server_context_for_names_and_ip_literals(other_ca: CertificateAuthority
         endpoint.publish([("a.cache.local", "127.0.0.1", 11211)], 4)
         context = strict(other_ca.client_context())
         for name in names:
-            reply = tls_exchange(context, endpoint.port, name, VERSION)
+            reply = tls_exchange(context, local(endpoint.port), name, VERSION)
             assert reply == b"VERSION 1.6.18\r\n"
-        certificate = peer_certificate(context, endpoint.port, "localhost")
+        certificate = peer_certificate(context, local(endpoint.port), "localhost")
     assert certificate["subjectAltName"] == (
         ("DNS", long_name),
         ("IP Address", "127.0.0.1"),

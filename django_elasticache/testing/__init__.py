@@ -3,9 +3,20 @@
 ``LocalCluster`` runs real memcached processes behind an emulated configuration
 endpoint, in plaintext or, with ``tls=True``, TLS only with certificates from a throwaway
 ``CertificateAuthority``; the pytest plugin in ``pytest_plugin`` hands them out as fixtures.
+Each node has a loopback IP of its own and sits behind a relay (``relay.py``) that
+answers discovery as ElastiCache nodes do; ``serverless=True`` emulates ElastiCache
+Serverless instead. Every memcached dies with the process that started it
+(``processes.py``).
 """
 
-from .cluster import LocalCluster, MemcachedNode, MemcachedNotFound, start_memcached
+from .cluster import (
+    LocalCluster,
+    LoopbackAddresses,
+    MemcachedNode,
+    MemcachedNotFound,
+    RelayedNode,
+    start_memcached,
+)
 from .endpoint import ConfigEndpoint
 from .tls import CertificateAuthority, OpenSSLNotFound
 
@@ -13,8 +24,10 @@ __all__ = [
     "CertificateAuthority",
     "ConfigEndpoint",
     "LocalCluster",
+    "LoopbackAddresses",
     "MemcachedNode",
     "MemcachedNotFound",
     "OpenSSLNotFound",
+    "RelayedNode",
     "start_memcached",
 ]

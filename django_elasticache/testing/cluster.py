@@ -8,7 +8,11 @@ CA (see tls.py), like an ElastiCache cluster with in-transit encryption.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import itertools
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -22,6 +26,9 @@ from typing import IO
 
 from ..cluster_utils import format_address
 from .endpoint import ConfigEndpoint, Node
+from .processes import spawn
+from .relay import Front, Relay, Rules
+from .serverless import ServerlessRules
 from .tls import Certificate, CertificateAuthority, first_certificate_der
 
 READY_TIMEOUT = 10.0
@@ -34,6 +41,9 @@ POLL_INTERVAL = 0.02
 PROBE_TIMEOUT = 0.5
 PROBE_READS = 16  # memcached's stats reply is about 2 KB
 PORT_BUSY = "Address already in use"
+LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+# New IPs tried for a replacement whose port is taken on the first ones.
+REPLACEMENT_ATTEMPTS = 20
 
 
 class MemcachedNotFound(RuntimeError):
@@ -183,6 +193,10 @@ class MemcachedNode:
 
     @property
     def port(self) -> int:
+        return self._require_port()
+
+    def _require_port(self) -> int:
+        """The port memcached itself listens on."""
         if self._port is None:
             raise RuntimeError("MemcachedNode has not been started, so it has no port yet")
         return self._port
@@ -237,7 +251,7 @@ class MemcachedNode:
         client put its keys without a client library of their own.
         """
         request = b"".join(b"mg %s\r\n" % key.encode() for key in keys) + b"mn\r\n"
-        with _connect(self.ip, self.port, self._probe_tls) as conn:
+        with _connect(self._host, self._require_port(), self._probe_tls) as conn:
             conn.sendall(request)
             reply = _receive_until(conn, b"MN\r\n", max_reads=len(keys) + PROBE_READS)
         return reply.split(b"\r\n").count(b"HD")
@@ -288,7 +302,8 @@ class MemcachedNode:
         if self._tls is not None:
             certificate, key = self._tls
             command += ["-Z", "-o", f"ssl_chain_cert={certificate},ssl_key={key}"]
-        # memcached refuses to run as root unless told which user to be.
+        # memcached refuses to run as root unless told which user to be. Another user than
+        # root would clear the request to die with this process (see processes.py).
         if os.geteuid() == 0:
             command += ["-u", "root"]
         return command
@@ -301,7 +316,7 @@ class MemcachedNode:
         """
         # Closed by the finalizer, together with the process that writes to it.
         stderr = tempfile.TemporaryFile()  # noqa: SIM115
-        process = subprocess.Popen(
+        process = spawn(
             self._command(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
         )
         finalizer = weakref.finalize(self, _terminate, process, stderr)
@@ -359,6 +374,137 @@ def start_memcached(
     return node.start()
 
 
+class RelayedNode(MemcachedNode):
+    """A memcached that clients reach through a relay front, as ElastiCache nodes are reached.
+
+    memcached listens in plaintext on a private port of the same IP; the front listens on
+    ``ip:port``, answers what its rules claim (the discovery commands, for a cluster
+    node) and forwards the rest. With ``tls`` the front speaks TLS with that certificate.
+    stop() closes the front and its connections first, so the address refuses like a
+    dead node's; start() opens it again on the same port.
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        rules: Rules,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        hostname: str | None = None,
+        memory_mb: int = 16,
+        memcached: str = "memcached",
+        tls: Certificate | None = None,
+    ) -> None:
+        super().__init__(host, hostname=hostname, memory_mb=memory_mb, memcached=memcached)
+        self._relay = relay
+        self._rules = rules
+        self._front_port = port
+        self._certificate = tls
+        self._front: Front | None = None
+
+    @property
+    def port(self) -> int:
+        if self._front_port is None:
+            raise RuntimeError("RelayedNode has not been started, so it has no port yet")
+        return self._front_port
+
+    @property
+    def tls(self) -> Certificate | None:
+        return self._certificate
+
+    @property
+    def is_running(self) -> bool:
+        return self._front is not None and super().is_running
+
+    def start(self) -> RelayedNode:
+        super().start()
+        try:
+            self._front = self._relay.open(
+                (self._host, self._front_port or 0),
+                (self._host, self._require_port()),
+                self._tls_context(),
+                self._rules,
+            )
+        except OSError as exc:
+            super().stop()
+            where = format_address(self._host, self._front_port or 0)
+            raise RuntimeError(f"the relay cannot listen on {where}: {exc}") from exc
+        except BaseException:
+            super().stop()
+            raise
+        self._front_port = self._front.address[1]
+        return self
+
+    def stop(self) -> None:
+        if self._front is not None:
+            self._relay.close(self._front)
+            self._front = None
+        super().stop()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """Read now, not at construction: the files may change before a restart()."""
+        if self._certificate is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*self._certificate)
+        return context
+
+
+class LoopbackAddresses:
+    """IPv4 loopback addresses for a cluster's nodes: 127.A.B.1, 127.A.B.2, ...
+
+    Each node gets its own address, so a replacement can keep the port and get a new IP,
+    as on ElastiCache. A.B is random (A never 0, away from 127.0.0.1, 127.0.0.53 and
+    127.0.1.1, which the system uses): clusters of concurrent test processes then use
+    different addresses with near certainty, without coordinating, so an address one
+    test watches going dead is not handed to another's node. A clash costs a retry only,
+    since ports are per address.
+    """
+
+    def __init__(self, first: str | None = None) -> None:
+        """``first``: where to start (tests); by default 127.A.B.1 with a random A.B."""
+        if first is None:
+            first = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.1"
+        start = ipaddress.IPv4Address(first)
+        self._addresses = (start + offset for offset in itertools.count())
+
+    def next(self) -> str:
+        """A loopback address this cluster has not handed out before."""
+        for address in self._addresses:
+            if address.packed[3] not in (0, 255):  # no network or broadcast lookalikes
+                return str(address)
+        raise AssertionError("unreachable: the address generator is endless")
+
+
+def spreads_nodes(host: str, advertise_ip: bool) -> bool:
+    """Whether nodes can each have their own IP: only on IPv4 loopback, with IPs advertised
+    (without them, clients resolve "localhost", which is 127.0.0.1 alone), and where the
+    system answers on all of 127.0.0.0/8 (Linux does; macOS has only 127.0.0.1 unless
+    aliases are added, so there the nodes share the host and cannot be replaced)."""
+    try:
+        on_loopback = ipaddress.ip_address(host) in LOOPBACK_V4
+    except ValueError:
+        return False
+    return advertise_ip and on_loopback and _whole_loopback_network()
+
+
+@functools.cache
+def _whole_loopback_network() -> bool:
+    return _port_is_free("127.0.0.2", 0)
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class LocalCluster:
     """A memcached cluster on this machine that a discovery client cannot tell from
     ElastiCache: real memcached nodes behind an emulated configuration endpoint.
@@ -367,10 +513,25 @@ class LocalCluster:
     each with a new config version) or break it the way a network does (kill a node,
     publish a stale config, make the endpoint misbehave).
 
+    On an IPv4 loopback host each node has an IP of its own (see LoopbackAddresses), so
+    replace_node() can do what ElastiCache does: same hostname, same port, new IP.
+
+    With ``relay=True`` (the default) each node is reached through a relay that answers
+    ``config get cluster`` (and the legacy ``get AmazonElastiCache:cluster``) with the
+    current config, as every ElastiCache node does, reports the cluster's engine version
+    to ``version``, and forwards every other command to its memcached. The relay costs a
+    local hop per request; ``relay=False`` gives direct nodes, which answer discovery
+    with ``ERROR`` like stock memcached (what benchmarks want).
+
     With ``tls=True``, nodes and endpoint accept only TLS, as with ElastiCache in-transit
     encryption: each node's certificate names its hostname (not its IP), the endpoint's
     names its host and "localhost", and all come from a throwaway CA that
     client_tls_context() trusts.
+
+    ``serverless=True`` emulates ElastiCache Serverless instead: one TLS endpoint
+    (``location``, also the single entry of ``nodes``) backed by one memcached, with no
+    Auto Discovery and the service's refusals (see serverless.py). It has no nodes to
+    add, remove or replace.
     """
 
     def __init__(
@@ -385,22 +546,33 @@ class LocalCluster:
         memcached: str = "memcached",
         tls: bool = False,
         openssl: str = "openssl",
+        relay: bool = True,
+        serverless: bool = False,
     ) -> None:
         if not advertise_ip and host != "127.0.0.1":
             raise ValueError(
                 'advertise_ip=False advertises "localhost", so host must be 127.0.0.1'
             )
-        self._initial_nodes = nodes
+        self._initial_nodes = 1 if serverless else nodes
         self._host = host
         self._advertise_ip = advertise_ip
+        self._addresses = LoopbackAddresses() if spreads_nodes(host, advertise_ip) else None
         self._cluster_name = cluster_name
         self._memcached = find_memcached(memcached)
+        self._serverless = serverless
         # Made here rather than in start(): the endpoint needs its certificate now, and a
         # missing openssl should fail as early as a missing memcached.
-        self._ca = CertificateAuthority(openssl=openssl) if tls else None
+        self._ca = CertificateAuthority(openssl=openssl) if tls or serverless else None
         self._certificates: dict[str, Certificate] = {}
-        server_tls = None if self._ca is None else self._ca.server_context(_endpoint_names(host))
+        server_tls = None
+        if self._ca is not None and not serverless:
+            server_tls = self._ca.server_context(_endpoint_names(host))
         self._endpoint = ConfigEndpoint(host, engine_version=engine_version, tls=server_tls)
+        self._relay = None
+        if relay or serverless:
+            self._relay = Relay(f"LocalCluster {cluster_name} relay")
+            # A cluster dropped without stop() must not leave its fronts listening.
+            weakref.finalize(self, self._relay.stop)
         self._config_version = config_version
         self._nodes: list[MemcachedNode] = []
         self._started: list[MemcachedNode] = []
@@ -411,6 +583,11 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         """Start the endpoint and the nodes, and publish the first config."""
         try:
+            if self._relay is not None:
+                self._relay.start()
+            if self._serverless:
+                self._nodes = [self._start_serverless_node()]
+                return self
             self._endpoint.start()
             nodes = [self._start_node(self._next_hostname()) for _ in range(self._initial_nodes)]
             self.publish(nodes)
@@ -427,6 +604,8 @@ class LocalCluster:
         self._endpoint.stop()
         for node in self._started:
             node.stop()
+        if self._relay is not None:
+            self._relay.stop()
         if self._ca is not None:
             self._ca.cleanup()
 
@@ -450,12 +629,23 @@ class LocalCluster:
     @property
     def location(self) -> str:
         """The configuration endpoint as host:port, the value for Django's LOCATION."""
+        if self._serverless:
+            return self._nodes[0].address
         return self._endpoint.location
 
     @property
     def tls(self) -> bool:
         """Whether nodes and endpoint accept only TLS."""
         return self._ca is not None
+
+    @property
+    def serverless(self) -> bool:
+        return self._serverless
+
+    @property
+    def relayed(self) -> bool:
+        """Whether clients reach the nodes through a relay that answers discovery."""
+        return self._relay is not None
 
     @property
     def certificate_authority(self) -> CertificateAuthority | None:
@@ -500,6 +690,7 @@ class LocalCluster:
 
         Neither is checked, so a test can publish a stale version or a dead node.
         """
+        self._require_cluster("publish a config")
         if nodes is not None:
             self._nodes = sorted(nodes, key=lambda node: node.hostname)
         if version is not None:
@@ -515,19 +706,26 @@ class LocalCluster:
     # Topology changes, each published under the next config version
 
     def add_node(self) -> MemcachedNode:
+        self._require_cluster("add a node")
         node = self._start_node(self._next_hostname())
         self._republish([*self._nodes, node])
         return node
 
     def remove_node(self, node: MemcachedNode) -> None:
+        self._require_cluster("remove a node")
         self._require_advertised(node)
         self._republish([other for other in self._nodes if other is not node])
         node.stop()
 
     def replace_node(self, node: MemcachedNode) -> MemcachedNode:
-        """Swap in a new, empty memcached on a new port under the same hostname."""
+        """Swap in a new, empty memcached with the same hostname and port and a new IP.
+
+        Needs an IPv4 loopback host with advertised IPs: IPv6 has one loopback address,
+        and without IPs clients reach every node as "localhost" (127.0.0.1).
+        """
+        self._require_cluster("replace a node")
         self._require_advertised(node)
-        replacement = self._start_node(node.hostname)
+        replacement = self._start_replacement(node)
         self._republish([replacement if other is node else other for other in self._nodes])
         node.stop()
         return replacement
@@ -535,11 +733,12 @@ class LocalCluster:
     # Outages that leave the config unchanged
 
     def kill_node(self, node: MemcachedNode) -> None:
+        """Stop a node: its address refuses connections and its clients are cut off."""
         self._require_advertised(node)
         node.stop()
 
     def restart_node(self, node: MemcachedNode) -> None:
-        """Bring a node back on its port, empty, as after a reboot."""
+        """Bring a node back on its address, empty, as after a reboot."""
         self._require_advertised(node)
         node.restart()
 
@@ -557,15 +756,57 @@ class LocalCluster:
             return "localhost"
         return f"{self._cluster_name}.abc123.{index:04d}.cache.local"
 
-    def _start_node(self, hostname: str) -> MemcachedNode:
-        node = MemcachedNode(
+    def _start_node(
+        self, hostname: str, ip: str | None = None, port: int | None = None
+    ) -> MemcachedNode:
+        if ip is None:
+            ip = self._host if self._addresses is None else self._addresses.next()
+        return self._launch(self._make_node(hostname, ip, port, self._endpoint))
+
+    def _start_serverless_node(self) -> MemcachedNode:
+        assert self._relay is not None and self._ca is not None
+        certificate = self._ca.issue(_endpoint_names(self._host))
+        node = RelayedNode(
+            self._relay,
+            ServerlessRules(),
             self._host,
-            hostname=hostname,
+            hostname=self._host,
             memcached=self._memcached,
-            tls=self._certificate(hostname),
+            tls=certificate,
         )
+        return self._launch(node)
+
+    def _make_node(self, hostname: str, ip: str, port: int | None, rules: Rules) -> MemcachedNode:
+        certificate = self._certificate(hostname)
+        if self._relay is None:
+            return MemcachedNode(
+                ip, port, hostname=hostname, memcached=self._memcached, tls=certificate
+            )
+        return RelayedNode(
+            self._relay, rules, ip, port, hostname=hostname, memcached=self._memcached,
+            tls=certificate,
+        )  # fmt: skip
+
+    def _launch(self, node: MemcachedNode) -> MemcachedNode:
         self._started.append(node)
         return node.start()
+
+    def _start_replacement(self, node: MemcachedNode) -> MemcachedNode:
+        """Start a node on a fresh IP where the old node's port is free."""
+        if self._addresses is None:
+            raise RuntimeError(
+                f"replace_node needs a new IP with the same port, and this cluster's nodes "
+                f"share {self._host!r} (IPv6 has one loopback address; with "
+                "advertise_ip=False clients reach every node as localhost; macOS answers "
+                "only on 127.0.0.1): use an IPv4 loopback host with advertise_ip=True"
+            )
+        for _ in range(REPLACEMENT_ATTEMPTS):
+            ip = self._addresses.next()
+            if _port_is_free(ip, node.port):
+                return self._start_node(node.hostname, ip, node.port)
+        raise RuntimeError(
+            f"port {node.port} was taken on {REPLACEMENT_ATTEMPTS} fresh loopback addresses"
+        )
 
     def _certificate(self, hostname: str) -> Certificate | None:
         """The certificate for a hostname, issued once: a replacement node reuses it."""
@@ -578,6 +819,10 @@ class LocalCluster:
     def _require_advertised(self, node: MemcachedNode) -> None:
         if not any(node is advertised for advertised in self._nodes):
             raise ValueError(f"{node!r} is not an advertised node of this cluster")
+
+    def _require_cluster(self, action: str) -> None:
+        if self._serverless:
+            raise RuntimeError(f"a serverless cache has no nodes: cannot {action}")
 
 
 def _endpoint_names(host: str) -> list[str]:

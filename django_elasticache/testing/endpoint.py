@@ -321,6 +321,23 @@ class ConfigEndpoint:
             self._discovery_requests = 0
             self._requests.clear()
 
+    # Called from a relay in front of each node
+
+    def reply_to(self, line: bytes) -> bytes | None:
+        """What an ElastiCache node of this cluster answers itself, else None.
+
+        Every node reports the cluster's engine version and answers the discovery
+        commands like a healthy endpoint, whatever misbehave() set for the endpoint
+        itself, and without counting. ``config get cluster`` on an engine that lacks it
+        is left to memcached, which answers ``ERROR`` as such an engine does.
+        """
+        words = tuple(line.decode("utf-8", "replace").split())
+        if words not in (CONFIG_COMMAND, LEGACY_COMMAND, ("version",)):
+            return None
+        with self._lock:
+            reply = self._correct_reply(words)
+        return None if reply == b"ERROR\r\n" else reply
+
     # Called from connection handler threads
 
     def _track(self, connection: socket.socket) -> bool:

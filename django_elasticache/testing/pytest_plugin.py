@@ -12,6 +12,10 @@ at a cluster with its ``location``, e.g. with pytest-django's ``settings`` fixtu
             }
         }
 
+``elasticache_cluster_factory(serverless=True)`` gives an ElastiCache Serverless
+stand-in, ``relay=False`` nodes without the discovery relay (see ``LocalCluster``).
+A run ended by a signal or a crash leaves no memcached behind: each dies with it.
+
 The fixtures need the ``memcached`` binary (``apt-get install memcached`` on
 Debian/Ubuntu, ``brew install memcached`` on macOS).
 """
