@@ -89,8 +89,7 @@ class NodePool:
         Lend a client for one call. A connection failure counts against the node's health and
         the client is dropped rather than pooled, since its connection state is unknown.
         """
-        if self._failures >= FAILURE_LIMIT:
-            self._refuse_while_down()
+        self.check_available()
         with self._lock:
             client = self._idle.pop() if self._idle else None
         if client is None:
@@ -99,13 +98,31 @@ class NodePool:
             yield client
         except BaseException as error:
             if is_node_failure(error):
-                self._record_failure()
+                self.record_failure()
                 self._close_client(client)
                 raise
             self._give_back(client)
             raise
-        self._failures = 0
+        self.record_success()
         self._give_back(client)
+
+    # The node's health, shared by every path that talks to the node (sync clients here,
+    # the event loops' connections in ``async_client``).
+
+    def check_available(self) -> None:
+        """Raise ``NodeUnavailable`` while the node is marked down."""
+        if self._failures >= FAILURE_LIMIT:
+            self._refuse_while_down()
+
+    def record_failure(self) -> None:
+        """The node could not be reached: enough of these in a row mark it down."""
+        self._failures += 1
+        if self._failures >= FAILURE_LIMIT:
+            self._down_until = time.monotonic() + RETRY_AFTER
+
+    def record_success(self) -> None:
+        """The node answered: its run of failures is over."""
+        self._failures = 0
 
     @property
     def idle_count(self) -> int:
@@ -132,11 +149,6 @@ class NodePool:
             raise NodeUnavailable(self.node, remaining)
         # The wait is over: let calls try the node again, one failure marks it down again.
         self._failures = FAILURE_LIMIT - 1
-
-    def _record_failure(self) -> None:
-        self._failures += 1
-        if self._failures >= FAILURE_LIMIT:
-            self._down_until = time.monotonic() + RETRY_AFTER
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
