@@ -32,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl
@@ -103,20 +104,36 @@ class ConnectionClosed(ConnectionError):
     """The node closed the connection, or it was closed, before the reply came."""
 
 
+class _Request:
+    """A request on the wire: how to read its reply, who waits for it, and until when."""
+
+    __slots__ = ("deadline", "future", "parser")
+
+    def __init__(self, parser: Parser, future: asyncio.Future[Any], deadline: float) -> None:
+        self.parser = parser
+        self.future = future
+        self.deadline = deadline
+
+
 class NodeConnection(asyncio.Protocol):
     """
     One connection to one node on one loop. Requests are written as they come and their
     replies matched to them in order; a caller that gives up (cancelled) leaves its slot in
     the queue, so the reply it no longer wants is still read and the stream stays in step.
+
+    Replies come in order, so only the oldest request can be late: one timer per
+    connection watches it, instead of a timer per request.
     """
 
     def __init__(self, channel: NodeChannel, sock: socket.socket) -> None:
         self._channel = channel
         self._sock = sock
         self._loop = channel.loop
+        self._timeout = channel.timeout
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._pending: collections.deque[tuple[Parser, asyncio.Future[Any]]] = collections.deque()
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
 
     @property
@@ -130,18 +147,14 @@ class NodeConnection(asyncio.Protocol):
         """Send requests in one write; their replies (or ``ErrorReply``s), in order."""
         if self.closed or self._transport is None:
             raise ConnectionClosed(f"connection to {self._channel.name} is closed")
-        futures = [self._loop.create_future() for _ in requests]
-        self._pending.extend((parser, future) for future in futures)
+        loop = self._loop
+        deadline = math.inf if self._timeout is None else loop.time() + self._timeout
+        futures = [loop.create_future() for _ in requests]
+        self._pending.extend(_Request(parser, future, deadline) for future in futures)
         self._transport.write(requests[0] if len(requests) == 1 else b"".join(requests))
-        timeout = self._channel.timeout
-        timer = (
-            None if timeout is None else self._loop.call_later(timeout, self._time_out, futures)
-        )
-        try:
-            return [await future for future in futures]
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if self._watchdog is None and self._timeout is not None:
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
+        return [await future for future in futures]
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -150,11 +163,11 @@ class NodeConnection(asyncio.Protocol):
         pending = self._pending
         try:
             while pending:
-                parsed = pending[0][0](buffer, position)
+                parsed = pending[0].parser(buffer, position)
                 if parsed is None:
                     break
                 reply, position = parsed
-                future = pending.popleft()[1]
+                future = pending.popleft().future
                 if not future.done():
                     future.set_result(reply)
             if position < len(buffer) and not pending:
@@ -173,12 +186,14 @@ class NodeConnection(asyncio.Protocol):
         """Close now; every request still waiting fails with ``error``."""
         if not self.closed:
             self.closed = True
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             if self._transport is not None:
                 self._transport.abort()
             self._sock.close()
             self._channel.forget(self)
         while self._pending:
-            future = self._pending.popleft()[1]
+            future = self._pending.popleft().future
             if not future.done():
                 future.set_exception(error)
 
@@ -187,13 +202,19 @@ class NodeConnection(asyncio.Protocol):
         self.closed = True
         self._sock.close()
 
-    def _time_out(self, futures: list[asyncio.Future[Any]]) -> None:
-        if all(future.done() for future in futures):
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if not self._pending:
             return
-        timeout = self._channel.timeout
+        oldest = self._pending[0].deadline
+        if oldest > self._loop.time():
+            self._watchdog = self._loop.call_at(oldest, self._check_deadline)
+            return
         # The reply may still come, or never: the connection is out of step either way.
-        message = f"no reply from {self._channel.name} within {timeout} s"
-        for future in futures:
+        message = f"no reply from {self._channel.name} within {self._timeout} s"
+        now = self._loop.time()
+        while self._pending and self._pending[0].deadline <= now:
+            future = self._pending.popleft().future
             if not future.done():
                 future.set_exception(TimeoutError(message))
         self.close(ConnectionClosed(f"connection closed after a request timed out ({message})"))
