@@ -32,7 +32,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import os
 import socket
 import ssl
@@ -105,14 +104,14 @@ class ConnectionClosed(ConnectionError):
 
 
 class _Request:
-    """A request on the wire: how to read its reply, who waits for it, and until when."""
+    """A request on the wire: how to read its reply, who waits for it, and since when."""
 
-    __slots__ = ("deadline", "future", "parser")
+    __slots__ = ("future", "parser", "sent")
 
-    def __init__(self, parser: Parser, future: asyncio.Future[Any], deadline: float) -> None:
+    def __init__(self, parser: Parser, future: asyncio.Future[Any], sent: float) -> None:
         self.parser = parser
         self.future = future
-        self.deadline = deadline
+        self.sent = sent
 
 
 class NodeConnection(asyncio.Protocol):
@@ -121,8 +120,10 @@ class NodeConnection(asyncio.Protocol):
     replies matched to them in order; a caller that gives up (cancelled) leaves its slot in
     the queue, so the reply it no longer wants is still read and the stream stays in step.
 
-    Replies come in order, so only the oldest request can be late: one timer per
-    connection watches it, instead of a timer per request.
+    The timeout bounds silence, as pylibmc's poll timeout and pymemcache's socket timeout
+    do: a call fails when nothing came from the node for ``timeout`` seconds since its
+    request was sent, not when a long queue of replies is still flowing. Replies come in
+    order, so only the oldest request can be late: one timer per connection watches it.
     """
 
     def __init__(self, channel: NodeChannel, sock: socket.socket) -> None:
@@ -134,6 +135,7 @@ class NodeConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._pending: collections.deque[_Request] = collections.deque()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._last_received = 0.0
         self.closed = False
 
     @property
@@ -148,18 +150,19 @@ class NodeConnection(asyncio.Protocol):
         if self.closed or self._transport is None:
             raise ConnectionClosed(f"connection to {self._channel.name} is closed")
         loop = self._loop
-        deadline = math.inf if self._timeout is None else loop.time() + self._timeout
+        sent = loop.time()
         futures = [loop.create_future() for _ in requests]
-        self._pending.extend(_Request(parser, future, deadline) for future in futures)
+        self._pending.extend(_Request(parser, future, sent) for future in futures)
         self._transport.write(requests[0] if len(requests) == 1 else b"".join(requests))
         if self._watchdog is None and self._timeout is not None:
-            self._watchdog = loop.call_at(deadline, self._check_deadline)
+            self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
         return [await future for future in futures]
 
     def data_received(self, data: bytes) -> None:
+        self._last_received = self._loop.time()
         buffer = self._buffer
         buffer += data
-        position = 0
+        position = replies = 0
         pending = self._pending
         try:
             while pending:
@@ -167,6 +170,7 @@ class NodeConnection(asyncio.Protocol):
                 if parsed is None:
                     break
                 reply, position = parsed
+                replies += 1
                 future = pending.popleft().future
                 if not future.done():
                     future.set_result(reply)
@@ -176,7 +180,8 @@ class NodeConnection(asyncio.Protocol):
             self.close(error)
             return
         del buffer[:position]
-        self._channel.slot_freed()
+        if replies:
+            self._channel.slots_freed(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"{self._channel.name} closed the connection"
@@ -202,22 +207,21 @@ class NodeConnection(asyncio.Protocol):
         self.closed = True
         self._sock.close()
 
-    def _check_deadline(self) -> None:
+    def _check_deadline(self, after_reading: bool = False) -> None:
         self._watchdog = None
-        if not self._pending:
+        if not self._pending or self._timeout is None:
             return
-        oldest = self._pending[0].deadline
-        if oldest > self._loop.time():
-            self._watchdog = self._loop.call_at(oldest, self._check_deadline)
+        deadline = max(self._pending[0].sent, self._last_received) + self._timeout
+        if deadline > self._loop.time():
+            self._watchdog = self._loop.call_at(deadline, self._check_deadline)
+            return
+        if not after_reading:
+            # A loop too busy to run this timer on time may not have read what already came:
+            # look again once it has polled its sockets.
+            self._watchdog = self._loop.call_later(0, self._check_deadline, True)
             return
         # The reply may still come, or never: the connection is out of step either way.
-        message = f"no reply from {self._channel.name} within {self._timeout} s"
-        now = self._loop.time()
-        while self._pending and self._pending[0].deadline <= now:
-            future = self._pending.popleft().future
-            if not future.done():
-                future.set_exception(TimeoutError(message))
-        self.close(ConnectionClosed(f"connection closed after a request timed out ({message})"))
+        self.close(TimeoutError(f"no reply from {self._channel.name} within {self._timeout} s"))
 
 
 class NodeChannel:
@@ -320,9 +324,13 @@ class NodeChannel:
             raise
         return connection
 
-    def slot_freed(self) -> None:
-        if self._waiters:
-            self._wake_one()
+    def slots_freed(self, count: int) -> None:
+        """Replies came in: as many waiting callers may send."""
+        while count and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
 
     def forget(self, connection: NodeConnection) -> None:
         if connection in self._connections:
@@ -337,13 +345,6 @@ class NodeChannel:
         for connection in self._connections:
             connection.close_socket()
         self._connections.clear()
-
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     def _wake_all(self, error: Exception | None = None) -> None:
         waiters, self._waiters = self._waiters, collections.deque()
