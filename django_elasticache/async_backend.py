@@ -18,7 +18,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
@@ -71,7 +71,7 @@ class AsyncCacheMixin:
         _cache: ClusterClient
         _clients: ClusterClients
         backend_options: BackendOptions
-        server_errors: tuple[type[Exception], ...]
+        server_errors: ClassVar[tuple[type[Exception], ...]]
 
         def _is_node_failure(self, error: BaseException) -> bool: ...
         def _absorb(self, error: Exception, operation: str) -> bool: ...
