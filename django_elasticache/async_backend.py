@@ -7,6 +7,7 @@ of them the way the sync method of Django's memcached backends behaves (same key
 timeout conversion, return values, ``ValueError`` from ``aincr``, error policy), over
 ``async_client.AsyncClusterClient``. ``adecr``, ``ahas_key``, ``aget_or_set`` and the
 version helpers are Django's own: they call the methods here, so they never hop either.
+Server errors follow the sync path's policy (``backend._miss_on_server_error``).
 
 A backend supplies its client library's rules through ``_make_async_adapter`` (see
 ``async_client.LibraryAdapter``).
@@ -17,38 +18,22 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
 from .async_client import MISSING, AsyncClusterClient, LibraryAdapter
-from .backend import _constant, _default_argument, _every_key, _key_not_found
+from .backend import (
+    _constant,
+    _default_argument,
+    _every_key,
+    _key_not_found,
+    _miss_on_server_error,
+)
 from .options import BackendOptions
 from .routing import ClusterClient, ClusterClients
 
 __all__ = ["AsyncCacheMixin"]
-
-Coroutine = TypeVar("Coroutine", bound=Callable[..., Any])
-
-
-def _miss_on_server_error(miss: Callable[..., Any]) -> Callable[[Coroutine], Coroutine]:
-    """``backend._miss_on_server_error`` for coroutines: the same policy, awaited."""
-
-    def decorate(method: Coroutine) -> Coroutine:
-        @functools.wraps(method)
-        async def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return await method(self, *args, **kwargs)
-            except self.server_errors as error:
-                if not self._absorb(error, method.__name__):
-                    raise
-                return miss(*args, **kwargs)
-
-        return guarded  # type: ignore[return-value]
-
-    return decorate
-
 
 _async_clients: weakref.WeakKeyDictionary[ClusterClients, AsyncClusterClient] = (
     weakref.WeakKeyDictionary()
