@@ -289,12 +289,35 @@ class NodeChannel:
         return connection
 
     async def _connect(self) -> NodeConnection:
+        """
+        Connect within ``connect_timeout``. As for replies, a loop too busy to notice the
+        connection on time gets one more look after polling its sockets before giving up.
+        """
+        attempt = self.loop.create_task(self._connect_unbounded())
+        expired = False
+
+        def expire(after_polling: bool) -> None:
+            nonlocal expired
+            if attempt.done():
+                return
+            if not after_polling:
+                self.loop.call_later(0, expire, True)
+                return
+            expired = True
+            attempt.cancel()
+
+        timeout = self._connect_timeout
+        timer = None if timeout is None else self.loop.call_later(timeout, expire, False)
         try:
-            return await asyncio.wait_for(self._connect_unbounded(), self._connect_timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(
-                f"could not connect to {self.name} within {self._connect_timeout} s"
-            ) from None
+            return await attempt
+        except asyncio.CancelledError:
+            if expired:
+                message = f"could not connect to {self.name} within {timeout} s"
+                raise TimeoutError(message) from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _connect_unbounded(self) -> NodeConnection:
         node = self.node
