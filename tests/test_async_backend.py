@@ -503,3 +503,23 @@ def test_a_forked_child_never_uses_the_parents_connections(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(DEADLINE)
         loop.close()
+
+
+def test_hung_tls_node_times_out_while_connecting_as_on_the_sync_path(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    """A stopped memcached still accepts TCP connections, but never answers the handshake."""
+    cluster = elasticache_cluster_factory(nodes=1, tls=True)
+    cache = make_pymemcache_cache(
+        cluster.location, TLS=cluster.client_tls_context(), connect_timeout=0.3, timeout=0.3
+    )
+    assert cache.client_servers == cluster.node_addresses  # Discovered before the stop.
+    node = cluster.nodes[0]
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        async_error = raised(lambda: asyncio.run(cache.aget("key")))
+        sync_error = raised(lambda: cache.get("key"))
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    assert type(async_error) is type(sync_error)
+    assert isinstance(async_error, TimeoutError)
