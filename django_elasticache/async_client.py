@@ -252,9 +252,13 @@ class NodeChannel:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def call(self, requests: Sequence[bytes], parser: Parser) -> list[Any]:
-        """The replies to ``requests``, sent together unless a connection takes only one."""
-        if len(requests) > 1 and self._max_in_flight < len(requests):
-            return [reply for request in requests for reply in await self.call((request,), parser)]
+        """The replies to ``requests``, sent together as far as a connection takes them."""
+        depth = self._max_in_flight
+        if len(requests) > depth:
+            replies = []
+            for start in range(0, len(requests), depth):
+                replies += await self.call(requests[start : start + depth], parser)
+            return replies
         for connection in self._connections:
             if connection.in_flight < self._max_in_flight:
                 break

@@ -22,6 +22,7 @@ from asgiref.sync import ThreadSensitiveContext
 from django.core.cache.backends.base import InvalidCacheBackendError
 
 from django_elasticache import memcached
+from django_elasticache.async_client import PIPELINE_DEPTH
 from django_elasticache.pool import NodeUnavailable
 from django_elasticache.testing import start_memcached
 
@@ -197,6 +198,22 @@ def test_many_key_calls_cross_between_the_paths(elasticache_cluster, make_cache)
     cache.set_many(data)
     assert asyncio.run(cache.aget_many(list(data))) == data
     asyncio.run(cache.adelete_many(list(data)))
+    assert cache.get_many(list(data)) == {}
+
+
+def test_many_keys_on_one_node_beyond_the_pipeline_depth(
+    elasticache_cluster_factory, make_cache
+) -> None:
+    cluster = elasticache_cluster_factory(nodes=1)
+    cache = make_cache(cluster.location)
+    data = {f"k{index}": index for index in range(3 * PIPELINE_DEPTH + 7)}
+
+    async def scenario() -> None:
+        assert await cache.aset_many(data) == []
+        assert await cache.aget_many(list(data)) == data
+        await cache.adelete_many(list(data))
+
+    asyncio.run(scenario())
     assert cache.get_many(list(data)) == {}
 
 
