@@ -201,6 +201,14 @@ def test_many_key_calls_cross_between_the_paths(elasticache_cluster, make_cache)
     assert cache.get_many(list(data)) == {}
 
 
+def test_unicode_keys_cross_between_the_paths(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    cache.set("ключ:sync", "from sync")
+    asyncio.run(cache.aset("ключ:async", "from async"))
+    assert asyncio.run(cache.aget("ключ:sync")) == "from sync"
+    assert cache.get("ключ:async") == "from async"
+
+
 def test_many_keys_on_one_node_beyond_the_pipeline_depth(
     elasticache_cluster_factory, make_cache
 ) -> None:
