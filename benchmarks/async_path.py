@@ -4,7 +4,8 @@ The async cache methods against the sync ones, and against Django's stock async 
 Two figures, on a 3-node LocalCluster, in one process:
 
 * latency: ``aget`` awaited one after another against ``get`` called one after another, for
-  each backend; median over rounds, rounds interleaved so machine noise hits both alike;
+  each backend, and Django's default ``BaseCache.aget`` (a thread hop to ``get``) as it was
+  before; median over rounds, rounds interleaved so machine noise hits all alike;
 * concurrency: 50 ASGI-style requests at once, each in its own
   ``asgiref.sync.ThreadSensitiveContext`` with its own backend instance (as Django's
   ``caches`` gives each request), each awaiting ``aget`` ``CALLS_PER_REQUEST`` times;
@@ -21,7 +22,7 @@ import argparse
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import django
@@ -48,10 +49,10 @@ def sync_latency(cache: Any) -> float:
     return (time.perf_counter() - started) / CALLS
 
 
-async def async_latency(cache: Any) -> float:
+async def async_latency(aget: Callable[[str], Awaitable[Any]]) -> float:
     started = time.perf_counter()
     for _ in range(CALLS):
-        await cache.aget(KEY)
+        await aget(KEY)
     return (time.perf_counter() - started) / CALLS
 
 
@@ -82,6 +83,7 @@ def main() -> None:
 
         run = uvloop.run
     configure()
+    from django.core.cache.backends.base import BaseCache
     from django.core.cache.backends.memcached import PyLibMCCache
 
     from django_elasticache import memcached, pymemcache
@@ -101,13 +103,19 @@ def main() -> None:
             for name, make in ours.items():
                 cache = make()
                 latency.setdefault(f"{name} get", []).append(sync_latency(cache))
-                aget = run(async_latency(cache))
+                aget = run(async_latency(cache.aget))
                 latency.setdefault(f"{name} aget", []).append(aget)
+                hop = run(async_latency(lambda key, cache=cache: BaseCache.aget(cache, key)))
+                latency.setdefault(f"{name} hop", []).append(hop)
         print(f"Latency, one call after another, median of {rounds} rounds of {CALLS}:")
         for name in ours:
             get = statistics.median(latency[f"{name} get"]) * 1e6
             aget = statistics.median(latency[f"{name} aget"]) * 1e6
-            print(f"  {name:10} get {get:6.1f} us   aget {aget:6.1f} us   ({aget / get:.2f}x)")
+            hop = statistics.median(latency[f"{name} hop"]) * 1e6
+            print(
+                f"  {name:10} get {get:6.1f} us   aget {aget:6.1f} us ({aget / get:.2f}x)   "
+                f"thread-hop aget {hop:6.1f} us ({hop / get:.2f}x)"
+            )
 
         throughput: dict[str, list[float]] = {}
         for _ in range(rounds):
