@@ -11,6 +11,7 @@ names that library's errors; see ``memcached.ElastiCache``.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import threading
@@ -78,18 +79,33 @@ def _miss_on_server_error(miss: Callable[..., Any]) -> Callable[[Method], Method
     """
     Let a server or connection error in the wrapped method bring re-discovery forward and,
     with IGNORE_EXCEPTIONS, return ``miss(*arguments)`` instead of raising. Errors that are
-    the caller's fault (a bad key, a value too large) always raise.
+    the caller's fault (a bad key, a value too large) always raise. Coroutine methods (the
+    async cache API) get the same policy, awaited.
     """
 
     def decorate(method: Method) -> Method:
+        def answer(self: ClusterCacheMixin, error: Exception, args: Any, kwargs: Any) -> Any:
+            if not self._absorb(error, method.__name__):
+                raise error
+            return miss(*args, **kwargs)
+
+        if inspect.iscoroutinefunction(method):
+
+            @functools.wraps(method)
+            async def guarded_coroutine(self: ClusterCacheMixin, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await method(self, *args, **kwargs)
+                except self.server_errors as error:
+                    return answer(self, error, args, kwargs)
+
+            return guarded_coroutine  # type: ignore[return-value]
+
         @functools.wraps(method)
         def guarded(self: ClusterCacheMixin, *args: Any, **kwargs: Any) -> Any:
             try:
                 return method(self, *args, **kwargs)
             except self.server_errors as error:
-                if not self._absorb(error, method.__name__):
-                    raise
-                return miss(*args, **kwargs)
+                return answer(self, error, args, kwargs)
 
         return guarded  # type: ignore[return-value]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import socket
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyLibMCCache
 
 from . import pipeline
+from .aio_protocol import ClientErrorReply, IllegalKey, ProtocolError, ServerErrorReply
+from .async_backend import AsyncCacheMixin
 from .backend import ClusterCacheMixin
 from .cluster_utils import (
     ClusterConfig,
@@ -34,7 +37,13 @@ from .cluster_utils import (
 )
 from .pool import NodeError
 
-__all__ = ["DEFAULT_BEHAVIORS", "ElastiCache", "LibmemcachedPlacement", "PipelinedClient"]
+__all__ = [
+    "DEFAULT_BEHAVIORS",
+    "ElastiCache",
+    "LibmemcachedPlacement",
+    "PipelinedClient",
+    "PylibmcAdapter",
+]
 
 DEFAULT_BEHAVIORS: dict[str, Any] = {
     # Consistent hashing: a node added or removed moves only its share of the keys.
@@ -177,7 +186,59 @@ class PipelinedClient(pylibmc.Client):
             self._sock = None
 
 
-class ElastiCache(ClusterCacheMixin, PyLibMCCache):
+_ZLIB_FLAG = 1 << 3
+"""pylibmc's flag for a value it compressed (on ``set`` with ``min_compress_len``)."""
+
+
+class PylibmcAdapter:
+    """
+    pylibmc's rules for the event-loop path: values are (de)serialized by a pylibmc client's
+    own ``serialize``/``deserialize`` (flags included), timeouts are the behaviours
+    ``connect_timeout`` and ``_poll_timeout`` (ms), and failures become the pylibmc
+    exceptions the sync path raises for them.
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        behaviors = options["behaviors"]
+        if behaviors.get("_noreply"):
+            raise InvalidCacheBackendError(
+                "The async cache methods wait for every reply; behaviour _noreply=True "
+                "is only supported by the sync methods"
+            )
+        # Never connected: only its codec is used.
+        self._codec = pylibmc.Client(["localhost"], **options)
+        self.connect_timeout: float | None = _seconds(behaviors["connect_timeout"], 4.0)
+        self.timeout: float | None = _seconds(behaviors["_poll_timeout"], 5.0)
+
+    def encode_key(self, key: str) -> bytes:
+        return key.encode()
+
+    def serialize(self, key: bytes, value: Any) -> tuple[bytes, int]:
+        return self._codec.serialize(value)
+
+    def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
+        if flags & _ZLIB_FLAG:
+            data, flags = zlib.decompress(data), flags & ~_ZLIB_FLAG
+        return self._codec.deserialize(data, flags)
+
+    def library_error(self, error: Exception, node_name: str) -> Exception:
+        # The node last, as libmemcached words it, for the error log's per-node limit.
+        message = f"{error}, host: {node_name}" if node_name else str(error)
+        if isinstance(error, ServerErrorReply):
+            too_big = "too large" in str(error)
+            return (pylibmc.TooBig if too_big else pylibmc.ServerError)(message)
+        if isinstance(error, ClientErrorReply):
+            return pylibmc.ClientError(message)
+        if isinstance(error, IllegalKey):
+            return pylibmc.BadKeyProvided(message)
+        if isinstance(error, ProtocolError):
+            return pylibmc.ProtocolError(message)
+        if isinstance(error, TimeoutError):
+            return pylibmc.Error(f"A TIMEOUT OCCURRED, {message}")
+        return pylibmc.ConnectionError(message)
+
+
+class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
     """
     ``PyLibMCCache`` over every node of an ElastiCache cluster.
 
@@ -224,6 +285,9 @@ class ElastiCache(ClusterCacheMixin, PyLibMCCache):
 
     def _close_node_client(self, client: pylibmc.Client) -> None:
         client.disconnect_all()
+
+    def _make_async_adapter(self) -> PylibmcAdapter:
+        return PylibmcAdapter(self._options)
 
     def _placement(self, config: ClusterConfig) -> LibmemcachedPlacement:
         return LibmemcachedPlacement(config, self._options["behaviors"])

@@ -122,8 +122,7 @@ class NodePool:
         A client for one call, to be handed back with ``give_back`` or ``discard``. Raises
         ``NodeUnavailable`` while the node is marked down.
         """
-        if self._failures >= FAILURE_LIMIT:
-            self._refuse_while_down()
+        self.check_available()
         with self._lock:
             if self._idle:
                 return self._idle.pop()
@@ -131,7 +130,7 @@ class NodePool:
 
     def give_back(self, client: Client) -> None:
         """The call succeeded: the node is healthy and the client ready for the next call."""
-        self._failures = 0
+        self.record_success()
         with self._lock:
             if not self._retired:
                 self._idle.append(client)
@@ -151,7 +150,7 @@ class NodePool:
         the client is closed rather than pooled, since its connection state is unknown.
         """
         if is_node_failure(error):
-            self._record_failure()
+            self.record_failure()
             self._discard(client)
         else:
             self.give_back(client)
@@ -166,6 +165,24 @@ class NodePool:
             self.give_back_after(client, error, is_node_failure)
             raise
         self.give_back(client)
+
+    # The node's health, shared by every path that talks to the node (the pooled clients
+    # here, the event loops' connections in ``async_client``).
+
+    def check_available(self) -> None:
+        """Raise ``NodeUnavailable`` while the node is marked down."""
+        if self._failures >= FAILURE_LIMIT:
+            self._refuse_while_down()
+
+    def record_failure(self) -> None:
+        """The node could not be reached: enough of these in a row mark it down."""
+        self._failures += 1
+        if self._failures >= FAILURE_LIMIT:
+            self._down_until = time.monotonic() + RETRY_AFTER
+
+    def record_success(self) -> None:
+        """The node answered: its run of failures is over."""
+        self._failures = 0
 
     @property
     def open_count(self) -> int:
@@ -218,11 +235,6 @@ class NodePool:
             raise NodeUnavailable(self.node, remaining)
         # The wait is over: let calls try the node again, one failure marks it down again.
         self._failures = FAILURE_LIMIT - 1
-
-    def _record_failure(self) -> None:
-        self._failures += 1
-        if self._failures >= FAILURE_LIMIT:
-            self._down_until = time.monotonic() + RETRY_AFTER
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()

@@ -20,16 +20,28 @@ from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import (
     MemcacheClientError,
     MemcacheError,
+    MemcacheIllegalInputError,
     MemcacheServerError,
     MemcacheUnexpectedCloseError,
+    MemcacheUnknownCommandError,
+    MemcacheUnknownError,
 )
 
 from . import pipeline
+from .aio_protocol import (
+    ClientErrorReply,
+    IllegalKey,
+    ProtocolError,
+    ServerErrorReply,
+    UnknownCommandReply,
+)
+from .async_backend import AsyncCacheMixin
+from .async_client import ConnectionClosed
 from .backend import ClusterCacheMixin
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .pool import NodeError
 
-__all__ = ["DEFAULT_OPTIONS", "ElastiCache", "RendezvousPlacement"]
+__all__ = ["DEFAULT_OPTIONS", "ElastiCache", "PymemcacheAdapter", "RendezvousPlacement"]
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     # Seconds; pymemcache waits forever by default.
@@ -159,7 +171,58 @@ class _NodeClient(pymemcache.Client):
         return pipeline.set_command(key_bytes, flags, expire, data)
 
 
-class ElastiCache(ClusterCacheMixin, PyMemcacheCache):
+SYNC_ONLY_OPTIONS = {"default_noreply": True, "ignore_exc": True}
+"""Client options the async methods cannot honour, with the value they cannot honour."""
+
+_PROTOCOL_ERRORS: list[tuple[type[Exception], type[Exception]]] = [
+    (ServerErrorReply, MemcacheServerError),
+    (ClientErrorReply, MemcacheClientError),
+    (UnknownCommandReply, MemcacheUnknownCommandError),
+    (IllegalKey, MemcacheIllegalInputError),
+    (ProtocolError, MemcacheUnknownError),
+    (ConnectionClosed, MemcacheUnexpectedCloseError),
+]
+
+
+class PymemcacheAdapter:
+    """
+    pymemcache's rules for the event-loop path, from a never-connected ``pymemcache.Client``
+    built with the backend's options: its key check (prefix, unicode, length), its serde,
+    its ``connect_timeout`` and ``timeout`` (s), and its exception classes. Socket errors
+    (refused, timed out, TLS) are raised as they are, as pymemcache lets them through.
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        for name, value in SYNC_ONLY_OPTIONS.items():
+            if options.get(name) == value:
+                raise InvalidCacheBackendError(
+                    f"The async cache methods wait for every reply and raise every error; "
+                    f"OPTIONS[{name!r}]={value!r} is only supported by the sync methods"
+                )
+        self._codec = pymemcache.Client(("localhost", 11211), **options)
+        self.connect_timeout = self._codec.connect_timeout
+        self.timeout = self._codec.timeout
+
+    def encode_key(self, key: str) -> bytes:
+        return self._codec.check_key(key, self._codec.key_prefix)
+
+    def serialize(self, key: bytes, value: Any) -> tuple[bytes, int]:
+        data, flags = self._codec.serde.serialize(key, value)
+        if not isinstance(data, bytes):
+            data = str(data).encode(self._codec.encoding)
+        return data, flags
+
+    def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
+        return self._codec.serde.deserialize(key, data, flags)
+
+    def library_error(self, error: Exception, node_name: str) -> Exception:
+        for ours, theirs in _PROTOCOL_ERRORS:
+            if isinstance(error, ours):
+                return theirs(str(error))
+        return error
+
+
+class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyMemcacheCache):
     """
     ``PyMemcacheCache`` over every node of an ElastiCache cluster, optionally over TLS.
 
@@ -195,6 +258,9 @@ class ElastiCache(ClusterCacheMixin, PyMemcacheCache):
 
     def _close_node_client(self, client: pymemcache.Client) -> None:
         client.close()
+
+    def _make_async_adapter(self) -> PymemcacheAdapter:
+        return PymemcacheAdapter(self._options)
 
     def _placement(self, config: ClusterConfig) -> RendezvousPlacement:
         return RendezvousPlacement(config)

@@ -216,29 +216,41 @@ class ClusterClient:
 
     # Keys whose owner changed
 
-    def _invalidate_former_owners(self, keys: Iterable[str]) -> None:
+    def former_owners(self, keys: Iterable[str]) -> dict[NodePool, list[str]]:
+        """
+        The keys about to be written or deleted whose owner changed within the invalidation
+        window, by the pool of their former owner: their old copies must be deleted there.
+        """
         if self._former_owners is None:
-            return
+            return {}
         if time.monotonic() >= self._invalidate_until:
             self._former_owners = self._former_placement = None
-            return
+            return {}
         assert self._former_placement is not None
         stale: dict[NodePool, list[str]] = {}
         for key in keys:
             former = self._former_owners[self._former_placement.node_index(key)]
             if former is not None and former is not self.pool_for(key):
                 stale.setdefault(former, []).append(key)
-        for pool, node_keys in stale.items():
+        return stale
+
+    def _invalidate_former_owners(self, keys: Iterable[str]) -> None:
+        for pool, node_keys in self.former_owners(keys).items():
             try:
                 with pool.client(self._is_node_failure) as client:
                     client.delete_multi(node_keys)
             except Exception as error:
-                logger.warning(
-                    "Could not delete %d moved keys on their former node %s: %s",
-                    len(node_keys),
-                    pool.node.hostname or pool.node.ip,
-                    error,
-                )
+                log_invalidation_failure(pool, len(node_keys), error)
+
+
+def log_invalidation_failure(pool: NodePool, count: int, error: Exception) -> None:
+    """A moved key's old copy could not be deleted: worth a warning, not a failed write."""
+    logger.warning(
+        "Could not delete %d moved keys on their former node %s: %s",
+        count,
+        pool.node.hostname or pool.node.ip,
+        error,
+    )
 
 
 class ClusterClients:

@@ -1,0 +1,227 @@
+"""
+The memcached text protocol, without I/O: requests as bytes, replies parsed from a buffer.
+
+The event-loop path pipelines requests over a connection and matches replies to them in
+order, so a reply must be recognised exactly: a parser that read too little or too much
+would hand the next caller someone else's value. Every parser here therefore takes the
+receive buffer and an offset, and returns either ``None`` (the reply is not complete yet)
+or the reply's meaning and the offset just past it. A reply the server sends to refuse a
+request (``ERROR``, ``CLIENT_ERROR``, ``SERVER_ERROR``) is a complete reply too: it is
+returned as an ``ErrorReply`` for the caller to raise, and the stream stays in step.
+Anything else that is not the reply the request expects raises ``MalformedReply``: the
+connection can no longer be trusted and must be closed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "ClientErrorReply",
+    "ErrorReply",
+    "IllegalKey",
+    "MalformedReply",
+    "Parser",
+    "ServerErrorReply",
+    "UnknownCommandReply",
+    "check_key",
+    "counter_request",
+    "delete_request",
+    "flush_all_request",
+    "parse_counter",
+    "parse_deleted",
+    "parse_flushed",
+    "parse_stored",
+    "parse_touched",
+    "parse_values",
+    "retrieval_request",
+    "storage_request",
+    "touch_request",
+]
+
+MAX_KEY_LENGTH = 250
+"""memcached's limit on a key, in bytes."""
+
+MAX_LINE_LENGTH = 8192
+"""A reply line (without data) longer than this is not memcached talking."""
+
+CRLF = b"\r\n"
+
+_NOT_IN_A_KEY = re.compile(rb"[\x00-\x20\x7f]")
+
+
+class ProtocolError(Exception):
+    """Base class of what the protocol layer reports."""
+
+
+class IllegalKey(ProtocolError, ValueError):
+    """
+    A key memcached would split or refuse: in a pipelined stream a space or line break in a
+    key would turn the rest of the request into another command, so it is never sent.
+    """
+
+
+class MalformedReply(ProtocolError):
+    """The server sent something that is not the reply the request expects."""
+
+
+class ErrorReply(ProtocolError):
+    """The server refused the request; the connection stays in step."""
+
+
+class UnknownCommandReply(ErrorReply):
+    """``ERROR``: the server does not know the command."""
+
+
+class ClientErrorReply(ErrorReply):
+    """``CLIENT_ERROR <message>``: the request was malformed (a non-numeric incr, ...)."""
+
+
+class ServerErrorReply(ErrorReply):
+    """``SERVER_ERROR <message>``: the server could not do it (a value too large, ...)."""
+
+
+Parsed = tuple[Any, int]
+Parser = Callable[[bytes | bytearray, int], Parsed | None]
+"""Reads one reply from ``buffer[start:]``: ``None`` if incomplete, else (meaning, end)."""
+
+
+def check_key(key: bytes) -> bytes:
+    """Refuse a key that memcached would not read as one key of at most 250 bytes."""
+    if not key or len(key) > MAX_KEY_LENGTH or _NOT_IN_A_KEY.search(key):
+        raise IllegalKey(
+            f"memcached keys are 1 to {MAX_KEY_LENGTH} bytes without spaces or control "
+            f"characters, got {key!r}"
+        )
+    return key
+
+
+# Requests
+
+
+def retrieval_request(keys: Iterable[bytes]) -> bytes:
+    return b"get " + b" ".join(keys) + CRLF
+
+
+def storage_request(command: bytes, key: bytes, flags: int, exptime: int, data: bytes) -> bytes:
+    """``set``, ``add`` or another storage command with its data block."""
+    return b"%s %s %d %d %d\r\n%s\r\n" % (command, key, flags, exptime, len(data), data)
+
+
+def delete_request(key: bytes) -> bytes:
+    return b"delete " + key + CRLF
+
+
+def touch_request(key: bytes, exptime: int) -> bytes:
+    return b"touch %s %d\r\n" % (key, exptime)
+
+
+def counter_request(command: bytes, key: bytes, delta: int) -> bytes:
+    """``incr`` or ``decr``; memcached takes an unsigned 64-bit delta."""
+    if not 0 <= delta < 2**64:
+        raise ValueError(f"memcached {command.decode()} needs 0 <= delta < 2**64, got {delta}")
+    return b"%s %s %d\r\n" % (command, key, delta)
+
+
+def flush_all_request() -> bytes:
+    return b"flush_all\r\n"
+
+
+# Replies
+
+
+def _line(buffer: bytes | bytearray, start: int) -> tuple[bytes, int] | None:
+    end = buffer.find(CRLF, start, start + MAX_LINE_LENGTH + 2)
+    if end < 0:
+        if len(buffer) - start > MAX_LINE_LENGTH:
+            raise MalformedReply(f"reply line longer than {MAX_LINE_LENGTH} bytes")
+        return None
+    return bytes(buffer[start:end]), end + 2
+
+
+def _error_reply(line: bytes) -> ErrorReply | None:
+    """The refusal a line carries, if it is one."""
+    if line == b"ERROR":
+        return UnknownCommandReply("ERROR")
+    kind, _, message = line.partition(b" ")
+    if kind == b"CLIENT_ERROR":
+        return ClientErrorReply(message.decode(errors="replace"))
+    if kind == b"SERVER_ERROR":
+        return ServerErrorReply(message.decode(errors="replace"))
+    return None
+
+
+def _status_parser(outcomes: Mapping[bytes, Any]) -> Parser:
+    """A parser for a one-line reply with a fixed set of answers."""
+
+    def parse(buffer: bytes | bytearray, start: int) -> Parsed | None:
+        found = _line(buffer, start)
+        if found is None:
+            return None
+        line, end = found
+        if line in outcomes:
+            return outcomes[line], end
+        refusal = _error_reply(line)
+        if refusal is None:
+            raise MalformedReply(f"expected one of {sorted(outcomes)}, got {line!r}")
+        return refusal, end
+
+    return parse
+
+
+parse_stored = _status_parser(
+    {b"STORED": True, b"NOT_STORED": False, b"EXISTS": False, b"NOT_FOUND": False}
+)
+parse_deleted = _status_parser({b"DELETED": True, b"NOT_FOUND": False})
+parse_touched = _status_parser({b"TOUCHED": True, b"NOT_FOUND": False})
+parse_flushed = _status_parser({b"OK": True})
+_parse_counter_miss = _status_parser({b"NOT_FOUND": None})
+
+
+def parse_counter(buffer: bytes | bytearray, start: int) -> Parsed | None:
+    """``incr``/``decr``: the new value as an int, or ``None`` for a missing key."""
+    found = _line(buffer, start)
+    if found is None:
+        return None
+    line, end = found
+    if line.isdigit():
+        return int(line), end
+    return _parse_counter_miss(buffer, start)
+
+
+def parse_values(buffer: bytes | bytearray, start: int) -> Parsed | None:
+    """
+    The reply to ``get``: ``{key: (flags, data)}`` for the keys found, up to ``END``.
+    Each value's byte count is checked against its data block's terminator.
+    """
+    found: dict[bytes, tuple[int, bytes]] = {}
+    position = start
+    while True:
+        header = _line(buffer, position)
+        if header is None:
+            return None
+        line, position = header
+        if line == b"END":
+            return found, position
+        fields = line.split(b" ")
+        if fields[0] != b"VALUE" or len(fields) not in (4, 5):
+            refusal = _error_reply(line)
+            if refusal is None or found:
+                raise MalformedReply(f"expected VALUE or END, got {line!r}")
+            return refusal, position
+        try:
+            flags, length = int(fields[2]), int(fields[3])
+        except ValueError:
+            raise MalformedReply(f"bad VALUE line {line!r}") from None
+        if length < 0 or flags < 0:
+            raise MalformedReply(f"bad VALUE line {line!r}")
+        data_end = position + length
+        if len(buffer) < data_end + 2:
+            return None
+        if buffer[data_end : data_end + 2] != CRLF:
+            raise MalformedReply(f"value of {fields[1]!r} is not {length} bytes long")
+        found[fields[1]] = (flags, bytes(buffer[position:data_end]))
+        position = data_end + 2

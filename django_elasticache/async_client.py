@@ -1,0 +1,662 @@
+"""
+The event loop's connections to the cache nodes, and the calls the async cache methods make.
+
+Django's async cache methods are ``sync_to_async`` around the sync ones: every call hops to a
+thread and back. Here they talk memcached's text protocol (``aio_protocol``) on the loop
+itself, to the very node the sync path uses for the key: routing asks the backend's current
+``ClusterClient`` (the same placement object), and each node's health is its ``NodePool``'s,
+shared with the sync path.
+
+Connections belong to an event loop. Each loop has its own ``NodeChannel`` per node:
+
+- in clear text, one connection per node, and concurrent requests are pipelined over it
+  (written as they come, replies matched in order), which served 50 concurrent requests
+  better than a pool of connections used one request at a time;
+- over TLS, up to ``POOL_SIZE`` connections per node with one request in flight on each:
+  memcached 1.6 stalls on a TLS connection that delivers several commands at once.
+
+A loop's connections are closed when the loop shuts down its async generators (as
+``asyncio.run`` and asgiref do), or, for a loop closed without that, when the next loop
+first uses the cache. A forked child starts with no connections and never closes the
+parent's.
+
+A client library is known only through a ``LibraryAdapter``: the backend module for that
+library supplies how keys are encoded, how values are (de)serialized (so both paths read what
+the other wrote, flags included), the timeouts, and which exception the library itself would
+raise for each failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from .aio_protocol import (
+    ErrorReply,
+    IllegalKey,
+    Parser,
+    ProtocolError,
+    check_key,
+    counter_request,
+    delete_request,
+    flush_all_request,
+    parse_counter,
+    parse_deleted,
+    parse_flushed,
+    parse_stored,
+    parse_touched,
+    parse_values,
+    retrieval_request,
+    storage_request,
+    touch_request,
+)
+from .cluster_utils import ClusterNode, format_address
+from .pool import NodePool
+from .routing import ClusterClient, log_invalidation_failure
+
+__all__ = ["MISSING", "AsyncClusterClient", "ConnectionClosed", "LibraryAdapter"]
+
+logger = logging.getLogger("django_elasticache")
+
+PIPELINE_DEPTH = 1024
+"""Requests in flight on one clear-text connection; more wait for a reply to come back."""
+
+MISSING = object()
+"""What ``AsyncClusterClient.get`` returns for a key the node does not hold."""
+
+
+class LibraryAdapter(Protocol):
+    """What the event-loop path needs to know of the backend's client library."""
+
+    connect_timeout: float | None
+    """Seconds to open a connection (TLS handshake included); ``None``: no limit."""
+    timeout: float | None
+    """Seconds to wait for a reply; ``None``: no limit."""
+
+    def encode_key(self, key: str) -> bytes:
+        """The key as the library sends it."""
+
+    def serialize(self, key: bytes, value: Any) -> tuple[bytes, int]:
+        """A value as the library stores it: data and flags."""
+
+    def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
+        """A stored value as the library reads it back."""
+
+    def library_error(self, error: Exception, node_name: str) -> Exception:
+        """
+        The exception the library raises for this failure of a call to ``node_name``: an
+        ``OSError`` (connection, timeout, TLS), ``ConnectionClosed``, or an
+        ``aio_protocol.ProtocolError`` (a refusal, a malformed reply, an illegal key).
+        """
+
+
+class ConnectionClosed(ConnectionError):
+    """The node closed the connection, or it was closed, before the reply came."""
+
+
+class _Request:
+    """A request on the wire: how to read its reply, who waits for it, and since when."""
+
+    __slots__ = ("future", "parser", "sent")
+
+    def __init__(self, parser: Parser, future: asyncio.Future[Any], sent: float) -> None:
+        self.parser = parser
+        self.future = future
+        self.sent = sent
+
+
+class NodeConnection(asyncio.Protocol):
+    """
+    One connection to one node on one loop. Requests are written as they come and their
+    replies matched to them in order; a caller that gives up (cancelled) leaves its slot in
+    the queue, so the reply it no longer wants is still read and the stream stays in step.
+
+    The timeout bounds silence, as pylibmc's poll timeout and pymemcache's socket timeout
+    do: a call fails when nothing came from the node for ``timeout`` seconds since its
+    request was sent, not when a long queue of replies is still flowing. Replies come in
+    order, so only the oldest request can be late: one timer per connection watches it.
+    """
+
+    def __init__(self, channel: NodeChannel, sock: socket.socket) -> None:
+        self._channel = channel
+        self._sock = sock
+        self._loop = channel.loop
+        self._timeout = channel.timeout
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._last_received = 0.0
+        self.closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    async def call(self, requests: Sequence[bytes], parser: Parser) -> list[Any]:
+        """Send requests in one write; their replies (or ``ErrorReply``s), in order."""
+        if self.closed or self._transport is None:
+            raise ConnectionClosed(f"connection to {self._channel.name} is closed")
+        loop = self._loop
+        sent = loop.time()
+        futures = [loop.create_future() for _ in requests]
+        self._pending.extend(_Request(parser, future, sent) for future in futures)
+        self._transport.write(requests[0] if len(requests) == 1 else b"".join(requests))
+        if self._watchdog is None and self._timeout is not None:
+            self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
+        return [await future for future in futures]
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received = self._loop.time()
+        buffer = self._buffer
+        buffer += data
+        position = replies = 0
+        pending = self._pending
+        try:
+            while pending:
+                parsed = pending[0].parser(buffer, position)
+                if parsed is None:
+                    break
+                reply, position = parsed
+                replies += 1
+                future = pending.popleft().future
+                if not future.done():
+                    future.set_result(reply)
+            if position < len(buffer) and not pending:
+                raise ProtocolError(f"{self._channel.name} sent data nobody asked for")
+        except ProtocolError as error:
+            self.close(error)
+            return
+        del buffer[:position]
+        if replies:
+            self._channel.slots_freed(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"{self._channel.name} closed the connection"
+        self.close(ConnectionClosed(f"{reason}: {exc}" if exc else reason))
+
+    def close(self, error: Exception) -> None:
+        """Close now; every request still waiting fails with ``error``."""
+        if not self.closed:
+            self.closed = True
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            if self._transport is not None:
+                self._transport.abort()
+            self._sock.close()
+            self._channel.forget(self)
+        while self._pending:
+            future = self._pending.popleft().future
+            if not future.done():
+                future.set_exception(error)
+
+    def close_socket(self) -> None:
+        """Release the socket of a loop that is closed (its transport can no longer run)."""
+        self.closed = True
+        self._sock.close()
+
+    def _check_deadline(self, after_reading: bool = False) -> None:
+        self._watchdog = None
+        if not self._pending or self._timeout is None:
+            return
+        deadline = max(self._pending[0].sent, self._last_received) + self._timeout
+        if deadline > self._loop.time():
+            self._watchdog = self._loop.call_at(deadline, self._check_deadline)
+            return
+        if not after_reading:
+            # A loop too busy to run this timer on time may not have read what already came:
+            # look again once it has polled its sockets.
+            self._watchdog = self._loop.call_later(0, self._check_deadline, True)
+            return
+        # The reply may still come, or never: the connection is out of step either way.
+        self.close(TimeoutError(f"no reply from {self._channel.name} within {self._timeout} s"))
+
+
+class NodeChannel:
+    """
+    The connections to one node on one loop: at most ``max_connections`` of them, each
+    with at most ``max_in_flight`` requests; a caller that finds none free waits for one.
+    """
+
+    def __init__(
+        self,
+        node: ClusterNode,
+        tls: ssl.SSLContext | None,
+        connect_timeout: float | None,
+        timeout: float | None,
+        max_connections: int,
+        max_in_flight: int,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.node = node
+        self.name = format_address(node.hostname or node.ip, node.port)
+        self.timeout = timeout
+        self._tls = tls
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._max_in_flight = max_in_flight
+        self._connections: list[NodeConnection] = []
+        self._opening = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def call(self, requests: Sequence[bytes], parser: Parser) -> list[Any]:
+        """The replies to ``requests``, sent together as far as a connection takes them."""
+        depth = self._max_in_flight
+        if len(requests) > depth:
+            replies = []
+            for start in range(0, len(requests), depth):
+                replies += await self.call(requests[start : start + depth], parser)
+            return replies
+        for connection in self._connections:
+            if connection.in_flight < self._max_in_flight:
+                break
+        else:
+            connection = await self._free_connection()
+        return await connection.call(requests, parser)
+
+    async def _free_connection(self) -> NodeConnection:
+        while True:
+            for connection in self._connections:
+                if connection.in_flight < self._max_in_flight:
+                    return connection
+            if len(self._connections) + self._opening < self._max_connections:
+                return await self._open()
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    async def _open(self) -> NodeConnection:
+        self._opening += 1
+        try:
+            connection = await self._connect()
+        except BaseException as error:
+            # Whoever waited for this connection fails with it, as a queue behind a broken
+            # connection would: one attempt per node, not one per waiting request.
+            self._opening -= 1
+            self._wake_all(error if isinstance(error, Exception) else None)
+            raise
+        self._opening -= 1
+        self._connections.append(connection)
+        self._wake_all()
+        return connection
+
+    async def _connect(self) -> NodeConnection:
+        """
+        Connect within ``connect_timeout``. As for replies, a loop too busy to notice the
+        connection on time gets one more look after polling its sockets before giving up.
+        """
+        attempt = self.loop.create_task(self._connect_unbounded())
+        expired = False
+
+        def expire(after_polling: bool) -> None:
+            nonlocal expired
+            if attempt.done():
+                return
+            if not after_polling:
+                self.loop.call_later(0, expire, True)
+                return
+            expired = True
+            attempt.cancel()
+
+        timeout = self._connect_timeout
+        timer = None if timeout is None else self.loop.call_later(timeout, expire, False)
+        try:
+            return await attempt
+        except asyncio.CancelledError:
+            if expired:
+                message = f"could not connect to {self.name} within {timeout} s"
+                raise TimeoutError(message) from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _connect_unbounded(self) -> NodeConnection:
+        node = self.node
+        if node.ip:  # Numeric: no resolver, no thread.
+            addresses = socket.getaddrinfo(
+                node.ip, node.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        else:
+            addresses = await self.loop.getaddrinfo(
+                node.hostname, node.port, type=socket.SOCK_STREAM
+            )
+        family, kind, proto, _, address = addresses[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self.loop.sock_connect(sock, address)
+            tls: dict[str, Any] = {}
+            if self._tls is not None:
+                # Verified against the name the certificate carries, at the listed address.
+                tls = {"ssl": self._tls, "server_hostname": node.hostname or node.ip}
+            _, connection = await self.loop.create_connection(
+                lambda: NodeConnection(self, sock), sock=sock, **tls
+            )
+        except BaseException:
+            sock.close()
+            raise
+        return connection
+
+    def slots_freed(self, count: int) -> None:
+        """Replies came in: as many waiting callers may send."""
+        while count and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+    def forget(self, connection: NodeConnection) -> None:
+        if connection in self._connections:
+            self._connections.remove(connection)
+        self._wake_all()
+
+    def close(self) -> None:
+        for connection in list(self._connections):
+            connection.close(ConnectionClosed(f"connection to {self.name} closed"))
+
+    def close_sockets(self) -> None:
+        for connection in self._connections:
+            connection.close_socket()
+        self._connections.clear()
+
+    def _wake_all(self, error: Exception | None = None) -> None:
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+
+
+class LoopConnections:
+    """Every channel of one event loop, keyed by the node's ``NodePool``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop_ref = weakref.ref(loop)
+        self.channels: dict[NodePool, NodeChannel] = {}
+        self._close_at_shutdown = self._until_shutdown()
+
+    def watch_shutdown(self) -> None:
+        """
+        Start an async generator on the loop: the loop's shutdown (``shutdown_asyncgens``)
+        closes it, and with it this loop's connections, while the loop can still run.
+        """
+        with contextlib.suppress(StopIteration):
+            self._close_at_shutdown.asend(None).send(None)
+
+    async def _until_shutdown(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self.close()
+            _forget(self)
+
+    def close_channels(self, pools: Iterable[NodePool]) -> None:
+        for pool in pools:
+            channel = self.channels.pop(pool, None)
+            if channel is not None:
+                channel.close()
+
+    def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+
+    def release_closed(self) -> None:
+        """
+        The loop closed without shutting down its async generators: close the sockets
+        directly, and finish the generator here, so that it never asks the closed loop to.
+        """
+        for channel in self.channels.values():
+            channel.close_sockets()
+        self.channels.clear()
+        with contextlib.suppress(StopIteration):
+            self._close_at_shutdown.aclose().send(None)
+
+
+_by_loop: dict[int, LoopConnections] = {}
+_by_loop_lock = threading.Lock()
+_inherited_across_fork: list[LoopConnections] = []
+
+
+def loop_connections() -> LoopConnections:
+    """The running loop's connections, made on first use."""
+    loop = asyncio.get_running_loop()
+    state = _by_loop.get(id(loop))
+    if state is not None and state.loop_ref() is loop:
+        return state
+    with _by_loop_lock:
+        closed = _closed_loops()
+        state = _by_loop[id(loop)] = LoopConnections(loop)
+    for stale in closed:
+        stale.release_closed()
+    state.watch_shutdown()
+    return state
+
+
+def _closed_loops() -> list[LoopConnections]:
+    """Forget the loops closed without shutting down their async generators."""
+    closed = []
+    for key, state in list(_by_loop.items()):
+        loop = state.loop_ref()
+        if loop is None or loop.is_closed():
+            del _by_loop[key]
+            closed.append(state)
+    return closed
+
+
+def _forget(state: LoopConnections) -> None:
+    with _by_loop_lock:
+        for key, known in list(_by_loop.items()):
+            if known is state:
+                del _by_loop[key]
+
+
+def _after_fork_in_child() -> None:
+    global _by_loop_lock
+    _by_loop_lock = threading.Lock()
+    # The parent still uses these sockets: keep them referenced, never close them here.
+    _inherited_across_fork.extend(_by_loop.values())
+    _by_loop.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class AsyncClusterClient:
+    """
+    The memcached calls of Django's async cache API, over the nodes of a ``ClusterClient``,
+    on the running loop: keys encoded and values (de)serialized by the library's rules,
+    each key sent to the node its ``ClusterClient`` names, failures raised as the library
+    raises them and counted in the node's health.
+    """
+
+    def __init__(
+        self,
+        adapter: LibraryAdapter,
+        tls: ssl.SSLContext | None,
+        max_connections: int,
+        is_node_failure: Callable[[BaseException], bool],
+    ) -> None:
+        self._adapter = adapter
+        self._tls = tls
+        self._max_connections = max_connections
+        self._is_node_failure = is_node_failure
+        self._cluster_by_loop: weakref.WeakKeyDictionary[LoopConnections, ClusterClient] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # Calls
+
+    async def get(self, cluster: ClusterClient, key: str) -> Any:
+        """The key's value, or ``MISSING``."""
+        wire_key = self._wire_key(key)
+        (found,) = await self._call(
+            cluster, cluster.pool_for(key), [retrieval_request((wire_key,))], parse_values
+        )
+        if wire_key not in found:
+            return MISSING
+        flags, data = found[wire_key]
+        return self._adapter.deserialize(wire_key, data, flags)
+
+    async def get_many(self, cluster: ClusterClient, keys: Iterable[str]) -> dict[str, Any]:
+        wire_keys = {key: self._wire_key(key) for key in keys}
+
+        async def get_from(pool: NodePool, node_keys: list[str]) -> dict[bytes, Any]:
+            request = retrieval_request([wire_keys[key] for key in node_keys])
+            (found,) = await self._call(cluster, pool, [request], parse_values)
+            return found
+
+        by_pool = _by_pool(cluster, wire_keys)
+        keys_by_wire = {wire_key: key for key, wire_key in wire_keys.items()}
+        values = {}
+        for found in await _each(get_from(pool, node_keys) for pool, node_keys in by_pool.items()):
+            for wire_key, (flags, data) in found.items():
+                if wire_key in keys_by_wire:
+                    value = self._adapter.deserialize(wire_key, data, flags)
+                    values[keys_by_wire[wire_key]] = value
+        return values
+
+    async def store(
+        self, cluster: ClusterClient, command: bytes, data: dict[str, Any], exptime: int
+    ) -> list[str]:
+        """Store each key (``set`` or ``add``); the keys that were not stored."""
+        requests = {}
+        for key, value in data.items():
+            wire_key = self._wire_key(key)
+            encoded, flags = self._adapter.serialize(wire_key, value)
+            requests[key] = storage_request(command, wire_key, flags, exptime, encoded)
+        await self._invalidate_former_owners(cluster, list(data))
+
+        async def store_on(pool: NodePool, node_keys: list[str]) -> list[str]:
+            node_requests = [requests[key] for key in node_keys]
+            stored = await self._call(cluster, pool, node_requests, parse_stored)
+            return [key for key, ok in zip(node_keys, stored, strict=True) if not ok]
+
+        by_pool = _by_pool(cluster, requests)
+        results = await _each(store_on(pool, node_keys) for pool, node_keys in by_pool.items())
+        return [key for failed in results for key in failed]
+
+    async def delete(self, cluster: ClusterClient, keys: Sequence[str]) -> list[bool]:
+        """Delete each key; whether each existed, in order."""
+        await self._invalidate_former_owners(cluster, keys)
+        return await self._delete(cluster, _by_pool(cluster, keys))
+
+    async def touch(self, cluster: ClusterClient, key: str, exptime: int) -> bool:
+        request = touch_request(self._wire_key(key), exptime)
+        (touched,) = await self._call(cluster, cluster.pool_for(key), [request], parse_touched)
+        return bool(touched)
+
+    async def counter(self, cluster: ClusterClient, key: str, delta: int) -> int | None:
+        """Add ``delta`` (negative: subtract) to a counter; ``None`` for a missing key."""
+        command, amount = (b"decr", -delta) if delta < 0 else (b"incr", delta)
+        request = counter_request(command, self._wire_key(key), amount)
+        (value,) = await self._call(cluster, cluster.pool_for(key), [request], parse_counter)
+        return value
+
+    async def flush_all(self, cluster: ClusterClient) -> None:
+        """Flush every node, even after one failed; then raise the first failure."""
+        outcomes = await asyncio.gather(
+            *(
+                self._call(cluster, pool, [flush_all_request()], parse_flushed)
+                for pool in cluster.pools
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    # Internals
+
+    def _wire_key(self, key: str) -> bytes:
+        try:
+            return check_key(self._adapter.encode_key(key))
+        except IllegalKey as error:
+            raise self._adapter.library_error(error, "") from None
+
+    async def _call(
+        self, cluster: ClusterClient, pool: NodePool, requests: Sequence[bytes], parser: Parser
+    ) -> list[Any]:
+        pool.check_available()
+        channel = self._channel(cluster, pool)
+        try:
+            replies = await channel.call(requests, parser)
+        except (OSError, ProtocolError) as error:
+            translated = self._adapter.library_error(error, channel.name)
+            if self._is_node_failure(translated):
+                pool.record_failure()
+            raise translated from error
+        pool.record_success()
+        for reply in replies:
+            if isinstance(reply, ErrorReply):
+                raise self._adapter.library_error(reply, channel.name)
+        return replies
+
+    def _channel(self, cluster: ClusterClient, pool: NodePool) -> NodeChannel:
+        connections = loop_connections()
+        seen = self._cluster_by_loop.get(connections)
+        if seen is not cluster:
+            if seen is not None:
+                # A new node list: close this loop's connections to the nodes that left it.
+                connections.close_channels(set(seen.pools) - set(cluster.pools))
+            self._cluster_by_loop[connections] = cluster
+        channel = connections.channels.get(pool)
+        if channel is None:
+            channel = connections.channels[pool] = NodeChannel(
+                pool.node,
+                self._tls,
+                self._adapter.connect_timeout,
+                self._adapter.timeout,
+                max_connections=1 if self._tls is None else self._max_connections,
+                max_in_flight=1 if self._tls is not None else PIPELINE_DEPTH,
+            )
+        return channel
+
+    async def _delete(
+        self, cluster: ClusterClient, by_pool: dict[NodePool, list[str]]
+    ) -> list[bool]:
+        async def delete_on(pool: NodePool, node_keys: list[str]) -> list[bool]:
+            requests = [delete_request(self._wire_key(key)) for key in node_keys]
+            return await self._call(cluster, pool, requests, parse_deleted)
+
+        results = await _each(delete_on(pool, node_keys) for pool, node_keys in by_pool.items())
+        return [deleted for node_results in results for deleted in node_results]
+
+    async def _invalidate_former_owners(self, cluster: ClusterClient, keys: Iterable[str]) -> None:
+        stale = cluster.former_owners(keys)
+        for pool, node_keys in stale.items():
+            try:
+                await self._delete(cluster, {pool: node_keys})
+            except Exception as error:
+                log_invalidation_failure(pool, len(node_keys), error)
+
+
+def _by_pool(cluster: ClusterClient, keys: Iterable[str]) -> dict[NodePool, list[str]]:
+    groups: dict[NodePool, list[str]] = {}
+    for key in keys:
+        groups.setdefault(cluster.pool_for(key), []).append(key)
+    return groups
+
+
+async def _each(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Run one call per node: at once when there are several."""
+    calls = list(calls)
+    if len(calls) == 1:
+        return [await calls[0]]
+    return list(await asyncio.gather(*calls))

@@ -1,0 +1,167 @@
+"""The memcached text protocol of the async path: requests built and replies read exactly."""
+
+from __future__ import annotations
+
+import pytest
+
+from django_elasticache.aio_protocol import (
+    MAX_LINE_LENGTH,
+    ClientErrorReply,
+    IllegalKey,
+    MalformedReply,
+    ServerErrorReply,
+    UnknownCommandReply,
+    check_key,
+    counter_request,
+    delete_request,
+    flush_all_request,
+    parse_counter,
+    parse_deleted,
+    parse_flushed,
+    parse_stored,
+    parse_touched,
+    parse_values,
+    retrieval_request,
+    storage_request,
+    touch_request,
+)
+
+NEXT_REPLY = b"STORED\r\n"
+"""What follows a reply on a pipelined connection: a parser must leave it alone."""
+
+
+def test_requests_are_exact() -> None:
+    assert retrieval_request([b"a", b"b"]) == b"get a b\r\n"
+    assert storage_request(b"set", b"k", 16, 300, b"v\r\nx") == b"set k 16 300 4\r\nv\r\nx\r\n"
+    assert storage_request(b"add", b"k", 0, -1, b"") == b"add k 0 -1 0\r\n\r\n"
+    assert delete_request(b"k") == b"delete k\r\n"
+    assert touch_request(b"k", 0) == b"touch k 0\r\n"
+    assert counter_request(b"decr", b"k", 2**64 - 1) == b"decr k 18446744073709551615\r\n"
+    assert flush_all_request() == b"flush_all\r\n"
+
+
+@pytest.mark.parametrize("delta", [-1, 2**64])
+def test_counter_delta_out_of_range_is_refused(delta: int) -> None:
+    with pytest.raises(ValueError, match=f"got {delta}"):
+        counter_request(b"incr", b"k", delta)
+
+
+def test_legal_keys_pass_unchanged() -> None:
+    assert check_key(b"k" * 250) == b"k" * 250
+    assert check_key("é:1:ключ".encode()) == "é:1:ключ".encode()
+
+
+@pytest.mark.parametrize(
+    "key", [b"", b"k" * 251, b"a b", b"a\r\nget b", b"a\nb", b"a\x00", b"\x7f", b"tab\t"]
+)
+def test_keys_that_would_split_a_command_are_refused(key: bytes) -> None:
+    with pytest.raises(IllegalKey, match="memcached keys are 1 to 250 bytes"):
+        check_key(key)
+
+
+def test_values_reply_is_read_by_byte_count() -> None:
+    data = b"x\r\nEND\r\nVALUE y 0 1\r\n"  # Looks like protocol, is data.
+    reply = b"VALUE a 16 %d\r\n%s\r\nVALUE b 0 0\r\n\r\nEND\r\n" % (len(data), data)
+    found, end = parse_values(reply + NEXT_REPLY, 0)
+    assert found == {b"a": (16, data), b"b": (0, b"")}
+    assert end == len(reply)
+
+
+def test_values_reply_from_an_offset_with_a_cas_field() -> None:
+    before = b"DELETED\r\n"
+    reply = b"VALUE k 1 3 99\r\nabc\r\nEND\r\n"
+    assert parse_values(before + reply, len(before)) == ({b"k": (1, b"abc")}, len(before + reply))
+
+
+def test_empty_values_reply() -> None:
+    assert parse_values(b"END\r\n", 0) == ({}, 5)
+
+
+def test_incomplete_values_reply_at_every_cut_waits_for_more() -> None:
+    reply = b"VALUE a 0 5\r\nhello\r\nVALUE b 4 2\r\n42\r\nEND\r\n"
+    for cut in range(len(reply)):
+        assert parse_values(reply[:cut], 0) is None, cut
+    found = {b"a": (0, b"hello"), b"b": (4, b"42")}
+    assert parse_values(bytearray(reply), 0) == (found, len(reply))
+
+
+@pytest.mark.parametrize(
+    "reply, message",
+    [
+        (b"VALUE a 0 3\r\nhello\r\nEND\r\n", "not 3 bytes long"),
+        (b"VALUE a x 3\r\nabc\r\nEND\r\n", "bad VALUE line"),
+        (b"VALUE a 0 -1\r\n\r\nEND\r\n", "bad VALUE line"),
+        (b"VALUE a 0\r\n", "expected VALUE or END"),
+        (b"STORED\r\n", "expected VALUE or END"),
+        (b"VALUE a 0 1\r\nx\r\nSERVER_ERROR oops\r\n", "expected VALUE or END"),
+    ],
+)
+def test_malformed_values_reply_is_an_error(reply: bytes, message: str) -> None:
+    with pytest.raises(MalformedReply, match=message):
+        parse_values(reply, 0)
+
+
+@pytest.mark.parametrize(
+    "line, kind, message",
+    [
+        (b"ERROR", UnknownCommandReply, "ERROR"),
+        (b"CLIENT_ERROR bad data chunk", ClientErrorReply, "bad data chunk"),
+        (b"SERVER_ERROR object too large for cache", ServerErrorReply, "object too large"),
+    ],
+)
+@pytest.mark.parametrize(
+    "parser", [parse_values, parse_stored, parse_deleted, parse_touched, parse_counter]
+)
+def test_refusals_are_complete_replies(parser, line: bytes, kind: type, message: str) -> None:
+    reply = line + b"\r\n"
+    refusal, end = parser(reply + NEXT_REPLY, 0)
+    assert type(refusal) is kind and message in str(refusal)
+    assert end == len(reply)
+
+
+@pytest.mark.parametrize(
+    "parser, line, meaning",
+    [
+        (parse_stored, b"STORED", True),
+        (parse_stored, b"NOT_STORED", False),
+        (parse_stored, b"EXISTS", False),
+        (parse_stored, b"NOT_FOUND", False),
+        (parse_deleted, b"DELETED", True),
+        (parse_deleted, b"NOT_FOUND", False),
+        (parse_touched, b"TOUCHED", True),
+        (parse_touched, b"NOT_FOUND", False),
+        (parse_flushed, b"OK", True),
+        (parse_counter, b"0", 0),
+        (parse_counter, b"18446744073709551615", 2**64 - 1),
+        (parse_counter, b"NOT_FOUND", None),
+    ],
+)
+def test_status_replies(parser, line: bytes, meaning: object) -> None:
+    reply = line + b"\r\n"
+    assert parser(reply + NEXT_REPLY, 0) == (meaning, len(reply))
+    assert parser(reply[:-1], 0) is None
+
+
+@pytest.mark.parametrize(
+    "parser, line",
+    [
+        (parse_stored, b"DELETED"),
+        (parse_deleted, b"STORED"),
+        (parse_touched, b"DELETED"),
+        (parse_flushed, b"STORED"),
+        (parse_counter, b"-1"),
+        (parse_counter, b"12 "),
+        (parse_stored, b""),
+    ],
+)
+def test_another_commands_reply_is_an_error(parser, line: bytes) -> None:
+    with pytest.raises(MalformedReply, match=repr(line)):
+        parser(line + b"\r\n", 0)
+
+
+def test_endless_line_is_an_error_not_a_wait() -> None:
+    assert parse_stored(b"S" * MAX_LINE_LENGTH, 0) is None
+    with pytest.raises(MalformedReply, match="longer than"):
+        parse_stored(b"S" * (MAX_LINE_LENGTH + 1), 0)
+    with pytest.raises(MalformedReply, match="longer than"):
+        parse_values(b"VALUE " + b"k" * MAX_LINE_LENGTH, 0)
