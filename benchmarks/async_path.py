@@ -89,7 +89,7 @@ def main() -> None:
     from django_elasticache import memcached, pymemcache
     from django_elasticache.testing import LocalCluster
 
-    with LocalCluster(nodes=3) as cluster:
+    with LocalCluster(nodes=3, relay=False) as cluster:
         ours = {
             "pylibmc": lambda: memcached.ElastiCache(cluster.location, {}),
             "pymemcache": lambda: pymemcache.ElastiCache(cluster.location, {}),

@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=200)
     arguments = parser.parse_args()
-    with LocalCluster() as clear, LocalCluster(tls=True) as tls:
+    with LocalCluster(relay=False) as clear, LocalCluster(tls=True, relay=False) as tls:
         contenders = comparisons(clear, tls)
         measure(contenders, 1, 20)  # Connections opened, code paths warmed.
         report(measure(contenders, arguments.rounds, arguments.calls))

@@ -531,7 +531,10 @@ def measure_crashes(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
 
 def run(rounds: int = ROUNDS, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Every measurement of this module, on a clear-text and a TLS cluster."""
-    with LocalCluster(nodes=NODES) as clear, LocalCluster(nodes=NODES, tls=True) as tls:
+    with (
+        LocalCluster(nodes=NODES, relay=False) as clear,
+        LocalCluster(nodes=NODES, tls=True, relay=False) as tls,
+    ):
         clusters = {False: clear, True: tls}
         settings, made = contenders(clusters)
         stats = {is_tls: NodeStats(cluster) for is_tls, cluster in clusters.items()}

@@ -198,8 +198,8 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
     """
     rounds = min(args.rounds, TLS_ROUNDS)
     with (
-        LocalCluster(nodes=MAIN_NODES, tls=True) as tls_cluster,
-        LocalCluster(nodes=MAIN_NODES) as clear_cluster,
+        LocalCluster(nodes=MAIN_NODES, tls=True, relay=False) as tls_cluster,
+        LocalCluster(nodes=MAIN_NODES, relay=False) as clear_cluster,
     ):
         clusters = {c.name: tls_cluster if c.tls else clear_cluster for c in TLS_CONTENDERS}
         progress(started, f"TLS: {MAIN_NODES} nodes with TLS and {MAIN_NODES} without")
@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ours_overrides": ours_overrides(),
         "clusters": {},
     }
-    with LocalCluster(nodes=MAIN_NODES) as cluster:
+    with LocalCluster(nodes=MAIN_NODES, relay=False) as cluster:
         progress(started, f"{MAIN_NODES} nodes: operations")
         operations, targets = run_operations(cluster, workloads.main_cases(), args, deadline)
         results["clusters"][str(MAIN_NODES)] = operations
@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(started, "tuning")
         results["tuning"] = run_tuning(cluster, targets[BASELINE], args, deadline)
     for nodes in SCALING_NODES:
-        with LocalCluster(nodes=nodes) as cluster:
+        with LocalCluster(nodes=nodes, relay=False) as cluster:
             progress(started, f"{nodes} node(s): get_many(100)")
             operations, _ = run_operations(cluster, workloads.scaling_cases(), args, deadline)
             results["clusters"][str(nodes)] = operations
