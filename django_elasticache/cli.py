@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from django.core.cache.backends.base import InvalidCacheBackendError
 
 from .cluster_utils import DEFAULT_TIMEOUT, ClusterDiscoveryError, ask_version, discover
-from .options import parse_location, system_tls_context
+from .options import MAX_DISCOVERY_TIMEOUT, check_seconds, parse_location, system_tls_context
 
 if TYPE_CHECKING:
     from .testing import LocalCluster
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     discover_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
     discover_parser.add_argument(
         "--timeout",
-        type=float,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT,
         help=f"seconds for discovery and for each node check (default {DEFAULT_TIMEOUT:g})",
     )
@@ -67,6 +67,14 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def timeout_seconds(text: str) -> float:
+    """argparse type: seconds, within the bounds of the DISCOVERY_TIMEOUT option."""
+    try:
+        return check_seconds(float(text), MAX_DISCOVERY_TIMEOUT)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
