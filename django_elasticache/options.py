@@ -1,9 +1,12 @@
 """
 What a user writes in ``CACHES``, checked once when the backend is built.
 
-These rules are the same for every backend of this package, whatever client library it
+Most rules are the same for every backend of this package, whatever client library it
 drives: LOCATION is one configuration endpoint, and the upper-case OPTIONS belong to the
-backend while every other option is the client library's, passed through untouched.
+backend while every other option is the client library's, passed through untouched. What a
+backend cannot take on top of that (TLS without a TLS-capable library, client keywords it
+sets itself) is its ``BackendRules``. ``read_settings`` applies both in one step that builds
+nothing, so a refused setting never leaves a node list, a thread or a connection behind.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from .cluster_utils import DEFAULT_TIMEOUT
 
 __all__ = [
+    "DEFAULT_POOL_SIZE",
     "MAX_DISCOVERY_TIMEOUT",
     "MAX_POOL_SIZE",
     "MAX_REFRESH_INTERVAL",
     "PYLIBMC_RULES",
     "PYMEMCACHE_RULES",
+    "TLS_BACKEND",
     "BackendOptions",
     "BackendRules",
     "CacheSettings",
