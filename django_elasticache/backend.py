@@ -26,7 +26,7 @@ from django.core.cache.backends.base import (
 )
 
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
-from .options import parse_location, split_options
+from .options import BackendRules, read_settings
 from .pool import NodeError
 from .routing import ClusterClient, ClusterClients, Placement, cluster_clients
 from .topology import topology_for
@@ -132,7 +132,8 @@ class ClusterCacheMixin:
     """
     Cluster discovery, client replacement and error policy for a Django memcached backend.
 
-    Subclasses set ``server_errors`` (what the client library raises when a server fails),
+    Subclasses set ``option_rules`` (what the backend refuses besides the shared rules),
+    ``server_errors`` (what the client library raises when a server fails),
     ``caller_errors`` (what it raises for the caller's mistakes, never swallowed) and
     ``connection_errors`` (the server errors that mean the node could not be reached), and
     implement ``_make_node_client``, ``_close_node_client`` and ``_placement``.
@@ -144,16 +145,17 @@ class ClusterCacheMixin:
     )
     caller_errors: ClassVar[tuple[type[Exception], ...]] = ()
     connection_errors: ClassVar[tuple[type[Exception], ...]] = ()
+    option_rules: ClassVar[BackendRules]
 
     # Set by Django's BaseMemcachedCache and BaseCache, which the mixin is combined with.
     _options: dict[str, Any]
     default_timeout: float | None
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
-        endpoint = parse_location(server)
-        self.backend_options, client_options = split_options(params.get("OPTIONS"))
-        super().__init__(server, {**params, "OPTIONS": client_options})  # type: ignore[call-arg]
-        self._topology = topology_for(endpoint, self.backend_options)
+        settings = read_settings(server, params.get("OPTIONS"), self.option_rules)
+        self.backend_options = settings.backend
+        super().__init__(server, {**params, "OPTIONS": settings.client})  # type: ignore[call-arg]
+        self._topology = topology_for(settings.endpoint, settings.backend.discovery_settings)
         self._cluster_client: ClusterClient | None = None
 
     @functools.cached_property
@@ -286,11 +288,15 @@ class ClusterCacheMixin:
         return {originals[key]: value for key, value in found.items()}
 
     @_miss_on_server_error(_constant(False))
-    def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
+    def set(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+    ) -> None:
         return super().set(key, value, timeout, version)  # type: ignore[misc]
 
     @_miss_on_server_error(_constant(False))
-    def add(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
+    def add(
+        self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+    ) -> bool:
         return super().add(key, value, timeout, version)  # type: ignore[misc]
 
     @_miss_on_server_error(_constant(False))
@@ -306,7 +312,9 @@ class ClusterCacheMixin:
         return super().incr(key, delta, version)  # type: ignore[misc]
 
     @_miss_on_server_error(_every_key)
-    def set_many(self, data: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None):
+    def set_many(
+        self, data: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
+    ) -> list[Any]:
         keys = list(data)
         made = self._make_and_validate_keys(keys, version)
         failed = self._cache.set_multi(

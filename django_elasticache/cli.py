@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import signal
 import ssl
 import sys
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 from django.core.cache.backends.base import InvalidCacheBackendError
 
 from .cluster_utils import DEFAULT_TIMEOUT, ClusterDiscoveryError, ask_version, discover
-from .options import parse_location, system_tls_context
+from .options import MAX_DISCOVERY_TIMEOUT, check_seconds, parse_location, system_tls_context
 
 if TYPE_CHECKING:
     from .testing import LocalCluster
@@ -35,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     discover_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
     discover_parser.add_argument(
         "--timeout",
-        type=seconds,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT,
         help=f"seconds for discovery and for each node check (default {DEFAULT_TIMEOUT:g})",
     )
@@ -55,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
     status_parser.add_argument(
         "--timeout",
-        type=seconds,
+        type=timeout_seconds,
         default=DEFAULT_TIMEOUT,
         help=f"seconds for discovery and for each node (default {DEFAULT_TIMEOUT:g})",
     )
@@ -94,17 +93,15 @@ def positive(text: str) -> int:
     return value
 
 
-def seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above 0 (inf would wait forever)."""
+def timeout_seconds(text: str) -> float:
+    """argparse type: seconds, within the bounds of the DISCOVERY_TIMEOUT option."""
     try:
-        value = float(text)
+        return check_seconds(float(text), MAX_DISCOVERY_TIMEOUT)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(
-            f"must be a finite number of seconds above 0, such as 2 or 0.5, got {text!r}"
-        )
-    return value
+            f"must be a finite number of seconds above 0 and at most "
+            f"{MAX_DISCOVERY_TIMEOUT:g}, such as 2 or 0.5, got {text!r}"
+        ) from None
 
 
 class CAFileError(Exception):

@@ -241,7 +241,7 @@ def check(alias: str = "default", timeout: float | None = None) -> ClusterHealth
         check_endpoint(endpoint, options, timeout),
         alias=alias,
         backend=cache["BACKEND"],
-        process=ProcessView.of(topology_for(endpoint, options)),
+        process=ProcessView.of(topology_for(endpoint, options.discovery_settings)),
     )
 
 

@@ -33,12 +33,13 @@ from .cluster_utils import (
     ClusterDiscoveryError,
     ClusterNode,
     format_address,
-    is_serverless_host,
 )
+from .options import BackendRules
 from .pool import NodeError
 
 __all__ = [
     "DEFAULT_BEHAVIORS",
+    "OPTION_RULES",
     "ElastiCache",
     "LibmemcachedPlacement",
     "PipelinedClient",
@@ -63,6 +64,9 @@ DEFAULT_BEHAVIORS: dict[str, Any] = {
 
 MAX_KEY_BYTES = 250
 """memcached's key length limit, in bytes."""
+
+OPTION_RULES = BackendRules(library="pylibmc", speaks_tls=False)
+"""What this backend refuses besides the shared rules: TLS, so serverless caches too."""
 
 _FAILED_HOST = re.compile(r"host: (\S+?)(?: ->|$)")
 
@@ -247,6 +251,7 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
     with Django's own backend, with ``behaviors`` merged over ``DEFAULT_BEHAVIORS``.
     """
 
+    option_rules = OPTION_RULES
     server_errors = (pylibmc.Error, ClusterDiscoveryError, NodeError)
     # ClientError is memcached's CLIENT_ERROR: the request was wrong (incr of a non-number).
     caller_errors = (pylibmc.TooBig, pylibmc.BadKeyProvided, pylibmc.NotFound, pylibmc.ClientError)
@@ -264,17 +269,6 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
-        if self.backend_options.tls is not None:
-            raise InvalidCacheBackendError(
-                "pylibmc cannot speak TLS; for a cluster with in-transit encryption use "
-                "BACKEND 'django_elasticache.pymemcache.ElastiCache'"
-            )
-        if is_serverless_host(self._topology.endpoint.host):
-            raise InvalidCacheBackendError(
-                f"{server!r} is an ElastiCache Serverless endpoint, which speaks only TLS and "
-                "pylibmc cannot; use BACKEND 'django_elasticache.pymemcache.ElastiCache' "
-                "with OPTIONS['TLS'] = True"
-            )
         self._options = {
             **self._options,
             "behaviors": {**DEFAULT_BEHAVIORS, **(self._options.get("behaviors") or {})},

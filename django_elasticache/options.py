@@ -1,13 +1,17 @@
 """
 What a user writes in ``CACHES``, checked once when the backend is built.
 
-These rules are the same for every backend of this package, whatever client library it
+Most rules are the same for every backend of this package, whatever client library it
 drives: LOCATION is one configuration endpoint, and the upper-case OPTIONS belong to the
-backend while every other option is the client library's, passed through untouched.
+backend while every other option is the client library's, passed through untouched. What a
+backend cannot take on top of that (TLS without a TLS-capable library, client keywords it
+sets itself) is its ``BackendRules``. ``read_settings`` applies both in one step that builds
+nothing, so a refused setting never leaves a node list, a thread or a connection behind.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import re
 import ssl
@@ -17,15 +21,37 @@ from typing import Any
 
 from django.core.cache.backends.base import InvalidCacheBackendError
 
-from .cluster_utils import DEFAULT_TIMEOUT
+from .cluster_utils import DEFAULT_TIMEOUT, is_serverless_host
 
 __all__ = [
+    "DEFAULT_POOL_SIZE",
+    "MAX_DISCOVERY_TIMEOUT",
+    "MAX_POOL_SIZE",
+    "MAX_REFRESH_INTERVAL",
+    "TLS_BACKEND",
     "BackendOptions",
+    "BackendRules",
+    "CacheSettings",
+    "DiscoverySettings",
     "Endpoint",
+    "check_seconds",
     "parse_location",
+    "read_settings",
     "split_options",
     "system_tls_context",
 ]
+
+MAX_DISCOVERY_TIMEOUT = 3600.0
+"""An hour: a discovery that may take longer is a typo, and would hold up the first request."""
+
+MAX_REFRESH_INTERVAL = 86400.0
+"""A day; to discover once per process and never again, REFRESH_INTERVAL is 0 or None."""
+
+DEFAULT_POOL_SIZE = 16
+MAX_POOL_SIZE = 1024
+"""More idle clients than this per node only hold connections memcached would rather drop."""
+
+TLS_BACKEND = "django_elasticache.pymemcache.ElastiCache"
 
 _HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:/\[\];,]+)):(?P<port>\d+)")
 
@@ -39,6 +65,20 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class DiscoverySettings:
+    """
+    Everything discovery and refresh depend on besides the endpoint. Backends of one endpoint
+    with equal settings can share one node list, whatever else their OPTIONS say: two
+    aliases differing only in IGNORE_EXCEPTIONS see the same cluster.
+    """
+
+    ignore_cluster_errors: bool
+    discovery_timeout: float
+    refresh_interval: float | None
+    tls: ssl.SSLContext | None
+
+
+@dataclass(frozen=True)
 class BackendOptions:
     """
     The backend's own options, with their defaults.
@@ -47,7 +87,8 @@ class BackendOptions:
     list is asked again (``None``: discover once per process); ``ignore_cluster_errors``
     falls back to LOCATION as the only node when discovery fails; ``ignore_exceptions``
     turns server errors into cache misses; ``tls`` encrypts every connection, to the
-    endpoint and to the nodes (``None``: clear text).
+    endpoint and to the nodes (``None``: clear text); ``pool_size`` is how many idle
+    clients the process keeps per node.
     """
 
     ignore_cluster_errors: bool = False
@@ -55,7 +96,17 @@ class BackendOptions:
     refresh_interval: float | None = 60.0
     ignore_exceptions: bool = False
     tls: ssl.SSLContext | None = None
-    pool_size: int = 16
+    pool_size: int = DEFAULT_POOL_SIZE
+
+    @property
+    def discovery_settings(self) -> DiscoverySettings:
+        """What a process-wide node list is keyed by, with the endpoint."""
+        return DiscoverySettings(
+            ignore_cluster_errors=self.ignore_cluster_errors,
+            discovery_timeout=self.discovery_timeout,
+            refresh_interval=self.refresh_interval,
+            tls=self.tls,
+        )
 
 
 _OPTION_NAMES = {
@@ -64,7 +115,69 @@ _OPTION_NAMES = {
     "REFRESH_INTERVAL": "refresh_interval",
     "IGNORE_EXCEPTIONS": "ignore_exceptions",
     "TLS": "tls",
+    "POOL_SIZE": "pool_size",
 }
+
+
+@dataclass(frozen=True)
+class BackendRules:
+    """
+    What one backend cannot take, on top of the rules every backend shares.
+
+    ``library`` names the client library in messages; ``speaks_tls`` says whether it can
+    encrypt (without TLS neither the ``TLS`` option nor a serverless cache, which accepts
+    nothing else, can work); ``managed_client_options`` are client keywords the backend
+    sets for every node itself, so a user's value would be overridden.
+    """
+
+    library: str
+    speaks_tls: bool
+    managed_client_options: frozenset[str] = frozenset()
+
+    def check(
+        self, endpoint: Endpoint, options: BackendOptions, client: Mapping[str, Any]
+    ) -> None:
+        """Raise ``InvalidCacheBackendError`` for the first setting this backend refuses."""
+        if not self.speaks_tls and options.tls is not None:
+            raise InvalidCacheBackendError(
+                f"{self.library} cannot speak TLS; for a cluster with in-transit encryption "
+                f"use BACKEND {TLS_BACKEND!r}"
+            )
+        if not self.speaks_tls and is_serverless_host(endpoint.host):
+            raise InvalidCacheBackendError(
+                f"{endpoint.host!r} is an ElastiCache Serverless endpoint, which accepts only "
+                f"TLS, and {self.library} cannot speak TLS; use BACKEND {TLS_BACKEND!r}"
+            )
+        managed = sorted(self.managed_client_options.intersection(client))
+        if managed:
+            raise InvalidCacheBackendError(
+                f"OPTIONS[{managed[0]!r}] is set by the backend for every node (it pools, "
+                "places and retries itself; see POOL_SIZE); use OPTIONS['TLS'] (True or an "
+                "ssl.SSLContext) for encryption"
+            )
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """One cache alias's LOCATION and OPTIONS, checked: see ``read_settings``."""
+
+    endpoint: Endpoint
+    backend: BackendOptions
+    client: dict[str, Any]
+
+
+def read_settings(
+    location: object, options: Mapping[str, Any] | None, rules: BackendRules
+) -> CacheSettings:
+    """
+    Check a cache alias's LOCATION and OPTIONS for the backend ``rules`` describe, all in
+    one step that builds nothing, so that a refused setting leaves no node list, thread or
+    connection behind. ``client`` holds the options for the client library.
+    """
+    endpoint = parse_location(location)
+    backend, client = split_options(options)
+    rules.check(endpoint, backend, client)
+    return CacheSettings(endpoint=endpoint, backend=backend, client=client)
 
 
 def parse_location(location: object) -> Endpoint:
@@ -92,18 +205,16 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[BackendOptions, di
 
     Returns the backend options and a new dict of the remaining client options; the user's
     mapping is not modified. An unknown upper-case name is an error, not a client keyword:
-    it is almost always a misspelt backend option.
+    it is almost always a misspelt backend option. So is a backend option in another case,
+    which the client library would only refuse at the first cache call.
     """
     backend: dict[str, Any] = {}
     client: dict[str, Any] = {}
     for name, value in (options or {}).items():
         if name in _OPTION_NAMES:
             backend[_OPTION_NAMES[name]] = value
-        elif isinstance(name, str) and name.isupper():
-            raise InvalidCacheBackendError(
-                f"Unknown ElastiCache option {name!r}; the backend's options are "
-                f"{', '.join(sorted(_OPTION_NAMES))}"
-            )
+        elif isinstance(name, str) and (name.isupper() or name.upper() in _OPTION_NAMES):
+            raise InvalidCacheBackendError(_unknown_option_message(name))
         else:
             client[name] = value
     for name in ("ignore_cluster_errors", "ignore_exceptions"):
@@ -112,17 +223,35 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[BackendOptions, di
                 f"ElastiCache option {name.upper()} must be True or False, got {backend[name]!r}"
             )
     if "discovery_timeout" in backend:
-        backend["discovery_timeout"] = _positive_seconds(
-            "DISCOVERY_TIMEOUT", backend["discovery_timeout"]
+        backend["discovery_timeout"] = _option_seconds(
+            "DISCOVERY_TIMEOUT", backend["discovery_timeout"], MAX_DISCOVERY_TIMEOUT
         )
     if "refresh_interval" in backend:
         interval = backend["refresh_interval"]
+        # 0 or None: never again. (False == 0 too, but a bool is no interval: refused.)
         backend["refresh_interval"] = (
-            None if interval in (None, 0) else _positive_seconds("REFRESH_INTERVAL", interval)
+            None
+            if interval is None or (type(interval) in (int, float) and interval == 0)
+            else _option_seconds("REFRESH_INTERVAL", interval, MAX_REFRESH_INTERVAL)
         )
     if "tls" in backend:
         backend["tls"] = _tls_context(backend["tls"])
+    if "pool_size" in backend:
+        backend["pool_size"] = _pool_size(backend["pool_size"])
     return BackendOptions(**backend), client
+
+
+def check_seconds(value: object, at_most: float) -> float:
+    """
+    ``value`` as a duration in seconds: a number above 0 and at most ``at_most``, so never
+    infinite or NaN (either would fail every later timer or socket call, not here).
+    Raises ``ValueError`` saying what is wrong without naming the setting.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of seconds, got {value!r}")
+    if not 0 < value <= at_most:  # NaN fails both comparisons
+        raise ValueError(f"must be above 0 and at most {at_most:g} seconds, got {value!r}")
+    return float(value)
 
 
 @functools.cache
@@ -132,6 +261,32 @@ def system_tls_context() -> ssl.SSLContext:
     verified. One per process, so that every thread's backend shares one topology.
     """
     return ssl.create_default_context()
+
+
+def _unknown_option_message(name: str) -> str:
+    guess = name.upper() if name.upper() in _OPTION_NAMES else None
+    guess = guess or next(iter(difflib.get_close_matches(name.upper(), _OPTION_NAMES, 1)), None)
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    return (
+        f"Unknown ElastiCache option {name!r}{hint} (the backend's options, upper-case, are "
+        f"{', '.join(sorted(_OPTION_NAMES))}; the client library's are lower-case)"
+    )
+
+
+def _option_seconds(name: str, value: object, at_most: float) -> float:
+    try:
+        return check_seconds(value, at_most)
+    except ValueError as exc:
+        raise InvalidCacheBackendError(f"ElastiCache option {name} {exc}") from None
+
+
+def _pool_size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_POOL_SIZE:
+        raise InvalidCacheBackendError(
+            f"ElastiCache option POOL_SIZE must be a whole number from 1 to {MAX_POOL_SIZE}, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def _tls_context(value: object) -> ssl.SSLContext | None:
@@ -144,11 +299,3 @@ def _tls_context(value: object) -> ssl.SSLContext | None:
     raise InvalidCacheBackendError(
         f"ElastiCache option TLS must be True, False or an ssl.SSLContext, got {value!r}"
     )
-
-
-def _positive_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InvalidCacheBackendError(
-            f"ElastiCache option {name} must be a positive number of seconds, got {value!r}"
-        )
-    return float(value)

@@ -39,9 +39,16 @@ from .async_backend import AsyncCacheMixin
 from .async_client import ConnectionClosed
 from .backend import ClusterCacheMixin
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
+from .options import BackendRules
 from .pool import NodeError
 
-__all__ = ["DEFAULT_OPTIONS", "ElastiCache", "PymemcacheAdapter", "RendezvousPlacement"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "OPTION_RULES",
+    "ElastiCache",
+    "PymemcacheAdapter",
+    "RendezvousPlacement",
+]
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     # Seconds; pymemcache waits forever by default.
@@ -65,6 +72,13 @@ MANAGED_BY_THE_BACKEND = (
     "enable_retry_delay",
 )
 """``HashClient`` keywords the backend decides for every node: it pools, places and retries."""
+
+OPTION_RULES = BackendRules(
+    library="pymemcache",
+    speaks_tls=True,
+    managed_client_options=frozenset(MANAGED_BY_THE_BACKEND),
+)
+"""What this backend refuses besides the shared rules: the client options it sets itself."""
 
 VALUE_TOO_LARGE = "object too large for cache"
 """memcached's SERVER_ERROR text for a value over its item size limit."""
@@ -231,6 +245,7 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyMemcacheCache):
     ``DEFAULT_OPTIONS``.
     """
 
+    option_rules = OPTION_RULES
     server_errors = (MemcacheError, OSError, ClusterDiscoveryError, NodeError)
     # CLIENT_ERROR replies (incr of a non-number) and keys or values pymemcache refuses.
     caller_errors = (MemcacheClientError,)
@@ -238,13 +253,6 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyMemcacheCache):
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
-        for managed in MANAGED_BY_THE_BACKEND:
-            if managed in self._options:
-                raise InvalidCacheBackendError(
-                    f"OPTIONS[{managed!r}] is set by the backend for every node (it pools, "
-                    "places and retries itself; see POOL_SIZE); use OPTIONS['TLS'] (True or "
-                    "an ssl.SSLContext) for encryption"
-                )
         self._options = {**DEFAULT_OPTIONS, **self._options}
         self._class = _NodeClient
 

@@ -78,7 +78,7 @@ from .cluster_utils import (
     format_address,
     is_serverless_host,
 )
-from .options import BackendOptions, Endpoint
+from .options import DiscoverySettings, Endpoint
 from .signals import node_list_changed, refresh_failed, send
 
 __all__ = ["ClusterTopology", "DiscoveryPending", "forget_all", "topology_for"]
@@ -162,7 +162,7 @@ class ClusterTopology:
     def __init__(
         self,
         endpoint: Endpoint,
-        options: BackendOptions,
+        options: DiscoverySettings,
         *,
         clock: Clock = time.monotonic,
         discover: Discover = discover,
@@ -468,12 +468,15 @@ class ClusterTopology:
             self._next_refresh = min(self._next_refresh, next_refresh)
 
 
-_topologies: dict[tuple[Endpoint, BackendOptions], ClusterTopology] = {}
+_topologies: dict[tuple[Endpoint, DiscoverySettings], ClusterTopology] = {}
 _topologies_lock = threading.Lock()
 
 
-def topology_for(endpoint: Endpoint, options: BackendOptions) -> ClusterTopology:
-    """The process's one topology for this endpoint and these options."""
+def topology_for(endpoint: Endpoint, options: DiscoverySettings) -> ClusterTopology:
+    """
+    The process's one topology for this endpoint and these discovery settings: aliases that
+    differ only in other options share it.
+    """
     key = (endpoint, options)
     with _topologies_lock:
         if key not in _topologies:

@@ -9,14 +9,14 @@ import time
 
 import pylibmc
 import pytest
-from django.core.cache import InvalidCacheBackendError, InvalidCacheKey
+from django.core.cache import InvalidCacheKey
 from django.core.cache.backends.memcached import PyLibMCCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from django_elasticache.cluster_utils import DiscoveryNotSupported, EndpointTimeout
 from django_elasticache.memcached import DEFAULT_BEHAVIORS, ElastiCache
-from django_elasticache.pymemcache import DEFAULT_OPTIONS, MANAGED_BY_THE_BACKEND
+from django_elasticache.pymemcache import DEFAULT_OPTIONS
 from django_elasticache.testing import start_memcached
 
 
@@ -232,49 +232,6 @@ def test_ipv6_cluster_round_trip(elasticache_cluster_factory, make_cache) -> Non
     assert cache.get_many(list(data)) == data
 
 
-@pytest.mark.parametrize(
-    "location",
-    [
-        "cfg.example",
-        "cfg.example:11211;other.example:11211",
-        "cfg.example:11211,other.example:11211",
-        "cfg.example;other.example:11211",
-        "cfg.example,other.example:11211",
-        ["a.example:11211", "b.example:11211"],
-        "::1:11211",
-        "cfg.example:0",
-        "cfg.example:99999",
-        "unix:/tmp/memcached.sock",
-        "",
-    ],
-)
-def test_location_must_be_one_host_and_port(location, make_cache) -> None:
-    with pytest.raises(InvalidCacheBackendError, match="one configuration endpoint"):
-        make_cache(location)
-
-
-@pytest.mark.parametrize("location", ["cfg.example:11211", "10.0.0.1:11211", "[::1]:11211"])
-def test_accepted_locations(location, make_cache) -> None:
-    make_cache(location)
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"IGNORE_CLUSTER_ERROR": True}, "Unknown ElastiCache option 'IGNORE_CLUSTER_ERROR'"),
-        ({"IGNORE_CLUSTER_ERRORS": "yes"}, "must be True or False"),
-        ({"IGNORE_EXCEPTIONS": 1}, "must be True or False"),
-        ({"DISCOVERY_TIMEOUT": 0}, "DISCOVERY_TIMEOUT must be a positive number"),
-        ({"DISCOVERY_TIMEOUT": "2"}, "DISCOVERY_TIMEOUT must be a positive number"),
-        ({"REFRESH_INTERVAL": -1}, "REFRESH_INTERVAL must be a positive number"),
-        ({"MAX_ENTRIES": 300}, "Unknown ElastiCache option 'MAX_ENTRIES'"),
-    ],
-)
-def test_bad_backend_options_are_refused(options, message, make_cache) -> None:
-    with pytest.raises(InvalidCacheBackendError, match=message):
-        make_cache("cfg.example:11211", **options)
-
-
 def each_node_client(cache, read):
     """What ``read`` finds on a pooled client of each node of the cache's cluster."""
     found = []
@@ -347,24 +304,3 @@ def test_pymemcache_defaults_and_user_options_reach_every_node_client(
     cache.set("key", "value")
     timeouts = each_node_client(cache, lambda client: (client.timeout, client.connect_timeout))
     assert timeouts == [(0.75, DEFAULT_OPTIONS["connect_timeout"])] * 3
-
-
-@pytest.mark.parametrize("managed", MANAGED_BY_THE_BACKEND)
-def test_pymemcache_options_the_backend_manages_are_refused(
-    make_pymemcache_cache, managed
-) -> None:
-    with pytest.raises(InvalidCacheBackendError, match="use OPTIONS\\['TLS'\\]"):
-        make_pymemcache_cache("cfg.example:11211", **{managed: object()})
-
-
-def test_pylibmc_backend_refuses_tls_and_names_the_pymemcache_backend(
-    make_pylibmc_cache,
-) -> None:
-    with pytest.raises(InvalidCacheBackendError, match=r"django_elasticache\.pymemcache"):
-        make_pylibmc_cache("cfg.example:11211", TLS=True)
-
-
-@pytest.mark.parametrize("value", ["yes", 1, object()])
-def test_tls_option_must_be_a_bool_or_a_context(make_pymemcache_cache, value) -> None:
-    with pytest.raises(InvalidCacheBackendError, match="TLS must be True, False or"):
-        make_pymemcache_cache("cfg.example:11211", TLS=value)

@@ -128,7 +128,7 @@ def test_timeout_must_be_finite_and_positive(timeout: str) -> None:
     result = run("discover", "127.0.0.1:9", f"--timeout={timeout}")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].endswith(
-        "argument --timeout: must be a finite number of seconds above 0, "
+        "argument --timeout: must be a finite number of seconds above 0 and at most 3600, "
         f"such as 2 or 0.5, got {timeout!r}"
     )
     assert "Traceback" not in result.stderr

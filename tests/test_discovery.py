@@ -10,12 +10,14 @@ import time
 import pytest
 from support import requires_ipv6
 
+from django_elasticache import cluster_utils
 from django_elasticache.cluster_utils import (
     ClusterConfig,
     ClusterDiscoveryError,
     ClusterNode,
     DiscoveryNotSupported,
     EndpointTimeout,
+    EndpointTLSError,
     EndpointUnreachable,
     NodesUnreachable,
     WrongProtocolData,
@@ -188,9 +190,21 @@ def test_unresolvable_name_is_unreachable() -> None:
 
 
 def test_every_discovery_error_is_a_cluster_discovery_error() -> None:
-    for error in (DiscoveryNotSupported, WrongProtocolData, EndpointTimeout, EndpointUnreachable):
+    errors = (
+        DiscoveryNotSupported,
+        WrongProtocolData,
+        EndpointTimeout,
+        EndpointTLSError,
+        EndpointUnreachable,
+    )
+    for error in errors:
         assert issubclass(error, ClusterDiscoveryError)
     assert issubclass(DiscoveryNotSupported, WrongProtocolData)
+    exported = [getattr(cluster_utils, name) for name in cluster_utils.__all__]
+    exported_errors = {
+        cls for cls in exported if isinstance(cls, type) and issubclass(cls, Exception)
+    }
+    assert exported_errors == {ClusterDiscoveryError, *errors}
 
 
 def test_get_cluster_info_keeps_the_1x_shape(elasticache_cluster) -> None:

@@ -495,7 +495,7 @@ def test_scale_out_during_an_endpoint_outage_is_learnt_from_the_nodes(
             discovery_timeout=0.5,
             tls=None if authority is None else authority.client_context(),
         )
-        cluster = topology_for(Endpoint(endpoint.host, endpoint.port), options)
+        cluster = topology_for(Endpoint(endpoint.host, endpoint.port), options.discovery_settings)
         assert [node.hostname for node in cluster.current().nodes] == names[:2]
         if outage == "stopped":
             endpoint.stop()

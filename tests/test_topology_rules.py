@@ -107,7 +107,7 @@ def make(clock: Clock, servers: Servers) -> Callable[..., ClusterTopology]:
         options.setdefault("refresh_interval", INTERVAL)
         return ClusterTopology(
             endpoint,
-            BackendOptions(**options),
+            BackendOptions(**options).discovery_settings,
             clock=clock,
             discover=servers,
             run_in_background=lambda work, name: work(),
@@ -316,7 +316,7 @@ def test_retry_runs_in_the_background_and_others_do_not_wait(clock, servers) -> 
     started: list[Callable[[], None]] = []
     cluster = ClusterTopology(
         ENDPOINT,
-        BackendOptions(),
+        BackendOptions().discovery_settings,
         clock=clock,
         discover=servers,
         run_in_background=lambda work, name: started.append(work),
