@@ -196,6 +196,7 @@ def test_every_discovery_error_is_a_cluster_discovery_error() -> None:
         EndpointTimeout,
         EndpointTLSError,
         EndpointUnreachable,
+        NodesUnreachable,
     )
     for error in errors:
         assert issubclass(error, ClusterDiscoveryError)
