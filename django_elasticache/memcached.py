@@ -14,10 +14,11 @@ that did not change.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pylibmc
@@ -25,7 +26,6 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyLibMCCache
 
 from . import pipeline
-from .aio_protocol import ClientErrorReply, IllegalKey, ProtocolError, ServerErrorReply
 from .async_backend import AsyncCacheMixin
 from .backend import ClusterCacheMixin
 from .cluster_utils import (
@@ -36,6 +36,21 @@ from .cluster_utils import (
     is_serverless_host,
 )
 from .pool import NodeError
+from .protocol import (
+    VALUE_TOO_LARGE,
+    ClientErrorReply,
+    ErrorReply,
+    IllegalKey,
+    Parser,
+    ProtocolError,
+    ServerErrorReply,
+    delete_request,
+    parse_deleted,
+    parse_stored,
+    parse_values,
+    retrieval_request,
+    storage_request,
+)
 
 __all__ = [
     "DEFAULT_BEHAVIORS",
@@ -96,7 +111,9 @@ def _seconds(milliseconds: int, default: float) -> float:
 class PipelinedClient(pylibmc.Client):
     """
     A pylibmc client of one node whose ``set_multi`` and ``delete_multi`` are pipelined (see
-    ``pipeline``) on a connection of its own, opened on first use with the client's timeouts.
+    ``pipeline``), and whose ``get_multi`` can be sent before its reply is read
+    (``start_get_multi``), on a connection of its own, opened on first use with the client's
+    timeouts.
 
     Every key's outcome is read back: a refused key is returned as failed, and a value over
     the node's item size limit raises ``pylibmc.TooBig`` as libmemcached's ``set_multi`` does,
@@ -118,26 +135,61 @@ class PipelinedClient(pylibmc.Client):
         if encoded is None:
             return super().set_multi(mapping, time, **extra)
         serialize = self.serialize
-        commands = []
+        requests = []
         for key, key_bytes in zip(keys, encoded, strict=True):
             data, flags = serialize(mapping[key])
-            commands.append(pipeline.set_command(key_bytes, flags, time, data))
-        replies = self._exchange(commands)
-        failed = [key for key, reply in zip(keys, replies, strict=True) if reply != b"STORED"]
+            requests.append(storage_request(b"set", key_bytes, flags, time, data))
+        replies = self._exchange(requests, parse_stored)
         too_large = [
-            key for key, reply in zip(keys, replies, strict=True) if reply == pipeline.TOO_LARGE
+            key
+            for key, reply in zip(keys, replies, strict=True)
+            if isinstance(reply, ServerErrorReply) and VALUE_TOO_LARGE in str(reply)
         ]
         if too_large:
             raise pylibmc.TooBig(f"values larger than the node's item size limit: {too_large!r}")
-        return failed
+        return [key for key, reply in zip(keys, replies, strict=True) if reply is not True]
 
     def delete_multi(self, keys: Iterable[Any], **extra: Any) -> bool:
         keys = list(keys)
         encoded = self._encoded(keys, extra)
         if encoded is None:
             return super().delete_multi(keys, **extra)
-        replies = self._exchange([pipeline.delete_command(key) for key in encoded])
-        return all(reply == b"DELETED" for reply in replies)
+        replies = self._exchange([delete_request(key) for key in encoded], parse_deleted)
+        return all(reply is True for reply in replies)
+
+    def start_get_multi(self, keys: list[Any]) -> Callable[[], dict[Any, Any]]:
+        """
+        ``get_multi(keys)`` in two steps: the request is sent now, and the returned function
+        reads the reply, so the caller can send to other nodes in between. Its errors are
+        those of the pipelined calls, raised by the returned function.
+        """
+        encoded = self._encoded(keys, {})
+        if encoded is None:
+            return functools.partial(super().get_multi, keys)
+        originals = dict(zip(encoded, keys, strict=True))
+        request = [retrieval_request(encoded)]
+        sent_on_reused: bool | None = self._sock is not None
+        try:
+            self._connection().sendall(request[0])
+        except OSError as error:
+            self._close_pipeline()
+            failure = error if not sent_on_reused else None
+            sent_on_reused = None  # Not sent: the reply function sends it again.
+        else:
+            failure = None
+
+        def read_reply() -> dict[Any, Any]:
+            if failure is not None:
+                raise self._connection_error(failure) from failure
+            (found,) = self._exchange(request, parse_values, sent_on_reused)
+            if isinstance(found, ErrorReply):
+                raise pylibmc_error(found, f"{self._host}:{self._port}")
+            return {
+                originals[key]: self.deserialize(*decompressed(data, flags))
+                for key, (flags, data) in found.items()
+            }
+
+        return read_reply
 
     def disconnect_all(self) -> None:
         super().disconnect_all()
@@ -152,22 +204,39 @@ class PipelinedClient(pylibmc.Client):
             return None  # libmemcached reports such keys its own way.
         return encoded
 
-    def _exchange(self, commands: list[bytes]) -> list[bytes]:
+    def _exchange(
+        self, requests: list[bytes], parse: Parser, sent_on_reused: bool | None = None
+    ) -> list[Any]:
         """
-        Run the commands; a pooled connection the node closed since is replaced once (sets and
-        deletes can be repeated). Errors are pylibmc's, naming the node as libmemcached does.
+        Run the requests, or with ``sent_on_reused`` set, read the replies to the requests
+        already sent (on a pooled connection if True). A pooled connection the node closed
+        since is replaced once (every request here can be repeated). Connection errors are
+        pylibmc's, naming the node as libmemcached does; a reply that is not memcached's
+        closes the connection and raises ``pylibmc.ProtocolError``.
         """
-        reused = self._sock is not None
+        reused = self._sock is not None if sent_on_reused is None else sent_on_reused
         while True:
             try:
-                return pipeline.exchange(self._connection(), commands)
+                if sent_on_reused is not None:
+                    sent_on_reused = None
+                    assert self._sock is not None
+                    return pipeline.receive(self._sock, parse, len(requests))
+                return pipeline.exchange(self._connection(), requests, parse)
             except OSError as error:
                 self._close_pipeline()
                 if not reused:
-                    raise pylibmc.ConnectionError(
-                        f"pipelined call failed: {error},  host: {self._host}:{self._port}"
-                    ) from error
+                    raise self._connection_error(error) from error
                 reused = False
+            except BaseException as error:
+                self._close_pipeline()  # Out of step with the node: never reused.
+                if isinstance(error, ProtocolError):
+                    raise pylibmc_error(error, f"{self._host}:{self._port}") from error
+                raise
+
+    def _connection_error(self, error: OSError) -> pylibmc.Error:
+        return pylibmc.ConnectionError(
+            f"pipelined call failed: {error},  host: {self._host}:{self._port}"
+        )
 
     def _connection(self) -> socket.socket:
         if self._sock is None:
@@ -188,6 +257,37 @@ class PipelinedClient(pylibmc.Client):
 
 _ZLIB_FLAG = 1 << 3
 """pylibmc's flag for a value it compressed (on ``set`` with ``min_compress_len``)."""
+
+
+def decompressed(data: bytes, flags: int) -> tuple[bytes, int]:
+    """
+    A value as read off the wire, made ready for a pylibmc client's ``deserialize``: in
+    pylibmc, decompression happens in C before it, so a path that reads replies itself
+    must do it too.
+    """
+    if flags & _ZLIB_FLAG:
+        return zlib.decompress(data), flags & ~_ZLIB_FLAG
+    return data, flags
+
+
+def pylibmc_error(error: BaseException, node_name: str) -> Exception:
+    """
+    The pylibmc exception libmemcached raises for what the protocol layer reported, naming
+    the node last, as libmemcached words it (the error log's per-node limit reads it there).
+    """
+    message = f"{error}, host: {node_name}" if node_name else str(error)
+    if isinstance(error, ServerErrorReply):
+        too_big = VALUE_TOO_LARGE in str(error)
+        return (pylibmc.TooBig if too_big else pylibmc.ServerError)(message)
+    if isinstance(error, ClientErrorReply):
+        return pylibmc.ClientError(message)
+    if isinstance(error, IllegalKey):
+        return pylibmc.BadKeyProvided(message)
+    if isinstance(error, ProtocolError):
+        return pylibmc.ProtocolError(message)
+    if isinstance(error, TimeoutError):
+        return pylibmc.Error(f"A TIMEOUT OCCURRED, {message}")
+    return pylibmc.ConnectionError(message)
 
 
 class PylibmcAdapter:
@@ -217,25 +317,10 @@ class PylibmcAdapter:
         return self._codec.serialize(value)
 
     def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
-        if flags & _ZLIB_FLAG:
-            data, flags = zlib.decompress(data), flags & ~_ZLIB_FLAG
-        return self._codec.deserialize(data, flags)
+        return self._codec.deserialize(*decompressed(data, flags))
 
     def library_error(self, error: Exception, node_name: str) -> Exception:
-        # The node last, as libmemcached words it, for the error log's per-node limit.
-        message = f"{error}, host: {node_name}" if node_name else str(error)
-        if isinstance(error, ServerErrorReply):
-            too_big = "too large" in str(error)
-            return (pylibmc.TooBig if too_big else pylibmc.ServerError)(message)
-        if isinstance(error, ClientErrorReply):
-            return pylibmc.ClientError(message)
-        if isinstance(error, IllegalKey):
-            return pylibmc.BadKeyProvided(message)
-        if isinstance(error, ProtocolError):
-            return pylibmc.ProtocolError(message)
-        if isinstance(error, TimeoutError):
-            return pylibmc.Error(f"A TIMEOUT OCCURRED, {message}")
-        return pylibmc.ConnectionError(message)
+        return pylibmc_error(error, node_name)
 
 
 class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
