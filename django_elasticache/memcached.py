@@ -14,11 +14,10 @@ that did not change.
 
 from __future__ import annotations
 
-import functools
 import re
 import socket
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pylibmc
@@ -39,7 +38,6 @@ from .pool import NodeError
 from .protocol import (
     VALUE_TOO_LARGE,
     ClientErrorReply,
-    ErrorReply,
     IllegalKey,
     Parser,
     ProtocolError,
@@ -47,8 +45,6 @@ from .protocol import (
     delete_request,
     parse_deleted,
     parse_stored,
-    parse_values,
-    retrieval_request,
     storage_request,
 )
 
@@ -111,9 +107,9 @@ def _seconds(milliseconds: int, default: float) -> float:
 class PipelinedClient(pylibmc.Client):
     """
     A pylibmc client of one node whose ``set_multi`` and ``delete_multi`` are pipelined (see
-    ``pipeline``), and whose ``get_multi`` can be sent before its reply is read
-    (``start_get_multi``), on a connection of its own, opened on first use with the client's
-    timeouts.
+    ``pipeline``) on a connection of its own, opened on first use with the client's timeouts.
+    Its ``get_multi`` stays libmemcached's: sending every node's ``get`` before reading any
+    reply saves round trips, but parsing 100 values in Python costs as much (measured).
 
     Every key's outcome is read back: a refused key is returned as failed, and a value over
     the node's item size limit raises ``pylibmc.TooBig`` as libmemcached's ``set_multi`` does,
@@ -157,40 +153,6 @@ class PipelinedClient(pylibmc.Client):
         replies = self._exchange([delete_request(key) for key in encoded], parse_deleted)
         return all(reply is True for reply in replies)
 
-    def start_get_multi(self, keys: list[Any]) -> Callable[[], dict[Any, Any]]:
-        """
-        ``get_multi(keys)`` in two steps: the request is sent now, and the returned function
-        reads the reply, so the caller can send to other nodes in between. Its errors are
-        those of the pipelined calls, raised by the returned function.
-        """
-        encoded = self._encoded(keys, {})
-        if encoded is None:
-            return functools.partial(super().get_multi, keys)
-        originals = dict(zip(encoded, keys, strict=True))
-        request = [retrieval_request(encoded)]
-        sent_on_reused: bool | None = self._sock is not None
-        try:
-            self._connection().sendall(request[0])
-        except OSError as error:
-            self._close_pipeline()
-            failure = error if not sent_on_reused else None
-            sent_on_reused = None  # Not sent: the reply function sends it again.
-        else:
-            failure = None
-
-        def read_reply() -> dict[Any, Any]:
-            if failure is not None:
-                raise self._connection_error(failure) from failure
-            (found,) = self._exchange(request, parse_values, sent_on_reused)
-            if isinstance(found, ErrorReply):
-                raise pylibmc_error(found, f"{self._host}:{self._port}")
-            return {
-                originals[key]: self.deserialize(*decompressed(data, flags))
-                for key, (flags, data) in found.items()
-            }
-
-        return read_reply
-
     def disconnect_all(self) -> None:
         super().disconnect_all()
         self._close_pipeline()
@@ -204,39 +166,29 @@ class PipelinedClient(pylibmc.Client):
             return None  # libmemcached reports such keys its own way.
         return encoded
 
-    def _exchange(
-        self, requests: list[bytes], parse: Parser, sent_on_reused: bool | None = None
-    ) -> list[Any]:
+    def _exchange(self, requests: list[bytes], parse: Parser) -> list[Any]:
         """
-        Run the requests, or with ``sent_on_reused`` set, read the replies to the requests
-        already sent (on a pooled connection if True). A pooled connection the node closed
-        since is replaced once (every request here can be repeated). Connection errors are
-        pylibmc's, naming the node as libmemcached does; a reply that is not memcached's
-        closes the connection and raises ``pylibmc.ProtocolError``.
+        Run the requests; a pooled connection the node closed since is replaced once (sets
+        and deletes can be repeated). Connection errors are pylibmc's, naming the node as
+        libmemcached does; a reply that is not memcached's closes the connection and raises
+        ``pylibmc.ProtocolError``.
         """
-        reused = self._sock is not None if sent_on_reused is None else sent_on_reused
+        reused = self._sock is not None
         while True:
             try:
-                if sent_on_reused is not None:
-                    sent_on_reused = None
-                    assert self._sock is not None
-                    return pipeline.receive(self._sock, parse, len(requests))
                 return pipeline.exchange(self._connection(), requests, parse)
             except OSError as error:
                 self._close_pipeline()
                 if not reused:
-                    raise self._connection_error(error) from error
+                    raise pylibmc.ConnectionError(
+                        f"pipelined call failed: {error},  host: {self._host}:{self._port}"
+                    ) from error
                 reused = False
             except BaseException as error:
                 self._close_pipeline()  # Out of step with the node: never reused.
                 if isinstance(error, ProtocolError):
                     raise pylibmc_error(error, f"{self._host}:{self._port}") from error
                 raise
-
-    def _connection_error(self, error: OSError) -> pylibmc.Error:
-        return pylibmc.ConnectionError(
-            f"pipelined call failed: {error},  host: {self._host}:{self._port}"
-        )
 
     def _connection(self) -> socket.socket:
         if self._sock is None:
@@ -257,17 +209,6 @@ class PipelinedClient(pylibmc.Client):
 
 _ZLIB_FLAG = 1 << 3
 """pylibmc's flag for a value it compressed (on ``set`` with ``min_compress_len``)."""
-
-
-def decompressed(data: bytes, flags: int) -> tuple[bytes, int]:
-    """
-    A value as read off the wire, made ready for a pylibmc client's ``deserialize``: in
-    pylibmc, decompression happens in C before it, so a path that reads replies itself
-    must do it too.
-    """
-    if flags & _ZLIB_FLAG:
-        return zlib.decompress(data), flags & ~_ZLIB_FLAG
-    return data, flags
 
 
 def pylibmc_error(error: BaseException, node_name: str) -> Exception:
@@ -317,7 +258,9 @@ class PylibmcAdapter:
         return self._codec.serialize(value)
 
     def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
-        return self._codec.deserialize(*decompressed(data, flags))
+        if flags & _ZLIB_FLAG:
+            data, flags = zlib.decompress(data), flags & ~_ZLIB_FLAG
+        return self._codec.deserialize(data, flags)
 
     def library_error(self, error: Exception, node_name: str) -> Exception:
         return pylibmc_error(error, node_name)

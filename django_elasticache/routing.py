@@ -17,6 +17,7 @@ written with it have expired.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -49,10 +50,16 @@ def node_identity(node: ClusterNode) -> NodeKey:
     return (node.hostname or node.ip, node.port)
 
 
-class SplitGet(Protocol):
-    """A node client whose ``get_multi`` can be sent now and its reply read later."""
-
-    def start_get_multi(self, keys: list[str]) -> Callable[[], dict[str, Any]]: ...
+def _start_get_multi(client: Any, keys: list[str]) -> Callable[[], dict[str, Any]]:
+    """
+    A node's ``get_multi``, sent now if its client can split it: ``start_get_multi(keys)``
+    sends the request and returns the function that reads the reply. Other clients run
+    ``get_multi`` when the reply is asked for.
+    """
+    start = getattr(client, "start_get_multi", None)
+    if start is None:
+        return functools.partial(client.get_multi, keys)
+    return start(keys)
 
 
 class ClusterClient:
@@ -161,8 +168,9 @@ class ClusterClient:
     def _get_multi_from_all_at_once(self, groups: Mapping[NodePool, list[str]]) -> dict[str, Any]:
         """
         ``get_multi`` over several nodes in one round trip, as libmemcached's multi-server
-        ``get_multi`` does: every node's request is sent (``start_get_multi`` of a
-        ``SplitGet`` client) before any reply is read, so the nodes answer in parallel.
+        ``get_multi`` does: every node's request is sent before any reply is read, so the
+        nodes answer in parallel, where the node client can split its ``get_multi``
+        (``_start_get_multi``); other clients' ``get_multi`` runs node after node.
 
         A node that fails does not stop the others: every other node's reply is still read
         (its connection stays in step and is pooled again, the node counted healthy), then
@@ -172,7 +180,7 @@ class ClusterClient:
         node, so their batches never come here.)
         """
         first_error: Exception | None = None
-        started: list[tuple[NodePool, SplitGet, Callable[[], dict[str, Any]]]] = []
+        started: list[tuple[NodePool, Any, Callable[[], dict[str, Any]]]] = []
         found: dict[str, Any] = {}
         try:
             for pool, node_keys in groups.items():
@@ -182,7 +190,7 @@ class ClusterClient:
                     first_error = first_error or error
                     continue
                 try:
-                    started.append((pool, client, client.start_get_multi(node_keys)))
+                    started.append((pool, client, _start_get_multi(client, node_keys)))
                 except BaseException as error:
                     pool.give_back_after(client, error, self._is_node_failure)
                     if not isinstance(error, Exception):
