@@ -2,7 +2,7 @@
 The event loop's connections to the cache nodes, and the calls the async cache methods make.
 
 Django's async cache methods are ``sync_to_async`` around the sync ones: every call hops to a
-thread and back. Here they talk memcached's text protocol (``aio_protocol``) on the loop
+thread and back. Here they talk memcached's text protocol (``protocol``) on the loop
 itself, to the very node the sync path uses for the key: routing asks the backend's current
 ``ClusterClient`` (the same placement object), and each node's health is its ``NodePool``'s,
 shared with the sync path.
@@ -40,7 +40,10 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from .aio_protocol import (
+from .cluster_utils import ClusterNode, format_address
+from .pool import NodePool
+from .protocol import (
+    ConnectionClosed,
     ErrorReply,
     IllegalKey,
     Parser,
@@ -59,8 +62,6 @@ from .aio_protocol import (
     storage_request,
     touch_request,
 )
-from .cluster_utils import ClusterNode, format_address
-from .pool import NodePool
 from .routing import ClusterClient, log_invalidation_failure
 
 __all__ = ["MISSING", "AsyncClusterClient", "ConnectionClosed", "LibraryAdapter"]
@@ -95,12 +96,8 @@ class LibraryAdapter(Protocol):
         """
         The exception the library raises for this failure of a call to ``node_name``: an
         ``OSError`` (connection, timeout, TLS), ``ConnectionClosed``, or an
-        ``aio_protocol.ProtocolError`` (a refusal, a malformed reply, an illegal key).
+        ``protocol.ProtocolError`` (a refusal, a malformed reply, an illegal key).
         """
-
-
-class ConnectionClosed(ConnectionError):
-    """The node closed the connection, or it was closed, before the reply came."""
 
 
 class _Request:

@@ -1,5 +1,8 @@
 """
-Many ``set`` or ``delete`` commands to one memcached node in few writes, every reply read back.
+Requests to a memcached node over a blocking socket, every reply read back and parsed by
+``protocol``, the module both this sync path and the event-loop path speak the protocol with.
+
+Two uses. First, many ``set`` or ``delete`` commands to one node in few writes (``exchange``).
 
 libmemcached (pylibmc) sends ``set_multi`` and ``delete_multi`` one command per round trip. Its
 ``_noreply`` behaviour pipelines them but drops the replies, so a key the node refused (a value
@@ -16,21 +19,21 @@ The bounds:
   in one write are all answered, 16,690 bytes get no reply until the timeout). ``TLS_WRITE_BYTES``
   keeps half a record of margin. A single command larger than the bound is sent alone: memcached
   reads one command's value whatever its size.
+
+Second, one request written on each of several nodes' sockets before any reply is read
+(``receive``): a ``get_many`` over three nodes then waits for them together, as
+libmemcached's own multi-server ``get_multi`` does, not for each node in turn.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator, Sequence
+from typing import Any
 
-__all__ = [
-    "MAX_COMMANDS_PER_WRITE",
-    "TLS_WRITE_BYTES",
-    "TOO_LARGE",
-    "delete_command",
-    "exchange",
-    "set_command",
-]
+from .protocol import ConnectionClosed, Parser
+
+__all__ = ["MAX_COMMANDS_PER_WRITE", "TLS_WRITE_BYTES", "exchange", "receive"]
 
 MAX_COMMANDS_PER_WRITE = 256
 """At most 256 replies (each under 48 bytes) are outstanding: 12 KB, under any socket buffer."""
@@ -38,35 +41,50 @@ MAX_COMMANDS_PER_WRITE = 256
 TLS_WRITE_BYTES = 8192
 """Bytes of several commands one TLS write may carry; 16 KB stall, see the module docstring."""
 
-TOO_LARGE = b"SERVER_ERROR object too large for cache"
-"""memcached's reply to a value over its item size limit; it also drops the key's old value."""
-
 _READ_SIZE = 65536
 
 
-def set_command(key: bytes, flags: int, exptime: int, data: bytes) -> bytes:
-    return b"set %s %d %d %d\r\n%s\r\n" % (key, flags, exptime, len(data), data)
-
-
-def delete_command(key: bytes) -> bytes:
-    return b"delete %s\r\n" % key
-
-
 def exchange(
-    sock: socket.socket, commands: Sequence[bytes], max_write_bytes: int | None = None
-) -> list[bytes]:
+    sock: socket.socket,
+    requests: Sequence[bytes],
+    parse: Parser,
+    max_write_bytes: int | None = None,
+) -> list[Any]:
     """
-    Send ``commands`` and return their one-line replies, in order. Raises ``OSError`` when the
-    connection fails or times out (its state is then unknown: close it), including
-    ``ConnectionResetError`` when the node closes it.
+    Send ``requests`` and return their replies as ``parse`` reads them, in order. Raises
+    ``OSError`` when the connection fails or times out and ``protocol.MalformedReply`` for a
+    reply that is not memcached's: either way the connection's state is unknown, close it.
+    A refusal (``SERVER_ERROR`` ...) is returned as a ``protocol.ErrorReply``, in step.
     """
-    replies: list[bytes] = []
-    pending = b""
-    for start, end in _writes(commands, max_write_bytes):
-        sock.sendall(b"".join(commands[start:end]))
-        pending = _read_lines(sock, pending, end - start, replies)
-    if pending:
-        raise ConnectionResetError(f"unexpected bytes after the last reply: {pending[:80]!r}")
+    replies: list[Any] = []
+    for start, end in _writes(requests, max_write_bytes):
+        sock.sendall(b"".join(requests[start:end]))
+        replies.extend(receive(sock, parse, end - start))
+    return replies
+
+
+def receive(sock: socket.socket, parse: Parser, count: int = 1) -> list[Any]:
+    """
+    Read the replies to the ``count`` requests sent last, as ``exchange`` does. The node
+    sends nothing unasked: bytes past the last reply mean the stream is out of step.
+    """
+    replies: list[Any] = []
+    buffer = b""
+    position = 0
+    while len(replies) < count:
+        parsed = parse(buffer, position)
+        if parsed is None:
+            chunk = sock.recv(_READ_SIZE)
+            if not chunk:
+                raise ConnectionClosed("the node closed the connection")
+            buffer = buffer[position:] + chunk
+            position = 0
+            continue
+        reply, position = parsed
+        replies.append(reply)
+    if position < len(buffer):
+        unexpected = buffer[position:][:80]
+        raise ConnectionClosed(f"unexpected bytes after the last reply: {unexpected!r}")
     return replies
 
 
@@ -86,15 +104,3 @@ def _writes(commands: Sequence[bytes], max_write_bytes: int | None) -> Iterator[
         size += len(command)
     if start < len(commands):
         yield start, len(commands)
-
-
-def _read_lines(sock: socket.socket, pending: bytes, count: int, replies: list[bytes]) -> bytes:
-    """Read until ``count`` reply lines arrived; append them and return what follows them."""
-    while pending.count(b"\r\n") < count:
-        chunk = sock.recv(_READ_SIZE)
-        if not chunk:
-            raise ConnectionResetError("the node closed the connection")
-        pending += chunk
-    lines = pending.split(b"\r\n", count)
-    replies.extend(lines[:count])
-    return lines[count]

@@ -137,7 +137,7 @@ class NodePool:
                 if self._waiting:
                     self._changed.notify()
                 return
-        self._discard(client)
+        self.discard(client)
 
     def give_back_after(
         self,
@@ -151,7 +151,7 @@ class NodePool:
         """
         if is_node_failure(error):
             self.record_failure()
-            self._discard(client)
+            self.discard(client)
         else:
             self.give_back(client)
 
@@ -219,7 +219,8 @@ class NodePool:
             self._forget_one()
             raise
 
-    def _discard(self, client: Client) -> None:
+    def discard(self, client: Client) -> None:
+        """Close a borrowed client whose connection is out of step, without judging the node."""
         self._forget_one()
         self._close_client(client)
 

@@ -9,8 +9,10 @@ verified against the node's hostname from the cluster config while connecting to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pymemcache
@@ -28,19 +30,25 @@ from pymemcache.exceptions import (
 )
 
 from . import pipeline
-from .aio_protocol import (
-    ClientErrorReply,
-    IllegalKey,
-    ProtocolError,
-    ServerErrorReply,
-    UnknownCommandReply,
-)
 from .async_backend import AsyncCacheMixin
-from .async_client import ConnectionClosed
 from .backend import ClusterCacheMixin
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .options import BackendRules
 from .pool import NodeError
+from .protocol import (
+    VALUE_TOO_LARGE,
+    ClientErrorReply,
+    ConnectionClosed,
+    ErrorReply,
+    IllegalKey,
+    ProtocolError,
+    ServerErrorReply,
+    UnknownCommandReply,
+    parse_stored,
+    parse_values,
+    retrieval_request,
+    storage_request,
+)
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -79,9 +87,6 @@ OPTION_RULES = BackendRules(
     managed_client_options=frozenset(MANAGED_BY_THE_BACKEND),
 )
 """What this backend refuses besides the shared rules: the client options it sets itself."""
-
-VALUE_TOO_LARGE = "object too large for cache"
-"""memcached's SERVER_ERROR text for a value over its item size limit."""
 
 
 def _node_score(text: str, seed: int) -> int:
@@ -128,8 +133,37 @@ class _ListedAddress:
         return getattr(socket, name)
 
 
+def serialized(client: pymemcache.Client, key: bytes, value: Any) -> tuple[bytes, int]:
+    """A value as pymemcache sends it: its serde's output, a ``str`` encoded as the client's."""
+    data, flags = client.serde.serialize(key, value)
+    if not isinstance(data, bytes):
+        data = str(data).encode(client.encoding)
+    return data, flags
+
+
+_PROTOCOL_ERRORS: list[tuple[type[Exception], type[Exception]]] = [
+    (ServerErrorReply, MemcacheServerError),
+    (ClientErrorReply, MemcacheClientError),
+    (UnknownCommandReply, MemcacheUnknownCommandError),
+    (IllegalKey, MemcacheIllegalInputError),
+    (ProtocolError, MemcacheUnknownError),
+    (ConnectionClosed, MemcacheUnexpectedCloseError),
+]
+
+
+def pymemcache_error(error: Exception) -> Exception:
+    """The pymemcache exception for what the protocol layer reported; socket errors as they are."""
+    for ours, theirs in _PROTOCOL_ERRORS:
+        if isinstance(error, ours):
+            return theirs(str(error))
+    return error
+
+
 class _NodeClient(pymemcache.Client):
-    """A ``pymemcache.Client`` whose ``set_many`` works over TLS."""
+    """
+    A ``pymemcache.Client`` whose ``set_many`` works over TLS, and whose ``get_many`` can be
+    sent before its reply is read (``start_get_multi``).
+    """
 
     def set_many(
         self, values: dict[Any, Any], expire: int = 0, noreply: bool | None = None, **extra: Any
@@ -146,23 +180,54 @@ class _NodeClient(pymemcache.Client):
             return super().set_many(values, expire, noreply, **extra)
         keys = list(values)
         self._check_integer(expire, "expire")
-        commands = [self._set_command(key, values[key], expire) for key in keys]
-        if self.sock is None:
-            self._connect()
-        assert self.sock is not None
-        try:
-            replies = pipeline.exchange(self.sock, commands, pipeline.TLS_WRITE_BYTES)
-        except OSError:
-            self.close()
-            raise
-        failed = [key for key, reply in zip(keys, replies, strict=True) if reply != b"STORED"]
+        requests = []
+        for key in keys:
+            key_bytes = self.check_key(key, self.key_prefix)
+            data, flags = serialized(self, key_bytes, values[key])
+            requests.append(storage_request(b"set", key_bytes, flags, expire, data))
+        replies = self._exchange(
+            lambda sock: pipeline.exchange(sock, requests, parse_stored, pipeline.TLS_WRITE_BYTES)
+        )
         for reply in replies:
-            if reply not in (b"STORED", b"NOT_STORED"):
+            if isinstance(reply, ErrorReply):
                 self.close()  # After an error reply the connection is not trusted further.
-                self._raise_errors(reply, b"set")
-        return failed
+                raise pymemcache_error(reply)
+        return [key for key, reply in zip(keys, replies, strict=True) if reply is not True]
 
     set_multi = set_many
+
+    def start_get_multi(self, keys: list[Any]) -> Callable[[], dict[Any, Any]]:
+        """
+        ``get_many(keys)`` in two steps: the request is sent now (pymemcache's own key checks
+        raise here), and the returned function reads the reply, so the caller can send to
+        other nodes in between. Errors are pymemcache's, raised by the returned function;
+        with ``ignore_exc`` pymemcache's own ``get_many`` does the call.
+        """
+        if self.ignore_exc:
+            return functools.partial(self.get_many, keys)
+        prefixed = [self.check_key(key, self.key_prefix) for key in keys]
+        originals = dict(zip(prefixed, keys, strict=True))
+        try:
+            self._exchange(lambda sock: sock.sendall(retrieval_request(prefixed)))
+        except OSError as error:
+            failure = error
+
+            def raise_failure() -> dict[Any, Any]:
+                raise failure
+
+            return raise_failure
+
+        def read_reply() -> dict[Any, Any]:
+            (found,) = self._exchange(lambda sock: pipeline.receive(sock, parse_values))
+            if isinstance(found, ErrorReply):
+                raise pymemcache_error(found)
+            deserialize = self.serde.deserialize
+            return {
+                originals[key]: deserialize(key, data, flags)
+                for key, (flags, data) in found.items()
+            }
+
+        return read_reply
 
     def flush_all(self, delay: int = 0, noreply: bool | None = None) -> bool:
         """
@@ -176,26 +241,26 @@ class _NodeClient(pymemcache.Client):
         results = self._misc_cmd([command], b"flush_all", noreply)
         return noreply or results[0] == b"OK"
 
-    def _set_command(self, key: Any, value: Any, expire: int) -> bytes:
-        """The ``set`` command pymemcache would send for this key and value."""
-        key_bytes = self.check_key(key, self.key_prefix)
-        data, flags = self.serde.serialize(key_bytes, value)
-        if not isinstance(data, bytes):
-            data = str(data).encode(self.encoding)
-        return pipeline.set_command(key_bytes, flags, expire, data)
+    def _exchange(self, talk: Callable[[socket.socket], Any]) -> Any:
+        """
+        ``talk`` on the client's socket, connected first if need be, as pymemcache's own
+        calls do: on any failure the connection is closed, and a reply that is not
+        memcached's, or a connection the node closed, raises pymemcache's exception for it.
+        """
+        if self.sock is None:
+            self._connect()
+        assert self.sock is not None
+        try:
+            return talk(self.sock)
+        except BaseException as error:
+            self.close()
+            if isinstance(error, (ProtocolError, ConnectionClosed)):
+                raise pymemcache_error(error) from error
+            raise
 
 
 SYNC_ONLY_OPTIONS = {"default_noreply": True, "ignore_exc": True}
 """Client options the async methods cannot honour, with the value they cannot honour."""
-
-_PROTOCOL_ERRORS: list[tuple[type[Exception], type[Exception]]] = [
-    (ServerErrorReply, MemcacheServerError),
-    (ClientErrorReply, MemcacheClientError),
-    (UnknownCommandReply, MemcacheUnknownCommandError),
-    (IllegalKey, MemcacheIllegalInputError),
-    (ProtocolError, MemcacheUnknownError),
-    (ConnectionClosed, MemcacheUnexpectedCloseError),
-]
 
 
 class PymemcacheAdapter:
@@ -221,19 +286,13 @@ class PymemcacheAdapter:
         return self._codec.check_key(key, self._codec.key_prefix)
 
     def serialize(self, key: bytes, value: Any) -> tuple[bytes, int]:
-        data, flags = self._codec.serde.serialize(key, value)
-        if not isinstance(data, bytes):
-            data = str(data).encode(self._codec.encoding)
-        return data, flags
+        return serialized(self._codec, key, value)
 
     def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
         return self._codec.serde.deserialize(key, data, flags)
 
     def library_error(self, error: Exception, node_name: str) -> Exception:
-        for ours, theirs in _PROTOCOL_ERRORS:
-            if isinstance(error, ours):
-                return theirs(str(error))
-        return error
+        return pymemcache_error(error)
 
 
 class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyMemcacheCache):

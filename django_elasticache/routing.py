@@ -17,6 +17,7 @@ written with it have expired.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -47,6 +48,18 @@ NodeKey = tuple[str, int]
 def node_identity(node: ClusterNode) -> NodeKey:
     """A node is its hostname and port; its IP changes when ElastiCache replaces it."""
     return (node.hostname or node.ip, node.port)
+
+
+def _start_get_multi(client: Any, keys: list[str]) -> Callable[[], dict[str, Any]]:
+    """
+    A node's ``get_multi``, sent now if its client can split it: ``start_get_multi(keys)``
+    sends the request and returns the function that reads the reply. Other clients run
+    ``get_multi`` when the reply is asked for.
+    """
+    start = getattr(client, "start_get_multi", None)
+    if start is None:
+        return functools.partial(client.get_multi, keys)
+    return start(keys)
 
 
 class ClusterClient:
@@ -142,11 +155,62 @@ class ClusterClient:
         return {pool: group for pool, group in zip(self._pools, groups, strict=True) if group}
 
     def get_multi(self, keys: Iterable[str], *args: Any) -> dict[str, Any]:
+        groups = self._by_pool(keys)
+        if len(groups) > 1 and not args and not self.config.serverless:
+            return self._get_multi_from_all_at_once(groups)
         found: dict[str, Any] = {}
-        for pool, node_keys in self._by_pool(keys).items():
+        for pool, node_keys in groups.items():
             with pool.client(self._is_node_failure) as client:
                 for batch in self._get_batches(node_keys):
                     found.update(client.get_multi(batch, *args))
+        return found
+
+    def _get_multi_from_all_at_once(self, groups: Mapping[NodePool, list[str]]) -> dict[str, Any]:
+        """
+        ``get_multi`` over several nodes in one round trip, as libmemcached's multi-server
+        ``get_multi`` does: every node's request is sent before any reply is read, so the
+        nodes answer in parallel, where the node client can split its ``get_multi``
+        (``_start_get_multi``); other clients' ``get_multi`` runs node after node.
+
+        A node that fails does not stop the others: every other node's reply is still read
+        (its connection stays in step and is pooled again, the node counted healthy), then
+        the first error is raised, of the class the one-node ``get_multi`` raises for it.
+        The values read from the live nodes are not returned: with IGNORE_EXCEPTIONS the
+        whole ``get_many`` is a miss, as on the event-loop path. (Serverless caches have one
+        node, so their batches never come here.)
+        """
+        first_error: Exception | None = None
+        started: list[tuple[NodePool, Any, Callable[[], dict[str, Any]]]] = []
+        found: dict[str, Any] = {}
+        try:
+            for pool, node_keys in groups.items():
+                try:
+                    client = pool.borrow()
+                except Exception as error:
+                    first_error = first_error or error
+                    continue
+                try:
+                    started.append((pool, client, _start_get_multi(client, node_keys)))
+                except BaseException as error:
+                    pool.give_back_after(client, error, self._is_node_failure)
+                    if not isinstance(error, Exception):
+                        raise
+                    first_error = first_error or error
+            while started:
+                pool, client, read_reply = started[0]
+                try:
+                    found.update(read_reply())
+                except Exception as error:
+                    pool.give_back_after(client, error, self._is_node_failure)
+                    first_error = first_error or error
+                else:
+                    pool.give_back(client)
+                del started[0]
+        finally:
+            for pool, client, _ in started:
+                pool.discard(client)  # Interrupted: its reply is still on the wire.
+        if first_error is not None:
+            raise first_error
         return found
 
     def _get_batches(self, keys: list[str]) -> Iterator[list[str]]:

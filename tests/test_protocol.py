@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from django_elasticache.aio_protocol import (
+from django_elasticache.protocol import (
     MAX_LINE_LENGTH,
     ClientErrorReply,
     IllegalKey,

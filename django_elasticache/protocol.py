@@ -1,9 +1,11 @@
 """
 The memcached text protocol, without I/O: requests as bytes, replies parsed from a buffer.
 
-The event-loop path pipelines requests over a connection and matches replies to them in
-order, so a reply must be recognised exactly: a parser that read too little or too much
-would hand the next caller someone else's value. Every parser here therefore takes the
+Both paths that speak the protocol themselves use it: the event loop's connections
+(``async_client``) and the blocking sockets of the sync pipelines (``pipeline``). Either may
+have several requests on a connection at once and matches replies to them in order, so a
+reply must be recognised exactly: a parser that read too little or too much would hand the
+next caller someone else's value. Every parser here therefore takes the
 receive buffer and an offset, and returns either ``None`` (the reply is not complete yet)
 or the reply's meaning and the offset just past it. A reply the server sends to refuse a
 request (``ERROR``, ``CLIENT_ERROR``, ``SERVER_ERROR``) is a complete reply too: it is
@@ -20,7 +22,9 @@ from typing import Any
 
 __all__ = [
     "MAX_KEY_LENGTH",
+    "VALUE_TOO_LARGE",
     "ClientErrorReply",
+    "ConnectionClosed",
     "ErrorReply",
     "IllegalKey",
     "MalformedReply",
@@ -48,9 +52,19 @@ MAX_KEY_LENGTH = 250
 MAX_LINE_LENGTH = 8192
 """A reply line (without data) longer than this is not memcached talking."""
 
+VALUE_TOO_LARGE = "object too large for cache"
+"""memcached's SERVER_ERROR text for a value over its item size limit."""
+
 CRLF = b"\r\n"
 
 _NOT_IN_A_KEY = re.compile(rb"[\x00-\x20\x7f]")
+
+
+class ConnectionClosed(ConnectionResetError):
+    """
+    The byte stream ended, or the connection was closed, before the reply was complete. Not a
+    ``ProtocolError``: the node went away, which is a connection failure.
+    """
 
 
 class ProtocolError(Exception):
@@ -192,36 +206,66 @@ def parse_counter(buffer: bytes | bytearray, start: int) -> Parsed | None:
     return _parse_counter_miss(buffer, start)
 
 
+_VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]+) (\d+) (\d+)(?: \d+)?\r\n")
+"""A well-formed ``VALUE`` line, the common case read without splitting it in Python."""
+
+
 def parse_values(buffer: bytes | bytearray, start: int) -> Parsed | None:
     """
     The reply to ``get``: ``{key: (flags, data)}`` for the keys found, up to ``END``.
-    Each value's byte count is checked against its data block's terminator.
+    Each value's byte count is checked against its data block's terminator. A line that is
+    not a well-formed ``VALUE`` line (``END``, a refusal, garbage, a line not complete yet)
+    is read by ``_other_values_line``.
     """
     found: dict[bytes, tuple[int, bytes]] = {}
     position = start
+    value_line = _VALUE_LINE.match
+    size = len(buffer)
     while True:
-        header = _line(buffer, position)
-        if header is None:
-            return None
-        line, position = header
-        if line == b"END":
-            return found, position
-        fields = line.split(b" ")
-        if fields[0] != b"VALUE" or len(fields) not in (4, 5):
-            refusal = _error_reply(line)
-            if refusal is None or found:
-                raise MalformedReply(f"expected VALUE or END, got {line!r}")
-            return refusal, position
-        try:
-            flags, length = int(fields[2]), int(fields[3])
-        except ValueError:
-            raise MalformedReply(f"bad VALUE line {line!r}") from None
-        if length < 0 or flags < 0:
-            raise MalformedReply(f"bad VALUE line {line!r}")
+        header = value_line(buffer, position)
+        if header is not None and header.end() - position <= MAX_LINE_LENGTH + 2:
+            key, flags_text, length_text = header.groups()
+            flags, length = int(flags_text), int(length_text)
+            position = header.end()
+        else:
+            outcome = _other_values_line(buffer, position, found)
+            if outcome is None or type(outcome[0]) is not tuple:
+                return outcome
+            (key, flags, length), position = outcome
         data_end = position + length
-        if len(buffer) < data_end + 2:
+        if size < data_end + 2:
             return None
         if buffer[data_end : data_end + 2] != CRLF:
-            raise MalformedReply(f"value of {fields[1]!r} is not {length} bytes long")
-        found[fields[1]] = (flags, bytes(buffer[position:data_end]))
+            raise MalformedReply(f"value of {key!r} is not {length} bytes long")
+        data = buffer[position:data_end]
+        found[key] = (flags, data if isinstance(data, bytes) else bytes(data))
         position = data_end + 2
+
+
+def _other_values_line(
+    buffer: bytes | bytearray, start: int, found: dict[bytes, tuple[int, bytes]]
+) -> Parsed | None:
+    """
+    A line of a ``get`` reply that is not a plain well-formed ``VALUE`` line: ``None`` if
+    incomplete, the reply (``found``, or a refusal) and its end at ``END`` or a refusal,
+    or a ``VALUE`` line's ``(key, flags, length)`` and the offset of its data.
+    """
+    header = _line(buffer, start)
+    if header is None:
+        return None
+    line, position = header
+    if line == b"END":
+        return found, position
+    fields = line.split(b" ")
+    if fields[0] != b"VALUE" or len(fields) not in (4, 5):
+        refusal = _error_reply(line)
+        if refusal is None or found:
+            raise MalformedReply(f"expected VALUE or END, got {line!r}")
+        return refusal, position
+    try:
+        flags, length = int(fields[2]), int(fields[3])
+    except ValueError:
+        raise MalformedReply(f"bad VALUE line {line!r}") from None
+    if length < 0 or flags < 0:
+        raise MalformedReply(f"bad VALUE line {line!r}")
+    return (fields[1], flags, length), position
