@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +31,6 @@ from django_elasticache.testing import (
     ConfigEndpoint,
     LocalCluster,
     MemcachedNode,
-    OpenSSLNotFound,
     start_memcached,
 )
 from django_elasticache.testing import cluster as cluster_module
@@ -432,15 +433,39 @@ def test_ipv6_tls_cluster() -> None:
 # The certificate authority
 
 
-def test_missing_openssl_says_how_to_install_it() -> None:
-    with pytest.raises(OpenSSLNotFound) as missing:
-        CertificateAuthority(openssl="/nonexistent/bin/openssl")
+WITHOUT_TRUSTME = """
+import sys
+sys.modules["trustme"] = None  # what an environment without trustme makes import see
+from django_elasticache.testing import LocalCluster, start_memcached
+with start_memcached() as node:
+    print("plaintext", node.is_running)
+for make in (lambda: LocalCluster(tls=True), lambda: LocalCluster(serverless=True)):
+    try:
+        make()
+    except ImportError as missing:
+        print("refused", missing)
+try:
+    from django_elasticache.testing import CertificateAuthority
+except ImportError as missing:
+    print("refused", missing)
+"""
 
-    assert isinstance(missing.value, RuntimeError)
-    assert "/nonexistent/bin/openssl" in str(missing.value)
-    assert "apt-get install openssl" in str(missing.value)
-    with pytest.raises(OpenSSLNotFound):
-        LocalCluster(tls=True, openssl="/nonexistent/bin/openssl")
+
+def test_without_trustme_plaintext_works_and_tls_says_how_to_install_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRUSTME],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    lines = result.stdout.splitlines()
+    assert lines[0] == "plaintext True"
+    assert len(lines) == 4
+    for line in lines[1:]:
+        assert line.startswith("refused ")
+        assert "pip install django-elasticache[testing]" in line
 
 
 @pytest.mark.parametrize("names", [[], "host.cache.local", ["bad name"], ["a/b"], ["x\n"]])
