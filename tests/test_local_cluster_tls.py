@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 from support import (
-    NodeTuple,
+    advertised,
+    assert_lists_a_new_three_node_cluster,
+    eventually,
     memcached_children,
     parse_config_reply,
     process_exists,
@@ -93,10 +95,6 @@ def discover_over_tls(cluster: LocalCluster, server_hostname: str = "127.0.0.1")
     return parse_config_reply(reply)
 
 
-def advertised(nodes: list[MemcachedNode]) -> list[NodeTuple]:
-    return [(node.hostname, node.ip, node.port) for node in nodes]
-
-
 def assert_serves_tls(cluster: LocalCluster, node: MemcachedNode) -> None:
     """The node answers version and a set/get over TLS verified under its hostname."""
     context = strict(cluster.client_tls_context())
@@ -166,16 +164,7 @@ def other_ca() -> Iterator[CertificateAuthority]:
 
 
 def test_endpoint_answers_discovery_over_tls(tls_cluster: LocalCluster) -> None:
-    version, nodes = discover_over_tls(tls_cluster)
-
-    assert version == 1
-    assert nodes == advertised(tls_cluster.nodes)
-    assert [hostname for hostname, _, _ in nodes] == [
-        "local.abc123.0001.cache.local",
-        "local.abc123.0002.cache.local",
-        "local.abc123.0003.cache.local",
-    ]
-    assert tls_cluster.location == f"127.0.0.1:{tls_cluster.endpoint.port}"
+    assert_lists_a_new_three_node_cluster(tls_cluster, discover_over_tls(tls_cluster))
 
 
 def test_endpoint_certificate_names_its_host_and_localhost(tls_cluster: LocalCluster) -> None:
@@ -221,10 +210,7 @@ def test_stop_is_prompt_while_a_client_stalls_the_handshake(
     endpoint = ConfigEndpoint(tls=other_ca.server_context(["127.0.0.1"])).start()
     with socket.create_connection(("127.0.0.1", endpoint.port), timeout=TIMEOUT) as conn:
         # Wait until a handler thread holds the connection, waiting for a ClientHello.
-        deadline = time.monotonic() + TIMEOUT
-        while not endpoint._connections:
-            assert time.monotonic() < deadline, "the endpoint never accepted"
-            time.sleep(0.01)
+        eventually(lambda: endpoint._connections, "the endpoint accepts", TIMEOUT)
 
         started = time.monotonic()
         endpoint.stop()
