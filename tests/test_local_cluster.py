@@ -6,6 +6,7 @@ socket, and the expected replies are built from the Auto Discovery grammar in th
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -253,14 +254,20 @@ def test_close_misbehaviour_closes_on_every_command(endpoint: ConfigEndpoint) ->
     assert ask(endpoint, VERSION, quit=False) == b""
 
 
-def test_hang_times_out_the_client_and_stop_is_prompt(endpoint: ConfigEndpoint) -> None:
+@contextlib.contextmanager
+def hung_request(endpoint: ConfigEndpoint, command: bytes) -> Iterator[socket.socket]:
+    """A connection whose command the hanging endpoint has read and left unanswered."""
     endpoint.misbehave("hang")
     with socket.create_connection((endpoint.host, endpoint.port), timeout=0.5) as conn:
-        conn.sendall(VERSION)
+        conn.sendall(command)
         wait_for_requests(endpoint, 1)
         with pytest.raises(TimeoutError):
             conn.recv(4096)
+        yield conn
 
+
+def test_hang_times_out_the_client_and_stop_is_prompt(endpoint: ConfigEndpoint) -> None:
+    with hung_request(endpoint, VERSION) as conn:
         started = time.monotonic()
         endpoint.stop()
         assert time.monotonic() - started < 1.5
@@ -272,13 +279,7 @@ def test_hang_times_out_the_client_and_stop_is_prompt(endpoint: ConfigEndpoint) 
 
 
 def test_behave_answers_a_hung_request(endpoint: ConfigEndpoint) -> None:
-    endpoint.misbehave("hang")
-    with socket.create_connection((endpoint.host, endpoint.port), timeout=0.3) as conn:
-        conn.sendall(CONFIG_GET)
-        wait_for_requests(endpoint, 1)
-        with pytest.raises(TimeoutError):
-            conn.recv(4096)
-
+    with hung_request(endpoint, CONFIG_GET) as conn:
         endpoint.behave()
 
         conn.settimeout(TIMEOUT)
