@@ -1,17 +1,65 @@
-"""Helpers shared by the test modules: processes, sockets, the machine's IPv6 loopback."""
+"""Helpers shared by the test modules: waiting, forked children, processes, sockets, the
+machine's IPv6 loopback, what a local cluster advertises."""
 
 from __future__ import annotations
 
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 READ_TIMEOUT = 5.0
 # Generous: a loaded machine may take a while to deliver a death signal and reap.
 DEATH_TIMEOUT = 20.0
+# How long a test waits for something to happen in the background (a refresh, a scale-out).
+DEADLINE = 10.0
+POLL_INTERVAL = 0.02
+REPORT_LIMIT = 4096
+
+
+def eventually(condition: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
+    """Wait for condition() within timeout, polling; fail naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"within {timeout} s: {what}")
+        time.sleep(POLL_INTERVAL)
+
+
+class ForkedChild:
+    """Run work() in a forked child process, which reports the text work() returns.
+
+    The child never returns into pytest: it exits 0 after reporting, 1 if work() raised.
+    Several children can run at once; report() waits for one and checks its exit.
+    """
+
+    def __init__(self, work: Callable[[], str]) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(read)
+                os.write(write, work().encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write)
+        self._pid, self._read = pid, read
+
+    def report(self) -> str:
+        """What the child reported, once it exited; fail if it did not exit cleanly."""
+        _, status = os.waitpid(self._pid, 0)
+        try:
+            report = os.read(self._read, REPORT_LIMIT).decode()
+        finally:
+            os.close(self._read)
+        assert os.waitstatus_to_exitcode(status) == 0, f"the child failed; it reported {report!r}"
+        return report
 
 
 def process_exists(pid: int) -> bool:
@@ -86,6 +134,28 @@ requires_ipv6 = pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 lo
 
 
 NodeTuple = tuple[str, str, int]
+FIRST_THREE_HOSTNAMES = [
+    "local.abc123.0001.cache.local",
+    "local.abc123.0002.cache.local",
+    "local.abc123.0003.cache.local",
+]
+
+
+def advertised(nodes: Sequence[Any]) -> list[NodeTuple]:
+    """The (hostname, ip, port) entries a config lists for these nodes."""
+    return [(node.hostname, node.ip, node.port) for node in nodes]
+
+
+def assert_lists_a_new_three_node_cluster(
+    cluster: Any, config: tuple[int, list[NodeTuple]]
+) -> None:
+    """A parsed config of a freshly started three-node LocalCluster lists its nodes under
+    ElastiCache-like hostnames, at version 1, and the cluster's location is its endpoint."""
+    version, nodes = config
+    assert version == cluster.config_version == 1
+    assert nodes == advertised(cluster.nodes)
+    assert [hostname for hostname, _, _ in nodes] == FIRST_THREE_HOSTNAMES
+    assert cluster.location == f"127.0.0.1:{cluster.endpoint.port}"
 
 
 def parse_config_reply(reply: bytes) -> tuple[int, list[NodeTuple]]:

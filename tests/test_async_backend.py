@@ -12,7 +12,6 @@ import signal
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -20,22 +19,14 @@ import pylibmc
 import pytest
 from asgiref.sync import ThreadSensitiveContext
 from django.core.cache.backends.base import InvalidCacheBackendError
+from support import DEADLINE, ForkedChild, eventually
 
 from django_elasticache import memcached
 from django_elasticache.async_client import PIPELINE_DEPTH
 from django_elasticache.pool import NodeUnavailable
 from django_elasticache.testing import start_memcached
 
-DEADLINE = 10.0
 READ_TIMEOUT = 5.0
-
-
-def eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"within {DEADLINE} s: {what}")
-        time.sleep(0.02)
 
 
 def ask(node: Any, command: bytes, terminator: bytes) -> bytes:
@@ -515,16 +506,13 @@ def test_a_forked_child_never_uses_the_parents_connections(
             return asyncio.run_coroutine_threadsafe(coroutine, loop).result(DEADLINE)
 
         on_parent_loop(cache.aset("parent", "parent value"))
-        pid = os.fork()
-        if pid == 0:  # The child: its own loop, its own connections.
-            try:
-                ok = asyncio.run(cache.aget("parent")) == "parent value"
-                asyncio.run(cache.aset("child", "child value"))
-            except BaseException:
-                ok = False
-            os._exit(0 if ok else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+
+        def in_child() -> str:  # Its own loop, its own connections.
+            found = asyncio.run(cache.aget("parent"))
+            asyncio.run(cache.aset("child", "child value"))
+            return str(found)
+
+        assert ForkedChild(in_child).report() == "parent value"
         # The parent's connection was not touched: it still reads in step.
         assert on_parent_loop(cache.aget("child")) == "child value"
         assert on_parent_loop(cache.aget("parent")) == "parent value"

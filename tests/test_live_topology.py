@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 
 import pylibmc
 import pytest
+from support import DEADLINE, ForkedChild, eventually
 
 from django_elasticache import topology
 from django_elasticache.cluster_utils import EndpointTimeout, EndpointUnreachable
@@ -20,7 +20,6 @@ from django_elasticache.testing.tls import CertificateAuthority
 from django_elasticache.topology import DiscoveryPending, topology_for
 
 REFRESH = 0.2
-DEADLINE = 10.0
 # A bound on any single cache call while the endpoint misbehaves: far above a loopback
 # round trip, far below the discovery timeout a blocked request would wait for.
 CALL_BOUND = 0.5
@@ -29,15 +28,6 @@ CALL_BOUND = 0.5
 @pytest.fixture
 def fast_error_refresh(monkeypatch):
     monkeypatch.setattr(topology, "ERROR_REFRESH_SPACING", 0.0)
-
-
-def eventually(condition, what: str) -> None:
-    """Wait for condition() within DEADLINE, polling; fail naming what did not happen."""
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"within {DEADLINE} s: {what}")
-        time.sleep(0.02)
 
 
 def attempts(endpoint) -> int:
@@ -185,31 +175,27 @@ def test_no_error_triggered_refresh_when_interval_is_zero(
     elasticache_cluster, make_cache, fast_error_refresh
 ) -> None:
     cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=0)
-    keys = [f"k{index}" for index in range(50)]
-    cache.set_many({key: key for key in keys})
-    elasticache_cluster.kill_node(elasticache_cluster.nodes[0])
-    errors = 0
-    for key in keys:
-        try:
-            cache.get(key)
-        except cache.server_errors:
-            errors += 1
-    assert errors > 0
+    assert errors_after_a_node_dies(elasticache_cluster, cache, keys=50) > 0
     assert elasticache_cluster.endpoint.discovery_requests == 1
 
 
 def test_killed_node_surfaces_errors_without_ignore_exceptions(elasticache_cluster, make_cache):
     cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=60)
-    keys = [f"k{index}" for index in range(100)]
-    cache.set_many({key: key for key in keys})
-    elasticache_cluster.kill_node(elasticache_cluster.nodes[0])
+    assert errors_after_a_node_dies(elasticache_cluster, cache, keys=100) > 0
+
+
+def errors_after_a_node_dies(cluster, cache, keys: int) -> int:
+    """Store keys, kill the first node, and count the reads of them that raise."""
+    names = [f"k{index}" for index in range(keys)]
+    cache.set_many({name: name for name in names})
+    cluster.kill_node(cluster.nodes[0])
     errors = 0
-    for key in keys:
+    for name in names:
         try:
-            cache.get(key)
+            cache.get(name)
         except cache.server_errors:
             errors += 1
-    assert errors > 0
+    return errors
 
 
 def test_killed_node_reads_as_misses_with_ignore_exceptions(
@@ -331,24 +317,14 @@ def test_forked_child_starts_clean(elasticache_cluster, make_cache) -> None:
     cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=60)
     cache.set("parent", "value")
     parent_client = cache._cache
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, never return into pytest
-        status = 1
-        try:
-            fresh = cache._cache is not parent_client
-            works = cache.get("parent") == "value" and cache.set("child", 1) is None
-            no_discovery = elasticache_cluster.endpoint.discovery_requests == 1
-            os.write(write, f"{fresh} {works} {no_discovery}".encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    report = os.read(read, 100).decode()
-    os.close(read)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert report == "True True True"
+
+    def in_child() -> str:
+        fresh = cache._cache is not parent_client
+        works = cache.get("parent") == "value" and cache.set("child", 1) is None
+        no_discovery = elasticache_cluster.endpoint.discovery_requests == 1
+        return f"{fresh} {works} {no_discovery}"
+
+    assert ForkedChild(in_child).report() == "True True True"
     assert cache._cache is parent_client
     assert cache.get("child") == 1 and cache.get("parent") == "value"
 
@@ -384,36 +360,15 @@ def test_workers_forked_from_an_idle_parent_follow_a_scale_out(
     while time.monotonic() < confirmed + interval * 1.2:  # the master idles
         time.sleep(0.05)
     requests_before = elasticache_cluster.endpoint.discovery_requests
-    children = [fork_child(lambda: child_follows(cache, grown)) for _ in range(3)]
-    assert [exit_code(pid) for pid in children] == [0, 0, 0]
+    children = [ForkedChild(lambda: child_follows(cache, grown)) for _ in range(3)]
+    assert [child.report() for child in children] == ["followed"] * 3
     assert elasticache_cluster.endpoint.discovery_requests >= requests_before + 3
 
 
-def child_follows(cache, grown: list[str]) -> bool:
+def child_follows(cache, grown: list[str]) -> str:
     assert cache.get("parent") == "value"  # the first request: starts the refresh
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if serves(cache, grown):
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def fork_child(work) -> int:
-    """Run ``work`` in a forked child whose exit code is 0 if it returned True."""
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            status = 0 if work() else 1
-        finally:
-            os._exit(status)
-    return pid
-
-
-def exit_code(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    eventually(lambda: serves(cache, grown), "the child serves the grown list")
+    return "followed"
 
 
 def test_recreated_cluster_is_followed_back_to_a_lower_version(

@@ -6,6 +6,7 @@ socket, and the expected replies are built from the Auto Discovery grammar in th
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import socket
@@ -17,6 +18,9 @@ import pylibmc
 import pytest
 from support import (
     NodeTuple,
+    advertised,
+    assert_lists_a_new_three_node_cluster,
+    eventually,
     memcached_children,
     parse_config_reply,
     process_exists,
@@ -27,7 +31,6 @@ from support import (
 from django_elasticache.testing import (
     ConfigEndpoint,
     LocalCluster,
-    MemcachedNode,
     MemcachedNotFound,
     start_memcached,
 )
@@ -85,10 +88,6 @@ def cluster_config(cluster: LocalCluster) -> tuple[int, list[NodeTuple]]:
     return discover(cluster.endpoint.host, cluster.endpoint.port)
 
 
-def advertised(nodes: Sequence[MemcachedNode]) -> list[NodeTuple]:
-    return [(node.hostname, node.ip, node.port) for node in nodes]
-
-
 def memcached_client(address: str) -> pylibmc.Client:
     return pylibmc.Client([address], behaviors={"connect_timeout": 1000, "_poll_timeout": 1000})
 
@@ -103,10 +102,7 @@ def accepts_connections(host: str, port: int) -> bool:
 
 def wait_for_requests(endpoint: ConfigEndpoint, count: int) -> None:
     """Wait until the endpoint has read count command lines, so a hang is really in effect."""
-    deadline = time.monotonic() + TIMEOUT
-    while len(endpoint.requests) < count:
-        assert time.monotonic() < deadline, f"endpoint read only {endpoint.requests}"
-        time.sleep(0.01)
+    eventually(lambda: len(endpoint.requests) >= count, f"the endpoint reads {count} lines")
 
 
 @pytest.fixture(autouse=True)
@@ -258,14 +254,20 @@ def test_close_misbehaviour_closes_on_every_command(endpoint: ConfigEndpoint) ->
     assert ask(endpoint, VERSION, quit=False) == b""
 
 
-def test_hang_times_out_the_client_and_stop_is_prompt(endpoint: ConfigEndpoint) -> None:
+@contextlib.contextmanager
+def hung_request(endpoint: ConfigEndpoint, command: bytes) -> Iterator[socket.socket]:
+    """A connection whose command the hanging endpoint has read and left unanswered."""
     endpoint.misbehave("hang")
     with socket.create_connection((endpoint.host, endpoint.port), timeout=0.5) as conn:
-        conn.sendall(VERSION)
+        conn.sendall(command)
         wait_for_requests(endpoint, 1)
         with pytest.raises(TimeoutError):
             conn.recv(4096)
+        yield conn
 
+
+def test_hang_times_out_the_client_and_stop_is_prompt(endpoint: ConfigEndpoint) -> None:
+    with hung_request(endpoint, VERSION) as conn:
         started = time.monotonic()
         endpoint.stop()
         assert time.monotonic() - started < 1.5
@@ -277,13 +279,7 @@ def test_hang_times_out_the_client_and_stop_is_prompt(endpoint: ConfigEndpoint) 
 
 
 def test_behave_answers_a_hung_request(endpoint: ConfigEndpoint) -> None:
-    endpoint.misbehave("hang")
-    with socket.create_connection((endpoint.host, endpoint.port), timeout=0.3) as conn:
-        conn.sendall(CONFIG_GET)
-        wait_for_requests(endpoint, 1)
-        with pytest.raises(TimeoutError):
-            conn.recv(4096)
-
+    with hung_request(endpoint, CONFIG_GET) as conn:
         endpoint.behave()
 
         conn.settimeout(TIMEOUT)
@@ -404,16 +400,10 @@ def test_missing_memcached_says_how_to_install_it() -> None:
 
 
 def test_cluster_advertises_elasticache_like_nodes(cluster: LocalCluster) -> None:
-    version, nodes = cluster_config(cluster)
+    config = cluster_config(cluster)
 
-    assert version == cluster.config_version == 1
-    assert nodes == advertised(cluster.nodes)
-    assert [hostname for hostname, _, _ in nodes] == [
-        "local.abc123.0001.cache.local",
-        "local.abc123.0002.cache.local",
-        "local.abc123.0003.cache.local",
-    ]
-    assert cluster.location == f"127.0.0.1:{cluster.endpoint.port}"
+    assert_lists_a_new_three_node_cluster(cluster, config)
+    nodes = config[1]
     assert cluster.node_addresses == [f"{ip}:{port}" for _, ip, port in nodes]
     ips = [ipaddress.IPv4Address(ip) for _, ip, _ in nodes]
     assert len(set(ips)) == 3  # one IP per node, so a replacement can keep its port

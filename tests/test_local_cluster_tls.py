@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import (
-    NodeTuple,
+    advertised,
+    assert_lists_a_new_three_node_cluster,
+    eventually,
     memcached_children,
     parse_config_reply,
     process_exists,
@@ -29,7 +33,6 @@ from django_elasticache.testing import (
     ConfigEndpoint,
     LocalCluster,
     MemcachedNode,
-    OpenSSLNotFound,
     start_memcached,
 )
 from django_elasticache.testing import cluster as cluster_module
@@ -90,10 +93,6 @@ def discover_over_tls(cluster: LocalCluster, server_hostname: str = "127.0.0.1")
     context = strict(cluster.client_tls_context())
     reply = tls_exchange(context, local(cluster.endpoint.port), server_hostname, CONFIG_GET)
     return parse_config_reply(reply)
-
-
-def advertised(nodes: list[MemcachedNode]) -> list[NodeTuple]:
-    return [(node.hostname, node.ip, node.port) for node in nodes]
 
 
 def assert_serves_tls(cluster: LocalCluster, node: MemcachedNode) -> None:
@@ -165,16 +164,7 @@ def other_ca() -> Iterator[CertificateAuthority]:
 
 
 def test_endpoint_answers_discovery_over_tls(tls_cluster: LocalCluster) -> None:
-    version, nodes = discover_over_tls(tls_cluster)
-
-    assert version == 1
-    assert nodes == advertised(tls_cluster.nodes)
-    assert [hostname for hostname, _, _ in nodes] == [
-        "local.abc123.0001.cache.local",
-        "local.abc123.0002.cache.local",
-        "local.abc123.0003.cache.local",
-    ]
-    assert tls_cluster.location == f"127.0.0.1:{tls_cluster.endpoint.port}"
+    assert_lists_a_new_three_node_cluster(tls_cluster, discover_over_tls(tls_cluster))
 
 
 def test_endpoint_certificate_names_its_host_and_localhost(tls_cluster: LocalCluster) -> None:
@@ -220,10 +210,7 @@ def test_stop_is_prompt_while_a_client_stalls_the_handshake(
     endpoint = ConfigEndpoint(tls=other_ca.server_context(["127.0.0.1"])).start()
     with socket.create_connection(("127.0.0.1", endpoint.port), timeout=TIMEOUT) as conn:
         # Wait until a handler thread holds the connection, waiting for a ClientHello.
-        deadline = time.monotonic() + TIMEOUT
-        while not endpoint._connections:
-            assert time.monotonic() < deadline, "the endpoint never accepted"
-            time.sleep(0.01)
+        eventually(lambda: endpoint._connections, "the endpoint accepts", TIMEOUT)
 
         started = time.monotonic()
         endpoint.stop()
@@ -432,15 +419,39 @@ def test_ipv6_tls_cluster() -> None:
 # The certificate authority
 
 
-def test_missing_openssl_says_how_to_install_it() -> None:
-    with pytest.raises(OpenSSLNotFound) as missing:
-        CertificateAuthority(openssl="/nonexistent/bin/openssl")
+WITHOUT_TRUSTME = """
+import sys
+sys.modules["trustme"] = None  # what an environment without trustme makes import see
+from django_elasticache.testing import LocalCluster, start_memcached
+with start_memcached() as node:
+    print("plaintext", node.is_running)
+for make in (lambda: LocalCluster(tls=True), lambda: LocalCluster(serverless=True)):
+    try:
+        make()
+    except ImportError as missing:
+        print("refused", missing)
+try:
+    from django_elasticache.testing import CertificateAuthority
+except ImportError as missing:
+    print("refused", missing)
+"""
 
-    assert isinstance(missing.value, RuntimeError)
-    assert "/nonexistent/bin/openssl" in str(missing.value)
-    assert "apt-get install openssl" in str(missing.value)
-    with pytest.raises(OpenSSLNotFound):
-        LocalCluster(tls=True, openssl="/nonexistent/bin/openssl")
+
+def test_without_trustme_plaintext_works_and_tls_says_how_to_install_it() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRUSTME],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    lines = result.stdout.splitlines()
+    assert lines[0] == "plaintext True"
+    assert len(lines) == 4
+    for line in lines[1:]:
+        assert line.startswith("refused ")
+        assert "pip install django-elasticache[testing]" in line
 
 
 @pytest.mark.parametrize("names", [[], "host.cache.local", ["bad name"], ["a/b"], ["x\n"]])

@@ -8,30 +8,20 @@ never written elsewhere.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import pylibmc
 import pymemcache
-import pytest
+from support import eventually
 
 from django_elasticache.memcached import DEFAULT_BEHAVIORS
 from django_elasticache.testing import LocalCluster, start_memcached
 
 KEYS = [f"key-{index}" for index in range(3000)]
-DEADLINE = 10.0
 
 
 def django_keys(keys: list[str]) -> list[str]:
     """The memcached keys Django makes with no KEY_PREFIX and version 1."""
     return [f":1:{key}" for key in keys]
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"within {DEADLINE} s: {what}")
-        time.sleep(0.02)
 
 
 def uses(cache, address: str) -> bool:
@@ -92,7 +82,7 @@ def test_replacing_a_node_moves_no_key_of_the_others(elasticache_cluster, make_c
     with start_memcached("127.0.0.2", victim.port, hostname=victim.hostname) as replacement:
         nodes = [replacement if node is victim else node for node in cluster.nodes]
         cluster.publish(nodes, cluster.config_version + 1)
-        wait_for(
+        eventually(
             lambda: uses(cache, replacement.address),
             "the backend uses the replacement",
         )
@@ -128,19 +118,13 @@ def test_keys_deleted_while_scaled_out_stay_deleted_after_scale_in(
     cache = make_cache(cluster.location, REFRESH_INTERVAL=0.2)
     keys = [f"deleted-{index}" for index in range(300)]
     cache.set_many({key: "old" for key in keys})
-    added = cluster.add_node()
-    wait_for(
-        lambda: uses(cache, added.address),
-        "the backend uses the added node",
-    )
-    cache.delete_many(keys[:150])
-    for key in keys[150:]:
-        cache.delete(key)
-    cluster.remove_node(added)
-    wait_for(
-        lambda: not uses(cache, added.address),
-        "the backend no longer uses the removed node",
-    )
+
+    def delete_all() -> None:
+        cache.delete_many(keys[:150])
+        for key in keys[150:]:
+            cache.delete(key)
+
+    while_scaled_out(cluster, cache, delete_all)
     assert cache.get_many(keys) == {}
 
 
@@ -151,15 +135,17 @@ def test_keys_written_while_scaled_out_read_back_new_after_scale_in(
     cache = make_cache(cluster.location, REFRESH_INTERVAL=0.2)
     keys = [f"rewritten-{index}" for index in range(300)]
     cache.set_many({key: "old" for key in keys})
-    added = cluster.add_node()
-    wait_for(
-        lambda: uses(cache, added.address),
-        "the backend uses the added node",
-    )
-    cache.set_many({key: "new" for key in keys})
-    cluster.remove_node(added)
-    wait_for(
-        lambda: not uses(cache, added.address),
-        "the backend no longer uses the removed node",
-    )
+    while_scaled_out(cluster, cache, lambda: cache.set_many({key: "new" for key in keys}))
     assert set(cache.get_many(keys).values()) <= {"new"}
+
+
+def while_scaled_out(cluster, cache, act) -> None:
+    """Add a node, act once the backend uses it, then remove it and wait until the backend
+    no longer does."""
+    added = cluster.add_node()
+    eventually(lambda: uses(cache, added.address), "the backend uses the added node")
+    act()
+    cluster.remove_node(added)
+    eventually(
+        lambda: not uses(cache, added.address), "the backend no longer uses the removed node"
+    )

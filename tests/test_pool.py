@@ -6,11 +6,11 @@ test_concurrency.py and test_placement.py.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
+from support import ForkedChild
 
 from django_elasticache import pool as pool_module
 from django_elasticache.cluster_utils import ClusterNode
@@ -102,20 +102,10 @@ def test_forked_child_never_touches_the_parents_clients() -> None:
     pool = NodePool(NODE, Connection, close, size=4)
     inherited = pool.borrow()
     pool.give_back(inherited)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, never return into pytest
-        status = 1
-        try:
-            fresh = pool.borrow()
-            os.write(write, f"{fresh is not inherited} {inherited.closed}".encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    report = os.read(read, 100).decode()
-    os.close(read)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert report == "True False"
+
+    def in_child() -> str:
+        fresh = pool.borrow()
+        return f"{fresh is not inherited} {inherited.closed}"
+
+    assert ForkedChild(in_child).report() == "True False"
     assert pool.borrow() is inherited  # the parent's pool is as it was

@@ -7,7 +7,14 @@ Each node has a loopback IP of its own and sits behind a relay (``relay.py``) th
 answers discovery as ElastiCache nodes do; ``serverless=True`` emulates ElastiCache
 Serverless instead. Every memcached dies with the process that started it
 (``processes.py``).
+
+The TLS part needs trustme (``pip install django-elasticache[testing]``); it is imported
+only when used, so plaintext clusters work without it.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from .cluster import (
     LocalCluster,
@@ -18,7 +25,9 @@ from .cluster import (
     start_memcached,
 )
 from .endpoint import ConfigEndpoint
-from .tls import CertificateAuthority, OpenSSLNotFound
+
+if TYPE_CHECKING:
+    from .tls import CertificateAuthority
 
 __all__ = [
     "CertificateAuthority",
@@ -27,7 +36,15 @@ __all__ = [
     "LoopbackAddresses",
     "MemcachedNode",
     "MemcachedNotFound",
-    "OpenSSLNotFound",
     "RelayedNode",
     "start_memcached",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import CertificateAuthority on first use: it needs trustme, plaintext clusters do not."""
+    if name == "CertificateAuthority":
+        from .tls import CertificateAuthority
+
+        return CertificateAuthority
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

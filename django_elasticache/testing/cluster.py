@@ -13,6 +13,7 @@ import ipaddress
 import itertools
 import os
 import random
+import re
 import shutil
 import socket
 import ssl
@@ -21,15 +22,19 @@ import tempfile
 import time
 import weakref
 from collections.abc import Sequence
-from types import TracebackType
-from typing import IO
+from typing import IO, TYPE_CHECKING, TypedDict
 
 from ..cluster_utils import format_address
 from .endpoint import ConfigEndpoint, Node
+from .lifecycle import Startable
 from .processes import spawn
 from .relay import Front, Relay, Rules
 from .serverless import ServerlessRules
-from .tls import Certificate, CertificateAuthority, first_certificate_der
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .tls import CertificateAuthority
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -44,6 +49,20 @@ PORT_BUSY = "Address already in use"
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 # New IPs tried for a replacement whose port is taken on the first ones.
 REPLACEMENT_ATTEMPTS = 20
+PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", flags=re.DOTALL
+)
+
+Certificate = tuple[str, str]  # (certificate PEM path, private key PEM path)
+
+
+class NodeOptions(TypedDict, total=False):
+    """How a memcached node is run, whatever puts it where."""
+
+    hostname: str | None
+    memory_mb: int
+    memcached: str
+    tls: Certificate | None
 
 
 class MemcachedNotFound(RuntimeError):
@@ -91,6 +110,15 @@ def _serves(host: str, port: int, pid: int, tls: _PinnedTLS | None = None) -> bo
     except OSError:  # ssl.SSLError included
         return False
     return reply.startswith(b"VERSION ") and b"\r\nSTAT pid %d\r\n" % pid in reply
+
+
+def first_certificate_der(path: str) -> bytes:
+    """The DER bytes of the first certificate in a PEM file: the one a server presents."""
+    with open(path, encoding="ascii") as pem:
+        match = PEM_CERTIFICATE.search(pem.read())
+    if match is None:
+        raise ValueError(f"no PEM certificate in {path}")
+    return ssl.PEM_cert_to_DER_cert(match.group())
 
 
 class _PinnedTLS:
@@ -148,7 +176,7 @@ def _terminate(process: subprocess.Popen[bytes], stderr: IO[bytes]) -> None:
     stderr.close()
 
 
-class MemcachedNode:
+class MemcachedNode(Startable):
     """One memcached server process in the foreground, owned by this Python process.
 
     ``hostname`` is the name a cluster config advertises for it; ``ip`` and ``port`` are
@@ -257,15 +285,8 @@ class MemcachedNode:
         return reply.split(b"\r\n").count(b"HD")
 
     def __enter__(self) -> MemcachedNode:
+        # start_memcached() hands out a running node, for use in a ``with`` block.
         return self if self.is_running else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         where = self.address if self._port is not None else self._host
@@ -359,19 +380,10 @@ def _read(stream: IO[bytes]) -> str:
 
 
 def start_memcached(
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    memory_mb: int = 16,
-    *,
-    hostname: str | None = None,
-    memcached: str = "memcached",
-    tls: Certificate | None = None,
+    host: str = "127.0.0.1", port: int | None = None, **options: Unpack[NodeOptions]
 ) -> MemcachedNode:
     """Start a memcached server on a loopback host and return it once it is serving."""
-    node = MemcachedNode(
-        host, port, hostname=hostname, memory_mb=memory_mb, memcached=memcached, tls=tls
-    )
-    return node.start()
+    return MemcachedNode(host, port, **options).start()
 
 
 class RelayedNode(MemcachedNode):
@@ -390,17 +402,14 @@ class RelayedNode(MemcachedNode):
         rules: Rules,
         host: str = "127.0.0.1",
         port: int | None = None,
-        *,
-        hostname: str | None = None,
-        memory_mb: int = 16,
-        memcached: str = "memcached",
-        tls: Certificate | None = None,
+        **options: Unpack[NodeOptions],
     ) -> None:
-        super().__init__(host, hostname=hostname, memory_mb=memory_mb, memcached=memcached)
+        # memcached itself listens in plaintext on a free port; the front takes both.
+        self._certificate = options.pop("tls", None)
+        super().__init__(host, **options)
         self._relay = relay
         self._rules = rules
         self._front_port = port
-        self._certificate = tls
         self._front: Front | None = None
 
     @property
@@ -505,7 +514,7 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-class LocalCluster:
+class LocalCluster(Startable):
     """A memcached cluster on this machine that a discovery client cannot tell from
     ElastiCache: real memcached nodes behind an emulated configuration endpoint.
 
@@ -545,7 +554,6 @@ class LocalCluster:
         cluster_name: str = "local",
         memcached: str = "memcached",
         tls: bool = False,
-        openssl: str = "openssl",
         relay: bool = True,
         serverless: bool = False,
     ) -> None:
@@ -561,8 +569,8 @@ class LocalCluster:
         self._memcached = find_memcached(memcached)
         self._serverless = serverless
         # Made here rather than in start(): the endpoint needs its certificate now, and a
-        # missing openssl should fail as early as a missing memcached.
-        self._ca = CertificateAuthority(openssl=openssl) if tls or serverless else None
+        # missing trustme should fail as early as a missing memcached.
+        self._ca = _certificate_authority() if tls or serverless else None
         self._certificates: dict[str, Certificate] = {}
         server_tls = None
         if self._ca is not None and not serverless:
@@ -607,18 +615,7 @@ class LocalCluster:
         if self._relay is not None:
             self._relay.stop()
         if self._ca is not None:
-            self._ca.cleanup()
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            self._ca.stop()
 
     # What a client sees
 
@@ -823,6 +820,13 @@ class LocalCluster:
     def _require_cluster(self, action: str) -> None:
         if self._serverless:
             raise RuntimeError(f"a serverless cache has no nodes: cannot {action}")
+
+
+def _certificate_authority() -> CertificateAuthority:
+    """A new CA; imported only now, so that clusters without TLS do not need trustme."""
+    from .tls import CertificateAuthority
+
+    return CertificateAuthority()
 
 
 def _endpoint_names(host: str) -> list[str]:

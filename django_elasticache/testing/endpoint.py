@@ -18,9 +18,9 @@ import socketserver
 import ssl
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 
 from ..cluster_utils import format_address
+from .lifecycle import Startable
 
 CRLF = b"\r\n"
 CONFIG_COMMAND = ("config", "get", "cluster")
@@ -144,7 +144,7 @@ class _ConnectionHandler(socketserver.StreamRequestHandler):
                 return
 
 
-class ConfigEndpoint:
+class ConfigEndpoint(Startable):
     """Emulate the configuration endpoint of an ElastiCache memcached cluster.
 
     It listens on an ephemeral port of a loopback host, advertises whatever node list
@@ -214,17 +214,6 @@ class ConfigEndpoint:
             self._serve_thread.join(JOIN_TIMEOUT)
         for thread in connections.values():
             thread.join(JOIN_TIMEOUT)
-
-    def __enter__(self) -> ConfigEndpoint:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # Address
 
