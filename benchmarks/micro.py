@@ -136,7 +136,18 @@ def ns_each_in(
     }
 
 
-NODE_CHOICE = {"hasher.get_node": "client.hasher.get_node(made_key)"}
+NODE_CHOICE = {"node_choice": "choose(made_key)"}
+
+
+def node_chooser(client: Any) -> tuple[Any, list[str]]:
+    """
+    How a client picks a key's node, and the names it hashes: pymemcache's ``HashClient``
+    asks its hasher; ours (a ``routing.ClusterClient``) its placement.
+    """
+    if hasattr(client, "hasher"):
+        return client.hasher.get_node, list(client.hasher.nodes)
+    names = [f"{pool.node.hostname or pool.node.ip}:{pool.node.port}" for pool in client.pools]
+    return client.pool_for, names
 
 
 def measure(
@@ -150,11 +161,13 @@ def measure(
     choice of the ``hashed`` ones (pymemcache-based), with the names their clients hash.
     """
     stubbed = {name: with_stub_client(caches[name]) for name in layered}
-    clients = {name: caches[name]._cache for name in hashed}
-    spaces = {name: {"client": client, "made_key": MADE_KEY} for name, client in clients.items()}
+    choosers = {name: node_chooser(caches[name]._cache) for name in hashed}
+    spaces = {
+        name: {"choose": choose, "made_key": MADE_KEY} for name, (choose, _) in choosers.items()
+    }
     return {
         "pieces": ns_each(PIECES, caches, rounds),
         "calls": ns_each(CALLS, stubbed, rounds),
         "node_choice": ns_each_in(NODE_CHOICE, spaces, rounds),
-        "node_names": {name: list(client.hasher.nodes) for name, client in clients.items()},
+        "node_names": {name: names for name, (_, names) in choosers.items()},
     }

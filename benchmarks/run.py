@@ -308,10 +308,16 @@ def endpoint_reply_ms(cluster: LocalCluster, context: ssl.SSLContext | None) -> 
 
 
 def pymemcache_evictions(cache: Any) -> int:
-    """Evictions on every node a pymemcache-based backend reaches, over its connections."""
-    return sum(
-        int(client.stats().get(b"evictions", 0)) for client in cache._cache.clients.values()
-    )
+    """Evictions on every node a pymemcache-based backend reaches, over its connections:
+    a ``HashClient``'s node clients, or a client borrowed from each of our node pools."""
+    client = cache._cache
+    if hasattr(client, "clients"):
+        return sum(int(node.stats().get(b"evictions", 0)) for node in client.clients.values())
+    evictions = 0
+    for pool in client.pools:
+        with pool.client(lambda error: False) as node:
+            evictions += int(node.stats().get(b"evictions", 0))
+    return evictions
 
 
 def run_tuning(
