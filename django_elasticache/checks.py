@@ -22,6 +22,7 @@ them fail a ``check``.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -30,6 +31,7 @@ from django.conf import settings
 from django.core import checks
 from django.core.cache.backends.base import InvalidCacheBackendError
 
+from .cluster_utils import is_serverless_host
 from .health import BACKENDS, Status, check
 from .options import Endpoint, parse_location, split_options
 
@@ -47,19 +49,15 @@ NETWORK_TAG = "elasticache_network"
 PYLIBMC_BACKEND, PYMEMCACHE_BACKEND = BACKENDS
 
 _AWS_NAME = re.compile(r".+\.cache\.amazonaws\.com(?:\.cn)?\.?", re.IGNORECASE)
-_SERVERLESS = re.compile(
-    r".+\.serverless\.[^.]+\.cache\.amazonaws\.com(?:\.cn)?\.?", re.IGNORECASE
-)
 _CONFIG_ENDPOINT = re.compile(r"\.cfg\.", re.IGNORECASE)
-_PYMEMCACHE_MANAGED = ("tls_context", "socket_module")
 
 _TLS_BACKEND_HINT = (
     f"Use BACKEND '{PYMEMCACHE_BACKEND}' (pip install django-elasticache[pymemcache]) "
     "with OPTIONS['TLS'] = True."
 )
 _SERVERLESS_HINT = (
-    f"A serverless cache speaks only TLS and has no auto discovery: use BACKEND "
-    f"'{PYMEMCACHE_BACKEND}' with OPTIONS {{'TLS': True, 'IGNORE_CLUSTER_ERRORS': True}}."
+    f"A serverless cache speaks only TLS: use BACKEND '{PYMEMCACHE_BACKEND}' with "
+    "OPTIONS {'TLS': True}; the backend knows it has no auto discovery."
 )
 
 
@@ -84,7 +82,7 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[checks.Chec
     messages: list[checks.CheckMessage] = []
     for alias, cache in _our_caches():
         options = cache.get("OPTIONS") or {}
-        if options.get("IGNORE_CLUSTER_ERRORS") is True and not _is_serverless(cache):
+        if options.get("IGNORE_CLUSTER_ERRORS") is True:
             messages.append(
                 checks.Warning(
                     f"CACHES[{alias!r}] sets IGNORE_CLUSTER_ERRORS: when discovery fails, "
@@ -167,15 +165,7 @@ def _settings_messages(alias: str, cache: Mapping[str, Any]) -> list[checks.Chec
             )
         )
     if not pylibmc:
-        messages += [
-            checks.Error(
-                f"{where}: OPTIONS[{name!r}] is set by the backend for every node.",
-                hint="Use OPTIONS['TLS'] (True or an ssl.SSLContext) for encryption.",
-                id="django_elasticache.E004",
-            )
-            for name in _PYMEMCACHE_MANAGED
-            if name in client_options
-        ]
+        messages += _pymemcache_messages(where, client_options)
     if endpoint is not None:
         messages += _endpoint_messages(where, endpoint, pylibmc, options)
     if backend_options.refresh_interval is None:
@@ -191,11 +181,37 @@ def _settings_messages(alias: str, cache: Mapping[str, Any]) -> list[checks.Chec
     return messages
 
 
+def _pymemcache_messages(
+    where: str, client_options: Mapping[str, Any]
+) -> list[checks.CheckMessage]:
+    """Client options the pymemcache backend sets itself, and pymemcache being installed."""
+    try:
+        pymemcache = importlib.import_module(PYMEMCACHE_BACKEND.rpartition(".")[0])
+    except ImportError as exc:
+        return [
+            checks.Error(
+                f"{where}: the pymemcache backend cannot be imported: {exc}.",
+                hint="pip install django-elasticache[pymemcache]",
+                id="django_elasticache.E007",
+            )
+        ]
+    return [
+        checks.Error(
+            f"{where}: OPTIONS[{name!r}] is set by the backend for every node.",
+            hint="The backend pools, places and retries itself (see POOL_SIZE); use "
+            "OPTIONS['TLS'] (True or an ssl.SSLContext) for encryption.",
+            id="django_elasticache.E004",
+        )
+        for name in pymemcache.MANAGED_BY_THE_BACKEND
+        if name in client_options
+    ]
+
+
 def _endpoint_messages(
     where: str, endpoint: Endpoint, pylibmc: bool, options: Mapping[str, Any]
 ) -> list[checks.CheckMessage]:
     """What the LOCATION's host name tells about the kind of ElastiCache endpoint."""
-    if _SERVERLESS.fullmatch(endpoint.host):
+    if is_serverless_host(endpoint.host):
         if pylibmc:
             return [
                 checks.Error(
@@ -205,12 +221,11 @@ def _endpoint_messages(
                     id="django_elasticache.E005",
                 )
             ]
-        missing = [name for name in ("TLS", "IGNORE_CLUSTER_ERRORS") if not options.get(name)]
-        if missing:
+        if not options.get("TLS"):
             return [
                 checks.Error(
                     f"{where}: {endpoint.host} is an ElastiCache Serverless endpoint, "
-                    f"and OPTIONS lack {' and '.join(missing)}.",
+                    "which accepts only TLS, and OPTIONS lack TLS.",
                     hint=_SERVERLESS_HINT,
                     id="django_elasticache.E006",
                 )
@@ -227,10 +242,3 @@ def _endpoint_messages(
             )
         ]
     return []
-
-
-def _is_serverless(cache: Mapping[str, Any]) -> bool:
-    try:
-        return _SERVERLESS.fullmatch(parse_location(cache.get("LOCATION")).host) is not None
-    except InvalidCacheBackendError:
-        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -74,17 +75,22 @@ def test_tls_context_given_to_the_pymemcache_backend_is_e004() -> None:
     assert "'tls_context'" in messages[0].msg and "'socket_module'" in messages[1].msg
 
 
+def test_pooling_options_given_to_the_pymemcache_backend_are_e004() -> None:
+    messages = settings_messages(default=cache(PYMEMCACHE, use_pooling=True, hasher=None))
+    assert ids(messages) == ["django_elasticache.E004"] * 2
+    assert "'use_pooling'" in messages[0].msg and "'hasher'" in messages[1].msg
+
+
 def test_a_serverless_endpoint_on_the_pylibmc_backend_is_e005() -> None:
     [message] = settings_messages(default=cache(location=SERVERLESS))
     assert message.id == "django_elasticache.E005" and "Serverless" in message.msg
 
 
-def test_a_serverless_endpoint_needs_tls_and_ignore_cluster_errors() -> None:
-    [message] = settings_messages(default=cache(PYMEMCACHE, SERVERLESS, TLS=True))
+def test_a_serverless_endpoint_needs_tls() -> None:
+    [message] = settings_messages(default=cache(PYMEMCACHE, SERVERLESS))
     assert message.id == "django_elasticache.E006"
-    assert message.msg.endswith("OPTIONS lack IGNORE_CLUSTER_ERRORS.")
-    good = cache(PYMEMCACHE, SERVERLESS, TLS=True, IGNORE_CLUSTER_ERRORS=True)
-    assert settings_messages(default=good) == []
+    assert message.msg.endswith("OPTIONS lack TLS.")
+    assert settings_messages(default=cache(PYMEMCACHE, SERVERLESS, TLS=True)) == []
 
 
 @pytest.mark.parametrize(
@@ -115,9 +121,9 @@ def test_ignore_cluster_errors_is_w101_only_in_the_deploy_check() -> None:
         assert ids(checks.run_checks(tags=[SETTINGS_TAG], include_deployment_checks=True)) == [
             "django_elasticache.W101"
         ]
-    serverless = cache(PYMEMCACHE, SERVERLESS, TLS=True, IGNORE_CLUSTER_ERRORS=True)
+    serverless = cache(PYMEMCACHE, SERVERLESS, TLS=True)
     with override_settings(CACHES={"default": serverless}):
-        assert check_deployment() == []
+        assert check_deployment() == []  # a serverless cache needs no IGNORE_CLUSTER_ERRORS
 
 
 def test_network_checks_run_only_when_named(elasticache_cluster_factory) -> None:
@@ -142,3 +148,11 @@ def test_network_check_reports_a_node_down_and_passes_when_all_answer(
         cluster.kill_node(down)
         [message] = check_clusters()
     assert message.id == "django_elasticache.W202" and down.address in message.msg
+
+
+def test_the_pymemcache_backend_without_pymemcache_is_e007(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pymemcache", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "django_elasticache.pymemcache")
+    [message] = settings_messages(default=cache(PYMEMCACHE))
+    assert message.id == "django_elasticache.E007"
+    assert message.hint == "pip install django-elasticache[pymemcache]"
