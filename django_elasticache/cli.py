@@ -31,19 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     discover_parser = commands.add_parser(
         "discover", help="ask a configuration endpoint for its nodes and check each node"
     )
-    discover_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
-    discover_parser.add_argument(
-        "--timeout",
-        type=timeout_seconds,
-        default=DEFAULT_TIMEOUT,
-        help=f"seconds for discovery and for each node check (default {DEFAULT_TIMEOUT:g})",
-    )
-    discover_parser.add_argument(
-        "--tls", action="store_true", help="use TLS, verified against the system trust store"
-    )
-    discover_parser.add_argument(
-        "--ca-file", help="use TLS, trusting the CA certificates in this PEM file"
-    )
+    add_cluster_arguments(discover_parser)
     discover_parser.set_defaults(run=run_discover)
 
     status_parser = commands.add_parser(
@@ -51,15 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="every node's engine, uptime, items, memory and hit ratio; exit 0 healthy, "
         "1 some node down, 2 unreachable",
     )
-    status_parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
-    status_parser.add_argument(
-        "--timeout",
-        type=timeout_seconds,
-        default=DEFAULT_TIMEOUT,
-        help=f"seconds for discovery and for each node (default {DEFAULT_TIMEOUT:g})",
-    )
-    status_parser.add_argument("--tls", action="store_true", help="as for discover")
-    status_parser.add_argument("--ca-file", help="as for discover")
+    add_cluster_arguments(status_parser)
     status_parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     status_parser.set_defaults(run=run_status)
 
@@ -78,6 +58,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     return args.run(args)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """The endpoint and how to reach it, for every command that asks a real cluster."""
+    parser.add_argument("location", help="the configuration endpoint, HOST:PORT")
+    parser.add_argument(
+        "--timeout",
+        type=timeout_seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds for discovery and for each node (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="use TLS, verified against the system trust store"
+    )
+    parser.add_argument("--ca-file", help="use TLS, trusting the CA certificates in this PEM file")
 
 
 def positive(text: str) -> int:
