@@ -515,11 +515,16 @@ class AsyncClusterClient:
         wire_keys = {key: self._wire_key(key) for key in keys}
 
         async def get_from(pool: NodePool, node_keys: list[str]) -> dict[bytes, Any]:
-            request = retrieval_request([wire_keys[key] for key in node_keys])
-            (found,) = await self._call(cluster, pool, [request], parse_values)
+            requests = [
+                retrieval_request([wire_keys[key] for key in batch])
+                for batch in cluster.get_batches(node_keys)
+            ]
+            found: dict[bytes, Any] = {}
+            for batch_found in await self._call(cluster, pool, requests, parse_values):
+                found.update(batch_found)
             return found
 
-        by_pool = _by_pool(cluster, wire_keys)
+        by_pool = cluster.by_pool(wire_keys)
         keys_by_wire = {wire_key: key for key, wire_key in wire_keys.items()}
         values = {}
         for found in await _each(get_from(pool, node_keys) for pool, node_keys in by_pool.items()):
@@ -545,14 +550,14 @@ class AsyncClusterClient:
             stored = await self._call(cluster, pool, node_requests, parse_stored)
             return [key for key, ok in zip(node_keys, stored, strict=True) if not ok]
 
-        by_pool = _by_pool(cluster, requests)
+        by_pool = cluster.by_pool(requests)
         results = await _each(store_on(pool, node_keys) for pool, node_keys in by_pool.items())
         return [key for failed in results for key in failed]
 
     async def delete(self, cluster: ClusterClient, keys: Sequence[str]) -> list[bool]:
         """Delete each key; whether each existed, in order."""
         await self._invalidate_former_owners(cluster, keys)
-        return await self._delete(cluster, _by_pool(cluster, keys))
+        return await self._delete(cluster, cluster.by_pool(keys))
 
     async def touch(self, cluster: ClusterClient, key: str, exptime: int) -> bool:
         request = touch_request(self._wire_key(key), exptime)
@@ -642,13 +647,6 @@ class AsyncClusterClient:
                 await self._delete(cluster, {pool: node_keys})
             except Exception as error:
                 log_invalidation_failure(pool, len(node_keys), error)
-
-
-def _by_pool(cluster: ClusterClient, keys: Iterable[str]) -> dict[NodePool, list[str]]:
-    groups: dict[NodePool, list[str]] = {}
-    for key in keys:
-        groups.setdefault(cluster.pool_for(key), []).append(key)
-    return groups
 
 
 async def _each(calls: Iterable[Awaitable[Any]]) -> list[Any]:

@@ -145,7 +145,8 @@ class ClusterClient:
 
     # Multi-key calls
 
-    def _by_pool(self, keys: Iterable[str]) -> dict[NodePool, list[str]]:
+    def by_pool(self, keys: Iterable[str]) -> dict[NodePool, list[str]]:
+        """The keys grouped by the pool of their node (the async path groups alike)."""
         if self._single is not None:
             return {self._single: list(keys)}
         groups: list[list[str]] = [[] for _ in self._pools]
@@ -155,13 +156,13 @@ class ClusterClient:
         return {pool: group for pool, group in zip(self._pools, groups, strict=True) if group}
 
     def get_multi(self, keys: Iterable[str], *args: Any) -> dict[str, Any]:
-        groups = self._by_pool(keys)
+        groups = self.by_pool(keys)
         if len(groups) > 1 and not args and not self.config.serverless:
             return self._get_multi_from_all_at_once(groups)
         found: dict[str, Any] = {}
         for pool, node_keys in groups.items():
             with pool.client(self._is_node_failure) as client:
-                for batch in self._get_batches(node_keys):
+                for batch in self.get_batches(node_keys):
                     found.update(client.get_multi(batch, *args))
         return found
 
@@ -213,7 +214,7 @@ class ClusterClient:
             raise first_error
         return found
 
-    def _get_batches(self, keys: list[str]) -> Iterator[list[str]]:
+    def get_batches(self, keys: list[str]) -> Iterator[list[str]]:
         """
         The keys in batches whose ``get`` line fits ElastiCache Serverless's limit on a
         multi-key request; one batch elsewhere.
@@ -241,7 +242,7 @@ class ClusterClient:
                 client.set_multi({key: mapping[key] for key in node_keys}, *args, **kwargs)
             )
 
-        self._on_every_node(self._by_pool(mapping), store)
+        self._on_every_node(self.by_pool(mapping), store)
         return failed
 
     def delete_multi(self, keys: Iterable[str], *args: Any) -> bool:
@@ -252,7 +253,7 @@ class ClusterClient:
         def delete(client: Any, node_keys: list[str]) -> None:
             outcomes.append(bool(client.delete_multi(node_keys, *args)))
 
-        self._on_every_node(self._by_pool(keys), delete)
+        self._on_every_node(self.by_pool(keys), delete)
         return all(outcomes)
 
     def flush_all(self, *args: Any) -> None:
