@@ -1,8 +1,9 @@
 """
-The backends on ElastiCache Serverless for memcached, emulated by ``LocalCluster(serverless=True)``: one TLS
-endpoint that answers ``config get cluster`` with ``ERROR``, refuses a delayed ``flush_all``
-and multi-key requests over 16 KB. The pymemcache backend with TLS serves it as one node,
-with no warning and no refresh, splitting large ``get_many`` calls.
+The backends on ElastiCache Serverless for memcached, emulated by
+``LocalCluster(serverless=True)``: one TLS endpoint that answers ``config get cluster``
+with ``ERROR``, refuses a delayed ``flush_all`` and multi-key requests over 16 KB. The
+pymemcache backend with TLS serves it as one node, with no warning and no refresh,
+splitting large ``get_many`` calls.
 """
 
 from __future__ import annotations
