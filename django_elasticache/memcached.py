@@ -14,10 +14,11 @@ that did not change.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pylibmc
@@ -38,6 +39,7 @@ from .pool import NodeError
 from .protocol import (
     VALUE_TOO_LARGE,
     ClientErrorReply,
+    ErrorReply,
     IllegalKey,
     Parser,
     ProtocolError,
@@ -45,6 +47,8 @@ from .protocol import (
     delete_request,
     parse_deleted,
     parse_stored,
+    parse_values,
+    retrieval_request,
     storage_request,
 )
 
@@ -111,9 +115,9 @@ def _seconds(milliseconds: int, default: float) -> float:
 class PipelinedClient(pylibmc.Client):
     """
     A pylibmc client of one node whose ``set_multi`` and ``delete_multi`` are pipelined (see
-    ``pipeline``) on a connection of its own, opened on first use with the client's timeouts.
-    Its ``get_multi`` stays libmemcached's: sending every node's ``get`` before reading any
-    reply saves round trips, but parsing 100 values in Python costs as much (measured).
+    ``pipeline``), and whose ``get_multi`` can be sent before its reply is read
+    (``start_get_multi``, so that a multi-node ``get_many`` waits for one round trip, not one
+    per node), on a connection of its own, opened on first use with the client's timeouts.
 
     Every key's outcome is read back: a refused key is returned as failed, and a value over
     the node's item size limit raises ``pylibmc.TooBig`` as libmemcached's ``set_multi`` does,
@@ -157,6 +161,40 @@ class PipelinedClient(pylibmc.Client):
         replies = self._exchange([delete_request(key) for key in encoded], parse_deleted)
         return all(reply is True for reply in replies)
 
+    def start_get_multi(self, keys: list[Any]) -> Callable[[], dict[Any, Any]]:
+        """
+        ``get_multi(keys)`` in two steps: the request is sent now, and the returned function
+        reads the reply, so the caller can send to other nodes in between. Its errors are
+        those of the pipelined calls, raised by the returned function.
+        """
+        encoded = self._encoded(keys, {})
+        if encoded is None:
+            return functools.partial(super().get_multi, keys)
+        originals = dict(zip(encoded, keys, strict=True))
+        request = [retrieval_request(encoded)]
+        sent_on_reused: bool | None = self._sock is not None
+        failure: OSError | None = None
+        try:
+            self._connection().sendall(request[0])
+        except OSError as error:
+            self._close_pipeline()
+            failure = None if sent_on_reused else error
+            sent_on_reused = None  # Not sent: reading the reply sends it again.
+
+        def read_reply() -> dict[Any, Any]:
+            if failure is not None:
+                raise self._connection_error(failure) from failure
+            (found,) = self._exchange(request, parse_values, sent_on_reused)
+            if isinstance(found, ErrorReply):
+                raise pylibmc_error(found, f"{self._host}:{self._port}")
+            deserialize = self.deserialize
+            return {
+                originals[key]: deserialize(*decompressed(data, flags))
+                for key, (flags, data) in found.items()
+            }
+
+        return read_reply
+
     def disconnect_all(self) -> None:
         super().disconnect_all()
         self._close_pipeline()
@@ -170,29 +208,38 @@ class PipelinedClient(pylibmc.Client):
             return None  # libmemcached reports such keys its own way.
         return encoded
 
-    def _exchange(self, requests: list[bytes], parse: Parser) -> list[Any]:
+    def _exchange(
+        self, requests: list[bytes], parse: Parser, sent_on_reused: bool | None = None
+    ) -> list[Any]:
         """
-        Run the requests; a pooled connection the node closed since is replaced once (sets
-        and deletes can be repeated). Connection errors are pylibmc's, naming the node as
-        libmemcached does; a reply that is not memcached's closes the connection and raises
-        ``pylibmc.ProtocolError``.
+        Run the requests, or with ``sent_on_reused`` set, read the replies to the requests
+        already sent (on a pooled connection if True). A pooled connection the node closed
+        since is replaced once (every request here can be repeated). Connection errors are
+        pylibmc's, naming the node as libmemcached does; a reply that is not memcached's
+        closes the connection and raises ``pylibmc.ProtocolError``.
         """
-        reused = self._sock is not None
+        reused = self._sock is not None if sent_on_reused is None else sent_on_reused
         while True:
             try:
+                if sent_on_reused is not None and self._sock is not None:
+                    sent_on_reused = None
+                    return pipeline.receive(self._sock, parse, len(requests))
                 return pipeline.exchange(self._connection(), requests, parse)
             except OSError as error:
                 self._close_pipeline()
                 if not reused:
-                    raise pylibmc.ConnectionError(
-                        f"pipelined call failed: {error},  host: {self._host}:{self._port}"
-                    ) from error
+                    raise self._connection_error(error) from error
                 reused = False
             except BaseException as error:
                 self._close_pipeline()  # Out of step with the node: never reused.
                 if isinstance(error, ProtocolError):
                     raise pylibmc_error(error, f"{self._host}:{self._port}") from error
                 raise
+
+    def _connection_error(self, error: OSError) -> pylibmc.Error:
+        return pylibmc.ConnectionError(
+            f"pipelined call failed: {error},  host: {self._host}:{self._port}"
+        )
 
     def _connection(self) -> socket.socket:
         if self._sock is None:
@@ -213,6 +260,14 @@ class PipelinedClient(pylibmc.Client):
 
 _ZLIB_FLAG = 1 << 3
 """pylibmc's flag for a value it compressed (on ``set`` with ``min_compress_len``)."""
+
+
+def decompressed(data: bytes, flags: int) -> tuple[bytes, int]:
+    """A stored value and its flags as pylibmc's ``deserialize`` takes them: inflated if
+    pylibmc compressed it, which ``deserialize`` itself does not undo."""
+    if flags & _ZLIB_FLAG:
+        return zlib.decompress(data), flags & ~_ZLIB_FLAG
+    return data, flags
 
 
 def pylibmc_error(error: BaseException, node_name: str) -> Exception:
@@ -262,9 +317,7 @@ class PylibmcAdapter:
         return self._codec.serialize(value)
 
     def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
-        if flags & _ZLIB_FLAG:
-            data, flags = zlib.decompress(data), flags & ~_ZLIB_FLAG
-        return self._codec.deserialize(data, flags)
+        return self._codec.deserialize(*decompressed(data, flags))
 
     def library_error(self, error: Exception, node_name: str) -> Exception:
         return pylibmc_error(error, node_name)
