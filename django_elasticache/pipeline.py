@@ -28,6 +28,7 @@ libmemcached's own multi-server ``get_multi`` does, not for each node in turn.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ MAX_COMMANDS_PER_WRITE = 256
 TLS_WRITE_BYTES = 8192
 """Bytes of several commands one TLS write may carry; 16 KB stall, see the module docstring."""
 
-_READ_SIZE = 65536
+_READ_SIZE = 262144
 
 
 def exchange(
@@ -69,16 +70,14 @@ def receive(sock: socket.socket, parse: Parser, count: int = 1) -> list[Any]:
     sends nothing unasked: bytes past the last reply mean the stream is out of step.
     """
     replies: list[Any] = []
-    buffer = b""
+    buffer = bytearray()
     position = 0
     while len(replies) < count:
         parsed = parse(buffer, position)
         if parsed is None:
-            chunk = sock.recv(_READ_SIZE)
-            if not chunk:
-                raise ConnectionClosed("the node closed the connection")
-            buffer = buffer[position:] + chunk
+            del buffer[:position]
             position = 0
+            _read(sock, buffer)
             continue
         reply, position = parsed
         replies.append(reply)
@@ -86,6 +85,30 @@ def receive(sock: socket.socket, parse: Parser, count: int = 1) -> list[Any]:
         unexpected = buffer[position:][:80]
         raise ConnectionClosed(f"unexpected bytes after the last reply: {unexpected!r}")
     return replies
+
+
+def _read(sock: socket.socket, buffer: bytearray) -> None:
+    """
+    Append the next bytes from the node, waiting for them. A full read means more is on the
+    way (a large value): take whatever else has arrived too, without waiting, so that a
+    multi-megabyte reply is parsed a few times rather than once per read.
+    """
+    chunk = sock.recv(_READ_SIZE)
+    if not chunk:
+        raise ConnectionClosed("the node closed the connection")
+    buffer += chunk
+    if len(chunk) < _READ_SIZE:
+        return
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while chunk:
+            chunk = sock.recv(_READ_SIZE)
+            buffer += chunk
+    except (BlockingIOError, ssl.SSLWantReadError):
+        pass  # nothing more for now
+    finally:
+        sock.settimeout(timeout)
 
 
 def _writes(commands: Sequence[bytes], max_write_bytes: int | None) -> Iterator[tuple[int, int]]:
