@@ -24,6 +24,7 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from .cluster_utils import DEFAULT_TIMEOUT, is_serverless_host
 
 __all__ = [
+    "DEFAULT_COMPRESS_MIN_LENGTH",
     "DEFAULT_POOL_SIZE",
     "MAX_DISCOVERY_TIMEOUT",
     "MAX_POOL_SIZE",
@@ -50,6 +51,9 @@ MAX_REFRESH_INTERVAL = 86400.0
 DEFAULT_POOL_SIZE = 16
 MAX_POOL_SIZE = 1024
 """More idle clients than this per node only hold connections memcached would rather drop."""
+
+DEFAULT_COMPRESS_MIN_LENGTH = 0
+"""Off; see ``BackendOptions`` for why."""
 
 TLS_BACKEND = "django_elasticache.pymemcache.ElastiCache"
 
@@ -89,6 +93,10 @@ class BackendOptions:
     turns server errors into cache misses; ``tls`` encrypts every connection, to the
     endpoint and to the nodes (``None``: clear text); ``pool_size`` is how many idle
     clients the process keeps per node.
+
+    ``compress_min_length``: values whose serialized form has at least this many bytes are
+    stored zlib-compressed (0: never), as pylibmc and pymemcache mark compressed values, so
+    plain clients of either library read them back (see ``compression``).
     """
 
     ignore_cluster_errors: bool = False
@@ -97,6 +105,7 @@ class BackendOptions:
     ignore_exceptions: bool = False
     tls: ssl.SSLContext | None = None
     pool_size: int = DEFAULT_POOL_SIZE
+    compress_min_length: int = DEFAULT_COMPRESS_MIN_LENGTH
 
     @property
     def discovery_settings(self) -> DiscoverySettings:
@@ -116,6 +125,7 @@ _OPTION_NAMES = {
     "IGNORE_EXCEPTIONS": "ignore_exceptions",
     "TLS": "tls",
     "POOL_SIZE": "pool_size",
+    "COMPRESS_MIN_LENGTH": "compress_min_length",
 }
 
 
@@ -238,6 +248,8 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[BackendOptions, di
         backend["tls"] = _tls_context(backend["tls"])
     if "pool_size" in backend:
         backend["pool_size"] = _pool_size(backend["pool_size"])
+    if "compress_min_length" in backend:
+        backend["compress_min_length"] = _compress_min_length(backend["compress_min_length"])
     return BackendOptions(**backend), client
 
 
@@ -285,6 +297,17 @@ def _pool_size(value: object) -> int:
         raise InvalidCacheBackendError(
             f"ElastiCache option POOL_SIZE must be a whole number from 1 to {MAX_POOL_SIZE}, "
             f"got {value!r}"
+        )
+    return value
+
+
+def _compress_min_length(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidCacheBackendError(
+            "ElastiCache option COMPRESS_MIN_LENGTH must be a whole number of bytes, 0 or more "
+            f"(0 or None: never compress), got {value!r}"
         )
     return value
 
