@@ -148,7 +148,8 @@ class PipelinedClient(pylibmc.Client):
         serialize, min_length = self.serialize, self._min_compress_len
         requests = []
         for key, key_bytes in zip(keys, encoded, strict=True):
-            data, flags = compressed(*serialize(mapping[key]), min_length)
+            data, flags = serialize(mapping[key])
+            data, flags = compressed(data, flags, min_length)
             requests.append(storage_request(b"set", key_bytes, flags, time, data))
         replies = self._exchange(requests, parse_stored)
         too_large = [
@@ -273,7 +274,8 @@ class PylibmcAdapter:
         return key.encode()
 
     def serialize(self, key: bytes, value: Any) -> tuple[bytes, int]:
-        return compressed(*self._codec.serialize(value), self._min_compress_len)
+        data, flags = self._codec.serialize(value)
+        return compressed(data, flags, self._min_compress_len)
 
     def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
         return self._codec.deserialize(*decompressed(data, flags))
