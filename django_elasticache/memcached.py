@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import re
 import socket
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -34,6 +33,7 @@ from .cluster_utils import (
     ClusterNode,
     format_address,
 )
+from .compression import compressed, decompressed
 from .options import BackendRules
 from .pool import NodeError
 from .protocol import (
@@ -124,24 +124,36 @@ class PipelinedClient(pylibmc.Client):
     but only after every other key was stored (the node drops the too large key's old value).
     With the binary protocol, SASL or any of pylibmc's extra arguments, libmemcached does the
     work.
+
+    ``min_compress_len`` is pylibmc's argument of that name, given to every ``set``, ``add``
+    and ``set_multi``: Django never passes it. The pipelined ``set_multi`` compresses as
+    pylibmc does (``compression.compressed``).
     """
 
-    def __init__(self, node: ClusterNode, **options: Any) -> None:
+    def __init__(self, node: ClusterNode, min_compress_len: int = 0, **options: Any) -> None:
         super().__init__([node.address], **options)
+        self._min_compress_len = min_compress_len
         self._host = node.ip or node.hostname
         self._port = node.port
         self._pipelines = not options.get("binary") and options.get("username") is None
         self._sock: socket.socket | None = None
 
+    def set(self, key: Any, value: Any, time: int = 0, **extra: Any) -> bool:
+        return super().set(key, value, time, **self._compressing(extra))
+
+    def add(self, key: Any, value: Any, time: int = 0, **extra: Any) -> bool:
+        return super().add(key, value, time, **self._compressing(extra))
+
     def set_multi(self, mapping: Mapping[Any, Any], time: int = 0, **extra: Any) -> list[Any]:
         keys = list(mapping)
         encoded = self._encoded(keys, extra)
         if encoded is None:
-            return super().set_multi(mapping, time, **extra)
-        serialize = self.serialize
+            return super().set_multi(mapping, time, **self._compressing(extra))
+        serialize, min_length = self.serialize, self._min_compress_len
         requests = []
         for key, key_bytes in zip(keys, encoded, strict=True):
             data, flags = serialize(mapping[key])
+            data, flags = compressed(data, flags, min_length)
             requests.append(storage_request(b"set", key_bytes, flags, time, data))
         replies = self._exchange(requests, parse_stored)
         too_large = [
@@ -198,6 +210,10 @@ class PipelinedClient(pylibmc.Client):
     def disconnect_all(self) -> None:
         super().disconnect_all()
         self._close_pipeline()
+
+    def _compressing(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """pylibmc's extra arguments, with the client's ``min_compress_len`` unless given."""
+        return {"min_compress_len": self._min_compress_len, **extra}
 
     def _encoded(self, keys: list[Any], extra: dict[str, Any]) -> list[bytes] | None:
         """The keys as sent, or None when libmemcached must do the call."""
@@ -258,18 +274,6 @@ class PipelinedClient(pylibmc.Client):
             self._sock = None
 
 
-_ZLIB_FLAG = 1 << 3
-"""pylibmc's flag for a value it compressed (on ``set`` with ``min_compress_len``)."""
-
-
-def decompressed(data: bytes, flags: int) -> tuple[bytes, int]:
-    """A stored value and its flags as pylibmc's ``deserialize`` takes them: inflated if
-    pylibmc compressed it, which ``deserialize`` itself does not undo."""
-    if flags & _ZLIB_FLAG:
-        return zlib.decompress(data), flags & ~_ZLIB_FLAG
-    return data, flags
-
-
 def pylibmc_error(error: BaseException, node_name: str) -> Exception:
     """
     The pylibmc exception libmemcached raises for what the protocol layer reported, naming
@@ -293,12 +297,15 @@ def pylibmc_error(error: BaseException, node_name: str) -> Exception:
 class PylibmcAdapter:
     """
     pylibmc's rules for the event-loop path: values are (de)serialized by a pylibmc client's
-    own ``serialize``/``deserialize`` (flags included), timeouts are the behaviours
-    ``connect_timeout`` and ``_poll_timeout`` (ms), and failures become the pylibmc
-    exceptions the sync path raises for them.
+    own ``serialize``/``deserialize`` (flags included) and compressed as pylibmc compresses
+    for ``min_compress_len``, timeouts are the behaviours ``connect_timeout`` and
+    ``_poll_timeout`` (ms), and failures become the pylibmc exceptions the sync path raises
+    for them.
     """
 
     def __init__(self, options: dict[str, Any]) -> None:
+        options = dict(options)
+        self._min_compress_len: int = options.pop("min_compress_len", 0)
         behaviors = options["behaviors"]
         if behaviors.get("_noreply"):
             raise InvalidCacheBackendError(
@@ -314,7 +321,8 @@ class PylibmcAdapter:
         return key.encode()
 
     def serialize(self, key: bytes, value: Any) -> tuple[bytes, int]:
-        return self._codec.serialize(value)
+        data, flags = self._codec.serialize(value)
+        return compressed(data, flags, self._min_compress_len)
 
     def deserialize(self, key: bytes, data: bytes, flags: int) -> Any:
         return self._codec.deserialize(*decompressed(data, flags))
@@ -330,6 +338,7 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
     LOCATION is the cluster's configuration endpoint. Upper-case OPTIONS configure this
     backend (see ``options.BackendOptions``); all others go to ``pylibmc.Client`` exactly as
     with Django's own backend, with ``behaviors`` merged over ``DEFAULT_BEHAVIORS``.
+    COMPRESS_MIN_LENGTH becomes pylibmc's ``min_compress_len`` for every store.
     """
 
     option_rules = OPTION_RULES
@@ -349,10 +358,16 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
     )
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
+        if "min_compress_len" in (params.get("OPTIONS") or {}):
+            raise InvalidCacheBackendError(
+                "OPTIONS['min_compress_len'] is an argument of pylibmc's set, not of its "
+                "Client; use OPTIONS['COMPRESS_MIN_LENGTH'] to compress stored values"
+            )
         super().__init__(server, params)
         self._options = {
             **self._options,
             "behaviors": {**DEFAULT_BEHAVIORS, **(self._options.get("behaviors") or {})},
+            "min_compress_len": self.backend_options.compress_min_length,
         }
 
     def _make_node_client(self, node: ClusterNode) -> pylibmc.Client:

@@ -24,6 +24,7 @@ from django.core.cache.backends.base import InvalidCacheBackendError
 from .cluster_utils import DEFAULT_TIMEOUT, is_serverless_host
 
 __all__ = [
+    "DEFAULT_COMPRESS_MIN_LENGTH",
     "DEFAULT_POOL_SIZE",
     "MAX_DISCOVERY_TIMEOUT",
     "MAX_POOL_SIZE",
@@ -50,6 +51,20 @@ MAX_REFRESH_INTERVAL = 86400.0
 DEFAULT_POOL_SIZE = 16
 MAX_POOL_SIZE = 1024
 """More idle clients than this per node only hold connections memcached would rather drop."""
+
+DEFAULT_COMPRESS_MIN_LENGTH = 0
+"""
+Off, though compression pays for values of a few KB (``benchmarks/compression.py``: a 20 KB
+HTML fragment shrinks by 90%, a 5 KB JSON response by 80%, a pickled list of 200 dicts by
+60%), for two reasons. Turning it on changes what is stored: processes still running a
+release without it, or Django's own ``PyMemcacheCache``, cannot read compressed values
+(pymemcache's ``pickle_serde`` reads a compressed pickle as None, compressed bytes as they
+are, compressed text as ``UnicodeDecodeError``); plain pylibmc reads them. And it trades CPU
+for memory on every store: each ``zlib.compress`` costs about 50 us before its first byte,
+and 170-360 us for the values above, as much as a round trip to a node; only the user knows
+whether the cluster is short of memory or the web servers of CPU. 1024 is a good value
+when on: smaller values save a few hundred bytes at most for the same fixed cost.
+"""
 
 TLS_BACKEND = "django_elasticache.pymemcache.ElastiCache"
 
@@ -89,6 +104,10 @@ class BackendOptions:
     turns server errors into cache misses; ``tls`` encrypts every connection, to the
     endpoint and to the nodes (``None``: clear text); ``pool_size`` is how many idle
     clients the process keeps per node.
+
+    ``compress_min_length``: values whose serialized form has at least this many bytes are
+    stored zlib-compressed (0: never), as pylibmc and pymemcache mark compressed values, so
+    plain clients of either library read them back (see ``compression``).
     """
 
     ignore_cluster_errors: bool = False
@@ -97,6 +116,7 @@ class BackendOptions:
     ignore_exceptions: bool = False
     tls: ssl.SSLContext | None = None
     pool_size: int = DEFAULT_POOL_SIZE
+    compress_min_length: int = DEFAULT_COMPRESS_MIN_LENGTH
 
     @property
     def discovery_settings(self) -> DiscoverySettings:
@@ -116,6 +136,7 @@ _OPTION_NAMES = {
     "IGNORE_EXCEPTIONS": "ignore_exceptions",
     "TLS": "tls",
     "POOL_SIZE": "pool_size",
+    "COMPRESS_MIN_LENGTH": "compress_min_length",
 }
 
 
@@ -238,6 +259,8 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[BackendOptions, di
         backend["tls"] = _tls_context(backend["tls"])
     if "pool_size" in backend:
         backend["pool_size"] = _pool_size(backend["pool_size"])
+    if "compress_min_length" in backend:
+        backend["compress_min_length"] = _compress_min_length(backend["compress_min_length"])
     return BackendOptions(**backend), client
 
 
@@ -285,6 +308,17 @@ def _pool_size(value: object) -> int:
         raise InvalidCacheBackendError(
             f"ElastiCache option POOL_SIZE must be a whole number from 1 to {MAX_POOL_SIZE}, "
             f"got {value!r}"
+        )
+    return value
+
+
+def _compress_min_length(value: object) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidCacheBackendError(
+            "ElastiCache option COMPRESS_MIN_LENGTH must be a whole number of bytes, 0 or more "
+            f"(0 or None: never compress), got {value!r}"
         )
     return value
 

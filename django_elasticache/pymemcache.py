@@ -33,6 +33,7 @@ from . import pipeline
 from .async_backend import AsyncCacheMixin
 from .backend import ClusterCacheMixin
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
+from .compression import ZlibSerde
 from .options import BackendRules
 from .pool import NodeError
 from .protocol import (
@@ -301,7 +302,10 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyMemcacheCache):
 
     LOCATION and the upper-case OPTIONS are those of ``memcached.ElastiCache``; all others
     go to each node's ``pymemcache.Client`` as with Django's own backend, over
-    ``DEFAULT_OPTIONS``.
+    ``DEFAULT_OPTIONS``. The serde (Django's ``pickle_serde`` or the one OPTIONS gives) is
+    wrapped in a ``compression.ZlibSerde`` compressing as COMPRESS_MIN_LENGTH says, and
+    reading compressed values back even with compression off: values written while it was
+    on stay readable, as pylibmc reads them whatever its settings.
     """
 
     option_rules = OPTION_RULES
@@ -313,6 +317,9 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyMemcacheCache):
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         super().__init__(server, params)
         self._options = {**DEFAULT_OPTIONS, **self._options}
+        self._options["serde"] = ZlibSerde(
+            self._options["serde"], self.backend_options.compress_min_length
+        )
         self._class = _NodeClient
 
     def _make_node_client(self, node: ClusterNode) -> pymemcache.Client:
