@@ -104,27 +104,34 @@ def check_clusters(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         if _settings_messages(alias, cache):
             continue  # Already reported by check_cache_settings.
         health = check(alias)
-        if health.status is Status.UNREACHABLE:
+        if health.status in _NETWORK_FINDINGS:
+            finding, hint, check_id = _NETWORK_FINDINGS[health.status]
             messages.append(
                 checks.Warning(
-                    f"CACHES[{alias!r}]: the cluster at {health.endpoint} cannot be used: "
+                    f"CACHES[{alias!r}]: the cluster at {health.endpoint} {finding}: "
                     + "; ".join(health.problems),
-                    hint="Check LOCATION, the network path (security groups) and TLS; "
-                    "`manage.py elasticache` shows every node.",
-                    id="django_elasticache.W201",
-                )
-            )
-        elif health.status is Status.DEGRADED:
-            messages.append(
-                checks.Warning(
-                    f"CACHES[{alias!r}]: the cluster at {health.endpoint} is degraded: "
-                    + "; ".join(health.problems),
-                    hint="Keys on a node that does not answer fail or miss until the node "
-                    "is back or replaced; `manage.py elasticache` shows every node.",
-                    id="django_elasticache.W202",
+                    hint=hint,
+                    id=check_id,
                 )
             )
     return messages
+
+
+_NETWORK_FINDINGS = {
+    Status.UNREACHABLE: (
+        "cannot be used",
+        "Check LOCATION, the network path (security groups) and TLS; "
+        "`manage.py elasticache` shows every node.",
+        "django_elasticache.W201",
+    ),
+    Status.DEGRADED: (
+        "is degraded",
+        "Keys on a node that does not answer fail or miss until the node is back or "
+        "replaced; `manage.py elasticache` shows every node.",
+        "django_elasticache.W202",
+    ),
+}
+"""What the network check says of a cluster in each unhealthy state: text, hint, ID."""
 
 
 def _settings_messages(alias: str, cache: Mapping[str, Any]) -> list[checks.CheckMessage]:
