@@ -226,7 +226,7 @@ def test_ipv6_cluster_round_trip(elasticache_cluster_factory, make_cache) -> Non
     data = {f"k{index}": index for index in range(50)}
     if isinstance(cache, ElastiCache) and pylibmc.libmemcached_version.startswith("1.0."):
         with pytest.raises(pylibmc.HostLookupError):
-            cache.set_many(data)
+            cache.set("k0", 0)  # single keys go through libmemcached
         return
     cache.set_many(data)
     assert cache.get_many(list(data)) == data
