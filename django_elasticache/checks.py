@@ -11,13 +11,12 @@ it is built, so a plain ``check`` stops at the first invalid cache with a traceb
 checks here are also tagged ``elasticache``: ``manage.py check --tag elasticache`` runs them
 alone and reports every problem of every cache as a message.
 
-The checks that do reach the clusters are tagged ``elasticache_network`` and also
-``database``: that is the one tag Django leaves out of a plain ``check`` (and of
-``runserver``), because such checks "do more than static code analysis". So they run only
-when named, ``manage.py check --tag elasticache_network``, and wherever Django runs its
-database checks (``check --database``, ``migrate``). Their findings are warnings, so that a
-``migrate`` run while a cache is down reports it and goes on; ``--fail-level WARNING`` makes
-them fail a ``check``.
+The checks that do reach the clusters are deployment checks tagged ``elasticache_network``:
+``manage.py check --deploy --tag elasticache_network`` runs them alone, ``check --deploy``
+with the others. Never a plain ``check``, ``runserver`` or ``migrate``: on every supported
+Django, deployment checks are the ones that run only when asked for (Django 4.2 and 5.2 run
+``database``-tagged checks in a plain ``check`` too). Their findings are warnings;
+``--fail-level WARNING`` makes them fail the command.
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ def check_deployment(app_configs: Any = None, **kwargs: Any) -> list[checks.Chec
     return messages
 
 
-@checks.register(NETWORK_TAG, checks.Tags.database)
+@checks.register(NETWORK_TAG, deploy=True)
 def check_clusters(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Discover every cluster and reach each of its nodes, within DISCOVERY_TIMEOUT."""
     messages: list[checks.CheckMessage] = []

@@ -131,7 +131,7 @@ def test_network_checks_run_only_when_named(elasticache_cluster_factory) -> None
     cluster.endpoint.stop()
     with override_settings(CACHES={"default": cache(location=cluster.location)}):
         default_run = checks.run_checks()
-        named_run = checks.run_checks(tags=[NETWORK_TAG])
+        named_run = checks.run_checks(tags=[NETWORK_TAG], include_deployment_checks=True)
     assert "django_elasticache.W201" not in ids(default_run)
     assert ids(named_run) == ["django_elasticache.W201"]
     assert cluster.location in named_run[0].msg and "cannot connect" in named_run[0].msg

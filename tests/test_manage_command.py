@@ -60,13 +60,19 @@ def test_check_deploy_warns_about_ignore_cluster_errors() -> None:
 
 def test_check_tag_elasticache_network_reaches_the_cluster(elasticache_cluster_factory) -> None:
     cluster = elasticache_cluster_factory(nodes=2)
-    healthy = manage(cluster.location, "check", "--tag", "elasticache_network")
+    healthy = manage(cluster.location, "check", "--deploy", "--tag", "elasticache_network")
     assert healthy.returncode == 0, healthy.stderr
     cluster.kill_node(cluster.nodes[0])
-    degraded = manage(cluster.location, "check", "--tag", "elasticache_network")
+    degraded = manage(cluster.location, "check", "--deploy", "--tag", "elasticache_network")
     assert degraded.returncode == 0 and "(django_elasticache.W202)" in degraded.stderr
     strict = manage(
-        cluster.location, "check", "--tag", "elasticache_network", "--fail-level", "WARNING"
+        cluster.location,
+        "check",
+        "--deploy",
+        "--tag",
+        "elasticache_network",
+        "--fail-level",
+        "WARNING",
     )
     assert strict.returncode == 1 and "(django_elasticache.W202)" in strict.stderr
 
