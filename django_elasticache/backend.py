@@ -1,8 +1,8 @@
 """
 What every backend of this package adds to a Django memcached backend, whatever client
-library it drives: the servers come from the cluster's topology, the client is rebuilt when
-the node list changes, and server errors bring re-discovery forward and, with
-IGNORE_EXCEPTIONS, become cache misses.
+library it drives: the servers come from the cluster's topology, every call runs on a client
+of its key's node borrowed from the process's pools (``routing``, ``pool``), and server
+errors bring re-discovery forward and, with IGNORE_EXCEPTIONS, become cache misses.
 
 A concrete backend mixes ``ClusterCacheMixin`` into the Django backend for its library and
 names that library's errors; see ``memcached.ElastiCache``.
