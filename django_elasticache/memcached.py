@@ -369,9 +369,10 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
             "behaviors": {**DEFAULT_BEHAVIORS, **(self._options.get("behaviors") or {})},
             "min_compress_len": self.backend_options.compress_min_length,
         }
+        self._class = PipelinedClient
 
     def _make_node_client(self, node: ClusterNode) -> pylibmc.Client:
-        return PipelinedClient(node, **self._options)
+        return self._class(node, **self._options)
 
     def _close_node_client(self, client: pylibmc.Client) -> None:
         client.disconnect_all()

@@ -43,6 +43,16 @@ EXCLUDED: dict[str, str] = {
         "expects client_servers to echo a static LOCATION (socket paths, hosts without port); "
         "ours are the nodes the endpoint lists"
     ),
+    **dict.fromkeys(
+        (
+            "test_pylibmc_options",
+            "test_pymemcache_options",
+            "test_pymemcache_highest_pickle_version",
+        ),
+        "reads the options off one client object over every server (its binary, behaviors, "
+        "default_kwargs); ours routes each call to a pooled client of one node, and "
+        "tests/test_backend.py checks the same options on every node's client",
+    ),
 }
 """Django tests that do not apply to a backend whose servers come from discovery."""
 
@@ -135,4 +145,10 @@ class PyLibMCElastiCacheTests(BackendCheck, django_tests.PyLibMCCacheTests):
 
 @on_cluster("django_elasticache.pymemcache.ElastiCache")
 class PyMemcacheElastiCacheTests(BackendCheck, django_tests.PyMemcacheCacheTests):
-    """Django's PyMemcacheCacheTests, against ``django_elasticache.pymemcache.ElastiCache``."""
+    """
+    Django's PyMemcacheCacheTests, against ``django_elasticache.pymemcache.ElastiCache``.
+    Its ``test_close`` then checks that closing keeps the connections: ours pools them
+    across requests, where Django's backend disconnects after each one.
+    """
+
+    should_disconnect_on_close = False

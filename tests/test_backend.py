@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import threading
 import time
 
@@ -304,3 +305,9 @@ def test_pymemcache_defaults_and_user_options_reach_every_node_client(
     cache.set("key", "value")
     timeouts = each_node_client(cache, lambda client: (client.timeout, client.connect_timeout))
     assert timeouts == [(0.75, DEFAULT_OPTIONS["connect_timeout"])] * 3
+    assert each_node_client(cache, lambda client: client.no_delay) == [True] * 3
+    # Django's serde, inside the compression wrapper, pickles with the highest protocol.
+    pickle_versions = each_node_client(
+        cache, lambda client: client.serde.serde._serialize_func.keywords["pickle_version"]
+    )
+    assert pickle_versions == [pickle.HIGHEST_PROTOCOL] * 3
