@@ -27,6 +27,7 @@ from django_elasticache.testing import LocalCluster
 THREADS = 32
 ROUNDS = 60
 POOL_SIZE = BackendOptions().pool_size
+ASGI_CONCURRENCY = 50
 
 
 def total_connections(cluster: LocalCluster) -> int:
@@ -142,12 +143,15 @@ def test_requests_reuse_connections_after_warm_up(elasticache_cluster, backend, 
             assert errors == []
         else:
 
-            async def request(index: int) -> None:
-                async with ThreadSensitiveContext():
+            async def request(index: int, in_flight: asyncio.Semaphore) -> None:
+                async with in_flight, ThreadSensitiveContext():
                     await sync_to_async(one_request)(index)
 
             async def all_requests() -> None:
-                await asyncio.gather(*(request(index) for index in range(requests)))
+                # Each context runs its sync code on a thread of its own: 50 at a time, as a
+                # server's concurrency bounds them, not 400 threads on 2 cores.
+                in_flight = asyncio.Semaphore(ASGI_CONCURRENCY)
+                await asyncio.gather(*(request(index, in_flight) for index in range(requests)))
 
             asyncio.run(all_requests())
 
