@@ -32,7 +32,7 @@ import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .protocol import ConnectionClosed, Parser
+from .protocol import CRLF, ConnectionClosed, Parser
 
 __all__ = ["MAX_COMMANDS_PER_WRITE", "TLS_WRITE_BYTES", "exchange", "receive"]
 
@@ -73,7 +73,9 @@ def receive(sock: socket.socket, parse: Parser, count: int = 1) -> list[Any]:
     buffer = bytearray()
     position = 0
     while len(replies) < count:
-        parsed = parse(buffer, position)
+        # Every reply ends with CRLF: a buffer that does not is read on before parsing, so
+        # that a reply arriving in several reads is not parsed again after each.
+        parsed = parse(buffer, position) if buffer.endswith(CRLF) else None
         if parsed is None:
             del buffer[:position]
             position = 0

@@ -213,7 +213,16 @@ _VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]+) (\d+) (\d+)(?: \d+)?\r\n")
 def parse_values(buffer: bytes | bytearray, start: int) -> Parsed | None:
     """
     The reply to ``get``: ``{key: (flags, data)}`` for the keys found, up to ``END``.
-    Each value's byte count is checked against its data block's terminator. A line that is
+    Each value's byte count is checked against its data block's terminator. The common
+    reply, complete and last in the buffer, is read at once (``_values_at_once``), any
+    other value by value (``_values_one_by_one``), with the same result.
+    """
+    return _values_at_once(buffer, start) or _values_one_by_one(buffer, start)
+
+
+def _values_one_by_one(buffer: bytes | bytearray, start: int) -> Parsed | None:
+    """
+    ``parse_values`` for any reply, incomplete or malformed ones included. A line that is
     not a well-formed ``VALUE`` line (``END``, a refusal, garbage, a line not complete yet)
     is read by ``_other_values_line``.
     """
@@ -240,6 +249,43 @@ def parse_values(buffer: bytes | bytearray, start: int) -> Parsed | None:
         data = buffer[position:data_end]
         found[key] = (flags, data if isinstance(data, bytes) else bytes(data))
         position = data_end + 2
+
+
+_REPLY_END = b"\r\nEND\r\n"
+
+_VALUE_HEADER = rb"VALUE [^ \r\n]{1,250} \d{1,20} \d{1,20}"
+_VALUE_HEADERS = re.compile(_VALUE_HEADER + rb"(?:\r\n" + _VALUE_HEADER + rb")*")
+"""``VALUE <key> <flags> <bytes>`` lines, one after another, each with exactly those fields."""
+
+
+def _values_at_once(buffer: bytes | bytearray, start: int) -> Parsed | None:
+    """
+    ``parse_values`` for a reply of values that ends the buffer, in a few passes in C rather
+    than a loop in Python over the values: split at every CRLF, take the pieces as header,
+    data, header, data..., and accept the split only if every header is a ``VALUE`` line and
+    every data piece has the length its header gives.
+
+    That check is exact. Reading from ``start``, the first piece is the first header; if its
+    data block held a CRLF, the piece after the header would be shorter than announced and
+    the split is refused; so the data piece is the whole block, the next piece starts at
+    the next line, and so on to ``END``. ``None`` when the split is refused (a CRLF in a
+    value, a ``cas`` field, another reply after this one, no value at all): the reply is
+    then read value by value, which also says what is wrong with it if anything is.
+    """
+    if not buffer.endswith(_REPLY_END):
+        return None
+    stop = len(buffer) - len(_REPLY_END)
+    if stop <= start:
+        return None
+    pieces = bytes(memoryview(buffer)[start:stop]).split(CRLF)
+    headers, blocks = pieces[0::2], pieces[1::2]
+    if len(headers) != len(blocks) or _VALUE_HEADERS.fullmatch(CRLF.join(headers)) is None:
+        return None
+    fields = b" ".join(headers).split(b" ")
+    if list(map(len, blocks)) != list(map(int, fields[3::4])):
+        return None
+    found = dict(zip(fields[1::4], zip(map(int, fields[2::4]), blocks, strict=True), strict=True))
+    return found, len(buffer)
 
 
 def _other_values_line(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from django_elasticache import protocol
 from django_elasticache.protocol import (
     MAX_LINE_LENGTH,
     ClientErrorReply,
@@ -165,3 +168,77 @@ def test_endless_line_is_an_error_not_a_wait() -> None:
         parse_stored(b"S" * (MAX_LINE_LENGTH + 1), 0)
     with pytest.raises(MalformedReply, match="longer than"):
         parse_values(b"VALUE " + b"k" * MAX_LINE_LENGTH, 0)
+
+
+# A reply read at once must mean what it means read value by value.
+
+_DATA_PIECES = st.sampled_from(
+    [b"x", b"\r\n", b"END", b"VALUE k 0 1", b"VALUE k 0 3\r\nabc", b" ", b"\r", b"\n", b"0"]
+)
+_VALUE_BLOCKS = st.tuples(
+    st.sampled_from([b"a", b"k", b":1:key", b"VALUE"]),
+    st.integers(0, 2**32 - 1),
+    st.lists(_DATA_PIECES, max_size=6).map(b"".join),
+    st.sampled_from([b"", b" 7"]),
+)
+
+
+def _reply(values: list[tuple[bytes, int, bytes, bytes]], miscount: int) -> bytes:
+    """A ``get`` reply; the first value's byte count off by ``miscount``."""
+    blocks = [
+        b"VALUE %s %d %d%s\r\n%s\r\n"
+        % (key, flags, len(data) + (miscount if index == 0 else 0), cas, data)
+        for index, (key, flags, data, cas) in enumerate(values)
+    ]
+    return b"".join(blocks) + b"END\r\n"
+
+
+def _one_by_one(buffer: bytes, start: int) -> object:
+    try:
+        return protocol._values_one_by_one(buffer, start)
+    except MalformedReply as error:
+        return type(error)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(_VALUE_BLOCKS, max_size=5),
+    st.sampled_from([b"", b"DELETED\r\n"]),
+    st.sampled_from([b"", b"END\r\n", b"VALUE z 0 1\r\nz\r\nEND\r\n", b"STORED\r\n"]),
+    st.integers(0, 40),
+    st.sampled_from([0, 0, -2, -1, 1, 2]),
+)
+def test_values_read_at_once_mean_what_they_mean_value_by_value(
+    values: list[tuple[bytes, int, bytes, bytes]],
+    before: bytes,
+    after: bytes,
+    cut: int,
+    miscount: int,
+) -> None:
+    """
+    Whatever the buffer (values holding CRLF, ``END`` or lines that look like headers, a
+    ``cas`` field, a reply before or after, a cut, a wrong byte count), ``parse_values``
+    gives what reading value by value gives, and reads at once every complete reply whose
+    values hold no CRLF.
+    """
+    buffer = before + _reply(values, miscount) + after
+    buffer = buffer[: len(buffer) - cut] if cut < len(buffer) else buffer
+    expected = _one_by_one(buffer, len(before))
+    at_once = protocol._values_at_once(buffer, len(before))
+    if at_once is not None:
+        assert at_once == expected
+    try:
+        assert parse_values(buffer, len(before)) == expected
+    except MalformedReply as error:
+        assert type(error) is expected
+    plain = not any(cas or b"\r\n" in data for _, _, data, cas in values)
+    if values and plain and not after and cut == 0 and miscount == 0:
+        assert at_once is not None
+        assert at_once == parse_values(bytearray(buffer), len(before))
+
+
+def test_values_holding_line_breaks_are_read_value_by_value() -> None:
+    data = b"<p>\r\n</p>"
+    reply = b"VALUE a 0 %d\r\n%s\r\nVALUE b 2 1\r\nx\r\nEND\r\n" % (len(data), data)
+    assert protocol._values_at_once(reply, 0) is None
+    assert parse_values(reply, 0) == ({b"a": (0, data), b"b": (2, b"x")}, len(reply))
