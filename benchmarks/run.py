@@ -60,6 +60,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hotpaths
 import machine
 import micro
 import probe
@@ -97,6 +98,8 @@ QUICK_TARGET_SECONDS = 0.01
 PROBE_ROUNDS = 5
 TLS_ROUNDS = 7
 """Rounds of the TLS comparison, which has its own pair of clusters."""
+HOTPATH_CALLS = 200
+"""Calls per round of each hot-path contender (``hotpaths``)."""
 PIPELINED_SETS = 10
 PIPELINED_VALUE = 4 * workloads.KB
 PIPELINE_TIMEOUT = 0.5
@@ -401,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             operations, _ = run_operations(cluster, workloads.scaling_cases(), args, deadline)
             results["clusters"][str(nodes)] = operations
     results["tls"] = run_tls(args, deadline, started)
+    progress(started, "hot paths beside raw clients")
+    results["hotpaths"] = hotpaths.run(args.rounds, HOTPATH_CALLS)
     results["requests"] = request_cycle.run(
         min(args.rounds, request_cycle.ROUNDS), lambda what: progress(started, what)
     )

@@ -9,6 +9,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import hotpaths
 import request_report
 import tuning
 from backends import BASELINE, TLS_PAIRS
@@ -499,6 +500,7 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
             ],
         ),
         tls_section(results),
+        *([hotpaths_section(results["hotpaths"])] if "hotpaths" in results else []),
         Section(
             "Targets",
             [
@@ -508,7 +510,11 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
                     "of a shared machine."
                 ),
                 target_table(
-                    [*summary["targets"], *results.get("requests", {}).get("targets", [])]
+                    [
+                        *summary["targets"],
+                        *summary.get("hotpath_targets", []),
+                        *results.get("requests", {}).get("targets", []),
+                    ]
                 ),
                 Notes([versus_stock_line(summary)]),
             ],
@@ -519,6 +525,24 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
     if "requests" in results:
         sections += request_report.sections(results["requests"])
     return sections
+
+
+def hotpaths_section(figures: Mapping[str, Any]) -> Section:
+    return Section(
+        "Hot paths beside raw clients",
+        [
+            Paragraph(
+                "``benchmarks/hotpaths.py``: each hot path against the raw client calls that "
+                f"bound it, on 3-node clusters, {figures['rounds']} interleaved rounds of "
+                f"{figures['calls']} calls. Raw pylibmc is given finished keys; single-key "
+                "calls cycle over 100 keys, so that every contender meets every node (over "
+                "loopback on a small machine a node answers in 20 to 70 µs depending on "
+                "the CPU its memcached thread runs on). The last column is the median of "
+                "the per-round ratios of the times, above 1 when ours is slower."
+            ),
+            Table.of(hotpaths.HEADER, hotpaths.rows(figures)),
+        ],
+    )
 
 
 def tls_section(results: Mapping[str, Any]) -> Section:

@@ -58,6 +58,11 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
             for nodes, cluster in clusters.items()
         },
         "targets": targets.speed_targets(clusters),
+        **(
+            {"hotpath_targets": targets.hotpath_targets(results["hotpaths"])}
+            if "hotpaths" in results
+            else {}
+        ),
         "versus_stock_overall": versus_stock_overall(clusters),
         "pymemcache_overall": overall(clusters, OURS_PYMEMCACHE, "elastipymemcache"),
         "probes": summarize_probes(results["probes"]["samples"]),

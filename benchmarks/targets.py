@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hotpaths
 from backends import BASELINE
 from stats import paired, quartiles
 from tables import Table
@@ -117,6 +118,78 @@ TARGETS = (
         for size in SIZE_NAMES
     ),
 )
+
+
+@dataclass(frozen=True)
+class HotPathTarget:
+    """``faster`` at least ``bound`` times as fast as ``slower`` in ``comparison`` of
+    ``hotpaths`` (or at most, ``at_most``)."""
+
+    text: str
+    comparison: str
+    faster: str
+    slower: str
+    bound: float
+    at_most: bool = False
+
+
+HOTPATH_TARGETS = (
+    HotPathTarget(
+        "ours set_many(100) of 100 B >= 4x raw pylibmc set_multi (a round trip per key)",
+        hotpaths.SET_MANY,
+        hotpaths.OURS,
+        hotpaths.RAW_SET_MULTI,
+        4.0,
+    ),
+    HotPathTarget(
+        "raw pylibmc with _noreply <= 1.3x faster than ours, set_many(100) of 100 B",
+        hotpaths.SET_MANY,
+        hotpaths.RAW_NOREPLY,
+        hotpaths.OURS,
+        1.3,
+        at_most=True,
+    ),
+    HotPathTarget(
+        "raw pylibmc get_multi, ready keys, <= 1.15x faster than ours, get_many(100) of 100 B",
+        hotpaths.GET_MANY,
+        hotpaths.RAW_GET_MULTI,
+        hotpaths.OURS,
+        1.15,
+        at_most=True,
+    ),
+    HotPathTarget(
+        "ours pymemcache, clear text, <= 2x faster than with TLS, set_many(100) of 100 B",
+        hotpaths.TLS_SET_MANY,
+        hotpaths.OURS_CLEAR,
+        hotpaths.OURS_TLS,
+        2.0,
+        at_most=True,
+    ),
+    HotPathTarget(
+        "ours pymemcache, TLS, >= 1x django-elastipymemcache, TLS, set_many(100) of 100 B",
+        hotpaths.TLS_SET_MANY,
+        hotpaths.OURS_TLS,
+        hotpaths.ELASTI_TLS,
+        1.0,
+    ),
+    HotPathTarget(
+        f"ours >= 0.9x raw pylibmc, {hotpaths.MIXED}",
+        hotpaths.MIXED,
+        hotpaths.OURS,
+        hotpaths.RAW,
+        0.9,
+    ),
+)
+
+
+def hotpath_targets(figures: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each hot-path target, from ``hotpaths.run``'s figures."""
+    verdicts = []
+    for target in HOTPATH_TARGETS:
+        ratios = paired(figures["seconds"][target.comparison], target.faster, target.slower)
+        measured = [(statistics.median(ratios), target.comparison, quartiles(ratios))]
+        verdicts.append(verdict(target.text, measured, target.bound, target.at_most))
+    return verdicts
 
 
 def verdict(
