@@ -253,6 +253,10 @@ def _values_one_by_one(buffer: bytes | bytearray, start: int) -> Parsed | None:
 
 _REPLY_END = b"\r\nEND\r\n"
 
+AT_ONCE_MAX_BYTES = 64 * 1024
+"""Replies up to this size are read at once. Larger ones are mostly data, which splitting
+would copy twice more, and have few values for the reading value by value to spend on."""
+
 _VALUE_HEADER = rb"VALUE [^ \r\n]{1,250} \d{1,20} \d{1,20}"
 _VALUE_HEADERS = re.compile(_VALUE_HEADER + rb"(?:\r\n" + _VALUE_HEADER + rb")*")
 """``VALUE <key> <flags> <bytes>`` lines, one after another, each with exactly those fields."""
@@ -269,13 +273,12 @@ def _values_at_once(buffer: bytes | bytearray, start: int) -> Parsed | None:
     data block held a CRLF, the piece after the header would be shorter than announced and
     the split is refused; so the data piece is the whole block, the next piece starts at
     the next line, and so on to ``END``. ``None`` when the split is refused (a CRLF in a
-    value, a ``cas`` field, another reply after this one, no value at all): the reply is
-    then read value by value, which also says what is wrong with it if anything is.
+    value, a ``cas`` field, another reply after this one, no value at all, a reply over
+    ``AT_ONCE_MAX_BYTES``): the reply is then read value by value, which also says what is
+    wrong with it if anything is.
     """
-    if not buffer.endswith(_REPLY_END):
-        return None
     stop = len(buffer) - len(_REPLY_END)
-    if stop <= start:
+    if not start < stop <= start + AT_ONCE_MAX_BYTES or not buffer.endswith(_REPLY_END):
         return None
     pieces = bytes(memoryview(buffer)[start:stop]).split(CRLF)
     headers, blocks = pieces[0::2], pieces[1::2]

@@ -242,3 +242,15 @@ def test_values_holding_line_breaks_are_read_value_by_value() -> None:
     reply = b"VALUE a 0 %d\r\n%s\r\nVALUE b 2 1\r\nx\r\nEND\r\n" % (len(data), data)
     assert protocol._values_at_once(reply, 0) is None
     assert parse_values(reply, 0) == ({b"a": (0, data), b"b": (2, b"x")}, len(reply))
+
+
+def test_a_reply_too_large_to_read_at_once_is_read_value_by_value() -> None:
+    data = b"x" * (protocol.AT_ONCE_MAX_BYTES // 2)
+    reply = b"VALUE a 0 %d\r\n%s\r\nVALUE b 0 %d\r\n%s\r\nEND\r\n" % (
+        len(data),
+        data,
+        len(data),
+        data,
+    )
+    assert protocol._values_at_once(reply, 0) is None
+    assert parse_values(reply, 0) == ({b"a": (0, data), b"b": (0, data)}, len(reply))
