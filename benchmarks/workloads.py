@@ -10,6 +10,10 @@ contender a hundred times slower leaves the others more than a handful of calls.
 visit the contenders in a rotated order (A B C, B C A, C A B, ...), so that none is always
 first after a slow preparation or always last before one; a slower stretch of the shared
 machine then lands on all of them, which is what makes per-round ratios worth reading.
+Every single-key operation cycles over many keys: over loopback on a small machine one
+node may answer in 20 µs and another in 70 µs (whether its memcached thread shares the
+client's CPU), and contenders that place keys differently would otherwise time
+different nodes.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ MAX_CALLS = 5000
 BATCH_SIZE_FOR_SETUP = 10
 """Keys per set_many when filling pools, small enough for 10 values of 500 KB."""
 
-COUNTER_KEY = "bench:counter"
+COUNTER_KEYS = [f"bench:counter:{i}" for i in range(30)]
+"""Counters over every node: one would time whichever node each contender places it on."""
 DELETE_VALUE = b"d"
 
 KB = 1024
@@ -173,9 +178,10 @@ def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], 
         args = cycle(keys, count)
         return lambda: _time_each(calls.get, args)
     if case.op == "incr":
-        key = calls.key(COUNTER_KEY)
-        calls.set(key, 0)
-        args = [key] * count
+        keys = [calls.key(key) for key in COUNTER_KEYS]
+        for key in keys:
+            calls.set(key, 0)
+        args = cycle(keys, count)
         return lambda: _time_each(calls.incr, args)
     if case.op == "delete":
         keys = [calls.key(f"bench:delete:{i}") for i in range(count)]
