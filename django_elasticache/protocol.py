@@ -253,9 +253,10 @@ def _values_one_by_one(buffer: bytes | bytearray, start: int) -> Parsed | None:
 
 _REPLY_END = b"\r\nEND\r\n"
 
-AT_ONCE_MAX_BYTES = 64 * 1024
-"""Replies up to this size are read at once. Larger ones are mostly data, which splitting
-would copy twice more, and have few values for the reading value by value to spend on."""
+AT_ONCE_MAX_BYTES = 16 * 1024
+"""Replies up to this size are read at once. Larger ones are mostly data: splitting copies
+it twice more into fresh memory, which costs more than reading their few values one by one
+(measured: three values of 10 KB took about 30 µs longer at once)."""
 
 _VALUE_HEADER = rb"VALUE [^ \r\n]{1,250} \d{1,20} \d{1,20}"
 _VALUE_HEADERS = re.compile(_VALUE_HEADER + rb"(?:\r\n" + _VALUE_HEADER + rb")*")
