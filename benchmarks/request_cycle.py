@@ -76,6 +76,8 @@ CONNECTION_REQUESTS = 400
 WARM_UP_REQUESTS = 2 * WSGI_THREADS
 SEQUENTIAL_BLOCKS = 8
 SEQUENTIAL_BLOCK = 25
+AGET_KEYS = 25
+"""Keys the get/aget comparison cycles over, enough to meet every node of a cluster."""
 CONCURRENT_REQUESTS = 50
 SHARING_THREADS = 32
 SHARING_ITERATIONS = 100
@@ -332,17 +334,22 @@ def measure_requests(
 # aget against get
 
 
-def sequential(cache: Any, key: str, loop: asyncio.AbstractEventLoop) -> tuple[float, float]:
+def sequential(
+    cache: Any, keys: list[str], loop: asyncio.AbstractEventLoop
+) -> tuple[float, float]:
     """
     Seconds per ``get`` and per ``aget``, each awaited before the next, inside one
     request's thread-sensitive context. Blocks of each alternate, so that a stall of the
-    shared machine falls on both sides of the ratio.
+    shared machine falls on both sides of the ratio. Both cycle over ``keys``, which meet
+    every node: over loopback one node may answer a blocking ``get`` in 25 µs and another
+    in 70 µs, and one key would time only the node it happens to be placed on.
     """
     sync = awaited = 0.0
+    block = [keys[index % len(keys)] for index in range(SEQUENTIAL_BLOCK)]
 
     async def aget_block() -> float:
         start = time.perf_counter()
-        for _ in range(SEQUENTIAL_BLOCK):
+        for key in block:
             await cache.aget(key)
         return time.perf_counter() - start
 
@@ -351,7 +358,7 @@ def sequential(cache: Any, key: str, loop: asyncio.AbstractEventLoop) -> tuple[f
         async with ThreadSensitiveContext():
             for _ in range(SEQUENTIAL_BLOCKS):
                 start = time.perf_counter()
-                for _ in range(SEQUENTIAL_BLOCK):
+                for key in block:
                     cache.get(key)
                 sync += time.perf_counter() - start
                 awaited += await aget_block()
@@ -363,19 +370,19 @@ def sequential(cache: Any, key: str, loop: asyncio.AbstractEventLoop) -> tuple[f
 
 def measure_aget(cluster: LocalCluster, rounds: int) -> dict[str, Any]:
     """Per backend and round, seconds per get and per aget, rounds interleaved."""
-    key = "bench:aget"
+    keys = [f"bench:aget:{index}" for index in range(AGET_KEYS)]
     built = {}
     for backend in BACKENDS:
         alias = f"aget_{backend.name}"
         with override_settings(CACHES={alias: backend.settings(cluster)}):
             built[backend.name] = caches.create_connection(alias)
-        built[backend.name].set(key, VALUE)
+        built[backend.name].set_many(dict.fromkeys(keys, VALUE))
     samples: dict[str, dict[str, list[float]]] = {name: {"get": [], "aget": []} for name in built}
     loop = asyncio.new_event_loop()
     try:
         for round_index in range(rounds):
             for name in rotated(list(built), round_index):
-                sync, awaited = sequential(built[name], key, loop)
+                sync, awaited = sequential(built[name], keys, loop)
                 samples[name]["get"].append(sync)
                 samples[name]["aget"].append(awaited)
     finally:
