@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import socket
 import statistics
 import sys
 import time
@@ -32,6 +33,7 @@ import pylibmc
 from backends import (
     DJANGO_KEY_PREFIX,
     DJANGO_TIMEOUT,
+    TIMEOUT_SECONDS,
     build_elastipymemcache,
     build_ours,
     build_ours_pymemcache,
@@ -39,7 +41,10 @@ from backends import (
 )
 from stats import paired
 from tables import Table
+from wire import connect
 
+from django_elasticache.pipeline import receive
+from django_elasticache.protocol import parse_values, retrieval_request
 from django_elasticache.testing import LocalCluster
 
 KEYS = [f"hot-{index}" for index in range(100)]
@@ -61,6 +66,7 @@ RAW = "raw pylibmc"
 RAW_SET_MULTI = "raw pylibmc set_multi"
 RAW_NOREPLY = "raw pylibmc, _noreply"
 RAW_GET_MULTI = "raw pylibmc get_multi, ready keys"
+SOCKET_FLOOR = "Python floor: sockets + protocol.parse_values"
 OURS_TLS = "ours (pymemcache), TLS"
 OURS_CLEAR = "ours (pymemcache), clear text"
 ELASTI_TLS = "django-elastipymemcache, TLS"
@@ -71,6 +77,28 @@ Call = Callable[[], Any]
 def raw_client(cluster: LocalCluster, **behaviors: Any) -> pylibmc.Client:
     """pylibmc over every node at once, with our behaviours (plus ``behaviors``)."""
     return pylibmc.Client(cluster.node_addresses, behaviors={**our_behaviors(), **behaviors})
+
+
+def socket_floor(cache: Any) -> Call:
+    """
+    What any Python reader of ``get_many(KEYS)`` costs at least: ``cache``'s request for
+    each node, built once, sent on a socket of its own to every node, then every reply read
+    and parsed by ``protocol.parse_values``; no keys made, no routing, no values decoded.
+    """
+    groups = cache._cache.by_pool(READY_KEYS)
+    requests = []
+    for pool, keys in groups.items():
+        sock = connect(pool.node, None, TIMEOUT_SECONDS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        requests.append((sock, retrieval_request(key.encode() for key in keys)))
+
+    def get_many() -> None:
+        for sock, request in requests:
+            sock.sendall(request)
+        for sock, _ in requests:
+            receive(sock, parse_values)
+
+    return get_many
 
 
 def cycling(call: Callable[..., Any], arguments: Sequence[Any]) -> Call:
@@ -111,6 +139,7 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
         GET_MANY: {
             OURS: functools.partial(ours.get_many, KEYS),
             RAW_GET_MULTI: functools.partial(raw.get_multi, READY_KEYS),
+            SOCKET_FLOOR: socket_floor(ours),
         },
         TLS_SET_MANY: {
             OURS_TLS: functools.partial(ours_tls.set_many, DATA),
