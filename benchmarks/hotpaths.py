@@ -201,6 +201,19 @@ def rows(hotpaths: dict[str, Any]) -> list[list[str]]:
     return table
 
 
+def floor_line(figures: dict[str, Any]) -> str:
+    """How far the Python floor of get_many is from raw pylibmc, and ours from the floor."""
+    seconds = figures["seconds"][GET_MANY]
+    floor = statistics.median(paired(seconds, RAW_GET_MULTI, SOCKET_FLOOR))
+    ours = statistics.median(paired(seconds, SOCKET_FLOOR, OURS))
+    return (
+        f"get_many(100): the Python floor (each node's request built once and sent on a "
+        f"socket of its own, every reply parsed, no keys made, no routing, no values "
+        f"decoded) took {floor:.2f}x the time of raw pylibmc's get_multi, and ours "
+        f"{ours:.2f}x the time of the floor."
+    )
+
+
 HEADER = ["comparison", "contender", "µs per call", "ours' time / its time"]
 
 

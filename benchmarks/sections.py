@@ -541,6 +541,7 @@ def hotpaths_section(figures: Mapping[str, Any]) -> Section:
                 "the per-round ratios of the times, above 1 when ours is slower."
             ),
             Table.of(hotpaths.HEADER, hotpaths.rows(figures)),
+            Notes([hotpaths.floor_line(figures)]),
         ],
     )
 
