@@ -1,6 +1,6 @@
 """
 get_many over several nodes on real memcached: every node's request is sent before any reply
-is read (pymemcache's node clients), or node after node (pylibmc's), with the same results.
+is read, on both backends, with the results of the single-key get.
 """
 
 from __future__ import annotations
@@ -48,6 +48,23 @@ def test_every_type_reads_back_as_the_single_key_get_does(elasticache_cluster, m
     singles = {key: cache.get(key) for key in data}
     assert singles == data
     assert cache.get_many(list(data)) == singles
+
+
+@pytest.mark.parametrize("value_bytes", [10, 1_000, 3_000, 16 * 1024])
+def test_replies_of_every_size_read_back_whole(elasticache_cluster, make_cache, value_bytes):
+    """
+    Small replies are read at once, large ones value by value (``protocol.AT_ONCE_MAX_BYTES``,
+    16 KB): each node's reply here is under it or over it, and one value holds a line break,
+    which sends its node's reply to the reading value by value.
+    """
+    cache = make_cache(elasticache_cluster.location)
+    keys = spread_keys(cache, 30)
+    data = {
+        key: ("\r\n" if index == 0 else "") + chr(97 + index % 26) * value_bytes
+        for index, key in enumerate(keys)
+    }
+    cache.set_many(data)
+    assert cache.get_many(keys) == data
 
 
 def test_keys_missing_on_one_node_are_left_out(elasticache_cluster, make_cache):
