@@ -53,6 +53,7 @@ from typing import Any
 import request_report
 import tables
 import targets
+import workloads
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from backends import TIMEOUT_SECONDS, ListedHosts, our_behaviors, static_location
 from django.core.cache import caches, close_caches
@@ -345,7 +346,7 @@ def sequential(
     in 70 µs, and one key would time only the node it happens to be placed on.
     """
     sync = awaited = 0.0
-    block = [keys[index % len(keys)] for index in range(SEQUENTIAL_BLOCK)]
+    block = workloads.cycle(keys, SEQUENTIAL_BLOCK)
 
     async def aget_block() -> float:
         start = time.perf_counter()
