@@ -395,7 +395,11 @@ class PymemcacheClusterClient(ClusterClient):
 
     get_many = ClusterClient.get_multi
     set_many = ClusterClient.set_multi
-    delete_many = ClusterClient.delete_multi
+
+    def delete_many(self, keys: Iterable[Any], noreply: bool | None = None) -> bool:
+        return ClusterClient.delete_multi(self, keys, noreply)
+
+    delete_multi = delete_many
 
     def gets_many(self, keys: Iterable[Any]) -> dict[Any, tuple[Any, Any]]:
         found: dict[Any, tuple[Any, Any]] = {}

@@ -406,6 +406,8 @@ class ClusterClients:
     A new node list gets a new ``ClusterClient``, which keeps the pools of the nodes that stay
     (same hostname, IP and port: their connections stay open, as AWS's own clients do) and
     retires the others: their idle clients are closed at once, borrowed ones when given back.
+    ``client_class`` builds each ``ClusterClient``: the backend's subclass offers the surface
+    of its library's own client.
     """
 
     def __init__(

@@ -279,7 +279,8 @@ def test_pymemcache_multi_key_calls_under_hashclients_names(pymemcache_pair) -> 
     assert ours.get_many(keys) == plain.get_many(keys) == data
     assert {key: value for key, (value, _) in ours.gets_many(keys).items()} == data
     assert set(ours.gets_multi(keys)) == set(plain.gets_many(keys)) == set(data)
-    assert ours.delete_many(list(data)[:100]) is plain.delete_many(list(data)[:100]) is True
+    assert ours.delete_many(list(data)[:100], noreply=False) is True
+    assert plain.delete_many(list(data)[:100], noreply=False) is True
     assert len(cache.get_many([f"m{index}" for index in range(300)])) == 200
 
 
