@@ -332,7 +332,8 @@ class PymemcacheClusterClient(ClusterClient):
     @property
     def hasher(self) -> RendezvousHash:
         """The rendezvous hash over the ``clients`` names that places every key."""
-        return RendezvousPlacement(self.config).ring
+        assert isinstance(self._placement, RendezvousPlacement)
+        return self._placement.ring
 
     @property
     def key_prefix(self) -> bytes:
