@@ -180,6 +180,10 @@ def test_pylibmc_multi_key_calls_route_by_the_prefixed_key(pylibmc_pair, elastic
     assert plain.delete_multi(list(data), key_prefix="p") is True
     assert cache.get_many(list(data)) == {}
     assert ours.delete_multi(["m1"], key_prefix=prefix) is plain.delete_multi(["m1"], "p")
+    # What Django writes, _cache reads with the prefix Django adds.
+    cache.set_many(data)
+    assert ours.get_multi(list(data), key_prefix=prefix) == data
+    assert ours.gets(prefix + "m7") == (7, ours.gets(prefix + "m7")[1])
     # Without a prefix, keys are stored as given, as Django's calls store them.
     assert ours.set_multi({prefix + "plain": 1}) == []
     assert cache.get("plain") == 1
