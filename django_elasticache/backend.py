@@ -175,7 +175,15 @@ class ClusterCacheMixin:
             is_node_failure=self._is_node_failure,
             pool_size=self.backend_options.pool_size,
             invalidation_window=self.default_timeout,
+            client_class=self._cluster_client_class(),
         )
+
+    def _cluster_client_class(self) -> Callable[..., ClusterClient]:
+        """
+        What builds ``_cache`` for each node list: a ``ClusterClient`` offering the surface
+        of the library's own client, since code in the wild reaches into ``cache._cache``.
+        """
+        return ClusterClient
 
     def _make_node_client(self, node: ClusterNode) -> Any:
         """A client of the library connected to this one node."""

@@ -18,7 +18,7 @@ import functools
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import pylibmc
 from django.core.cache.backends.base import InvalidCacheBackendError
@@ -51,6 +51,7 @@ from .protocol import (
     retrieval_request,
     storage_request,
 )
+from .routing import ClusterClient, UnsupportedCall
 
 __all__ = [
     "DEFAULT_BEHAVIORS",
@@ -59,6 +60,7 @@ __all__ = [
     "LibmemcachedPlacement",
     "PipelinedClient",
     "PylibmcAdapter",
+    "PylibmcClusterClient",
 ]
 
 DEFAULT_BEHAVIORS: dict[str, Any] = {
@@ -112,6 +114,29 @@ def _seconds(milliseconds: int, default: float) -> float:
     return milliseconds / 1000 if milliseconds > 0 else default
 
 
+def _compressing(command: str) -> Callable[..., bool]:
+    """
+    pylibmc's storage ``command`` (``set``, ``add``, ``replace``) with the client's
+    ``min_compress_len`` unless the call gives one.
+    """
+    store = getattr(pylibmc.Client, command)
+
+    def call(
+        self: PipelinedClient,
+        key: Any,
+        value: Any,
+        time: int = 0,
+        min_compress_len: int | None = None,
+        compress_level: int = -1,
+    ) -> bool:
+        if min_compress_len is None:
+            min_compress_len = self._min_compress_len
+        return store(self, key, value, time, min_compress_len, compress_level)
+
+    call.__name__ = call.__qualname__ = command
+    return call
+
+
 class PipelinedClient(pylibmc.Client):
     """
     A pylibmc client of one node whose ``set_multi`` and ``delete_multi`` are pipelined (see
@@ -138,11 +163,9 @@ class PipelinedClient(pylibmc.Client):
         self._pipelines = not options.get("binary") and options.get("username") is None
         self._sock: socket.socket | None = None
 
-    def set(self, key: Any, value: Any, time: int = 0, **extra: Any) -> bool:
-        return super().set(key, value, time, **self._compressing(extra))
-
-    def add(self, key: Any, value: Any, time: int = 0, **extra: Any) -> bool:
-        return super().add(key, value, time, **self._compressing(extra))
+    set = _compressing("set")
+    add = _compressing("add")
+    replace = _compressing("replace")
 
     def set_multi(self, mapping: Mapping[Any, Any], time: int = 0, **extra: Any) -> list[Any]:
         keys = list(mapping)
@@ -331,6 +354,205 @@ class PylibmcAdapter:
         return pylibmc_error(error, node_name)
 
 
+_MISSING = object()
+
+
+def _refuse_behaviour_change(*args: Any, **kwargs: Any) -> NoReturn:
+    raise UnsupportedCall(
+        "the behaviours of a cluster's clients are set by OPTIONS['behaviors'] for every "
+        "client of every node: they decide where keys are placed"
+    )
+
+
+class FixedBehaviors(dict):
+    """
+    The behaviours of every node's clients, as pylibmc's ``behaviors`` dict shows them, but
+    read-only: pylibmc's would set a changed behaviour on its client.
+    """
+
+    __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = (
+        _refuse_behaviour_change
+    )
+
+
+def _routed_store(command: str) -> Callable[..., bool]:
+    """pylibmc's storage ``command`` with its arguments, on the key's node (as ``set``)."""
+
+    def call(
+        self: ClusterClient,
+        key: Any,
+        val: Any,
+        time: int = 0,
+        min_compress_len: int | None = None,
+        compress_level: int = -1,
+    ) -> bool:
+        self._invalidate_former_owners((key,))
+        return self._call(key, command, val, time, min_compress_len, compress_level)
+
+    call.__name__ = call.__qualname__ = command
+    return call
+
+
+def _prefixed_store(method: str) -> Callable[..., list[Any]]:
+    """
+    pylibmc's multi-key storage ``method`` (``set_multi``, ``add_multi``), routed by the
+    prefixed key: the keys not stored, unprefixed. Only the arguments given reach the node
+    clients: without them, ``PipelinedClient`` pipelines ``set_multi``.
+    """
+
+    def call(
+        self: ClusterClient,
+        mapping: Mapping[Any, Any],
+        time: int = 0,
+        key_prefix: Any = None,
+        min_compress_len: int | None = None,
+        compress_level: int = -1,
+    ) -> list[Any]:
+        extra: dict[str, Any] = {}
+        if min_compress_len is not None:
+            extra["min_compress_len"] = min_compress_len
+        if compress_level != -1:
+            extra["compress_level"] = compress_level
+        if not key_prefix:
+            return self.store_multi(method, mapping, time, **extra)
+        originals = {key_prefix + key: key for key in mapping}
+        prefixed = {key_prefix + key: value for key, value in mapping.items()}
+        failed = self.store_multi(method, prefixed, time, **extra)
+        return [originals[key] for key in failed]
+
+    call.__name__ = call.__qualname__ = method
+    return call
+
+
+class PylibmcClusterClient(ClusterClient):
+    """
+    The backend's ``_cache``, with the surface of ``pylibmc.Client`` over the node list,
+    for code that reaches into ``cache._cache`` as into Django's ``PyLibMCCache``'s: each
+    keyed call goes to its key's node, a multi-key call's ``key_prefix`` is part of the key
+    it routes by (the key stored), per-node calls (``get_stats``, ``flush_all``) reach every
+    node, and the attributes are those a pylibmc client over the node names would have.
+    """
+
+    def __init__(self, *args: Any, client_options: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client_options = client_options
+
+    @functools.cached_property
+    def _unconnected(self) -> pylibmc.Client:
+        """A pylibmc client over the node names with the backend's options, never connected."""
+        options = {k: v for k, v in self._client_options.items() if k != "min_compress_len"}
+        return pylibmc.Client(self.addresses, **options)
+
+    # Attributes
+
+    @property
+    def addresses(self) -> list[str]:
+        """The servers, as their names: what keys are placed by."""
+        return [node_name(node) for node in self.config.nodes]
+
+    @property
+    def binary(self) -> bool:
+        return bool(self._client_options.get("binary", False))
+
+    def get_behaviors(self) -> FixedBehaviors:
+        return FixedBehaviors(self._unconnected.behaviors)
+
+    def set_behaviors(self, behaviors: Mapping[str, Any]) -> None:
+        _refuse_behaviour_change()
+
+    behaviors = property(get_behaviors, set_behaviors)
+
+    def hash(self, key: Any) -> int:
+        """The index in ``addresses`` of the node that holds ``key``."""
+        return self._placement.node_index(key)
+
+    def serialize(self, value: Any) -> tuple[bytes, int]:
+        return self._unconnected.serialize(value)
+
+    def deserialize(self, data: bytes, flags: int) -> Any:
+        return self._unconnected.deserialize(data, flags)
+
+    def clone(self) -> PylibmcClusterClient:
+        """This client: it is already safe to share between threads, its pools are."""
+        return self
+
+    # Keyed calls pylibmc adds to those Django makes
+
+    set = _routed_store("set")
+    add = _routed_store("add")
+    replace = _routed_store("replace")
+
+    def append(self, key: Any, val: Any) -> bool:
+        return self.write(key, "append", val)
+
+    def prepend(self, key: Any, val: Any) -> bool:
+        return self.write(key, "prepend", val)
+
+    def gets(self, key: Any) -> tuple[Any, int | None]:
+        return self._call(key, "gets")
+
+    def cas(self, key: Any, val: Any, cas: int, time: int = 0) -> bool:
+        return self.write(key, "cas", val, cas, time)
+
+    def __getitem__(self, key: Any) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not self.set(key, value):
+            raise KeyError(f"failed setting {key!r}")
+
+    def __delitem__(self, key: Any) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def __contains__(self, key: Any) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    # Multi-key calls, with pylibmc's key_prefix
+
+    def get_multi(self, keys: Iterable[Any], key_prefix: Any = None) -> dict[Any, Any]:
+        if not key_prefix:
+            return super().get_multi(keys)
+        originals = {key_prefix + key: key for key in keys}
+        found = super().get_multi(originals)
+        return {originals[key]: value for key, value in found.items()}
+
+    set_multi = _prefixed_store("set_multi")
+    add_multi = _prefixed_store("add_multi")
+
+    def delete_multi(self, keys: Iterable[Any], key_prefix: Any = None) -> bool:
+        if key_prefix:
+            keys = [key_prefix + key for key in keys]
+        return super().delete_multi(keys)
+
+    def incr_multi(self, keys: Iterable[Any], key_prefix: Any = None, delta: int = 1) -> None:
+        """Add ``delta`` to every key; pylibmc's ``NotFound`` if any is missing."""
+        prefixed = [key_prefix + key for key in keys] if key_prefix else list(keys)
+        self._on_every_node(
+            self.by_pool(prefixed),
+            lambda client, node_keys: client.incr_multi(node_keys, delta=delta),
+        )
+
+    # Calls on every node
+
+    def flush_all(self, time: int = 0) -> bool:  # type: ignore[override]  # pylibmc's: True
+        return all(flushed for _, flushed in self.on_every_node(lambda c: c.flush_all(time)))
+
+    def get_stats(self, stat_args: str | None = None) -> list[tuple[bytes, dict[str, bytes]]]:
+        """
+        Each node's ``stats`` as pylibmc lists them: ``(b"name:port (index)", {stat: value})``.
+        """
+        args = () if stat_args is None else (stat_args,)
+        replies = self.on_every_node(lambda client: client.get_stats(*args))
+        return [
+            (f"{name} ({index})".encode(), reply[0][1])
+            for index, (name, (_, reply)) in enumerate(zip(self.addresses, replies, strict=True))
+        ]
+
+
 class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
     """
     ``PyLibMCCache`` over every node of an ElastiCache cluster.
@@ -379,6 +601,9 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyLibMCCache):
 
     def _make_async_adapter(self) -> PylibmcAdapter:
         return PylibmcAdapter(self._options)
+
+    def _cluster_client_class(self) -> Callable[..., PylibmcClusterClient]:
+        return functools.partial(PylibmcClusterClient, client_options=self._options)
 
     def _placement(self, config: ClusterConfig) -> LibmemcachedPlacement:
         return LibmemcachedPlacement(config, self._options["behaviors"])

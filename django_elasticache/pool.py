@@ -193,6 +193,14 @@ class NodePool:
         """The node left the node list: close idle clients now, lent ones when given back."""
         with self._lock:
             self._retired = True
+        self.close_idle()
+
+    def close_idle(self) -> None:
+        """
+        Close the clients nobody is using; the next calls connect afresh. Lent clients stay
+        with their borrowers: closing them would break a call in another thread.
+        """
+        with self._lock:
             idle, self._idle = self._idle, []
             self._open -= len(idle)
         for client in idle:

@@ -38,10 +38,12 @@ __all__ = [
     "parse_counter",
     "parse_deleted",
     "parse_flushed",
+    "parse_stats",
     "parse_stored",
     "parse_touched",
     "parse_values",
     "retrieval_request",
+    "stats_request",
     "storage_request",
     "touch_request",
 ]
@@ -144,6 +146,15 @@ def flush_all_request() -> bytes:
     return b"flush_all\r\n"
 
 
+def stats_request(group: str | None = None) -> bytes:
+    """``stats``, or ``stats <group>`` (``items``, ``slabs``, ``settings``...)."""
+    if group is None:
+        return b"stats\r\n"
+    if not group or _NOT_IN_A_KEY.search(group.encode()):
+        raise ValueError(f"a stats group is one word, got {group!r}")
+    return b"stats %s\r\n" % group.encode()
+
+
 # Replies
 
 
@@ -204,6 +215,30 @@ def parse_counter(buffer: bytes | bytearray, start: int) -> Parsed | None:
     if line.isdigit():
         return int(line), end
     return _parse_counter_miss(buffer, start)
+
+
+def parse_stats(buffer: bytes | bytearray, start: int) -> Parsed | None:
+    """
+    The reply to ``stats``: ``{name: value}`` up to ``END``, each value the bytes the server
+    sent (``b"1.6.18"``, ``b"42"``), as pylibmc's ``get_stats`` returns them.
+    """
+    stats: dict[str, bytes] = {}
+    position = start
+    while True:
+        found = _line(buffer, position)
+        if found is None:
+            return None
+        line, position = found
+        if line == b"END":
+            return stats, position
+        kind, _, stat = line.partition(b" ")
+        if kind != b"STAT":
+            refusal = None if stats else _error_reply(line)
+            if refusal is None:
+                raise MalformedReply(f"expected a STAT line or END, got {line!r}")
+            return refusal, position
+        name, _, value = stat.partition(b" ")
+        stats[name.decode(errors="replace")] = value
 
 
 _VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]+) (\d+) (\d+)(?: \d+)?\r\n")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import socket
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pymemcache
@@ -45,17 +46,21 @@ from .protocol import (
     ProtocolError,
     ServerErrorReply,
     UnknownCommandReply,
+    parse_stats,
     parse_stored,
     parse_values,
     retrieval_request,
+    stats_request,
     storage_request,
 )
+from .routing import ClusterClient, PooledNodeClient, UnsupportedCall
 
 __all__ = [
     "DEFAULT_OPTIONS",
     "OPTION_RULES",
     "ElastiCache",
     "PymemcacheAdapter",
+    "PymemcacheClusterClient",
     "RendezvousPlacement",
 ]
 
@@ -99,6 +104,11 @@ def _node_score(text: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
+def node_name(node: ClusterNode) -> str:
+    """A node's name as ``HashClient`` names a server given as (hostname, port)."""
+    return f"{node.hostname or node.ip}:{node.port}"
+
+
 class RendezvousPlacement:
     """
     Rendezvous hashing over the nodes' ``hostname:port`` names, as pymemcache's ``HashClient``
@@ -106,12 +116,12 @@ class RendezvousPlacement:
     """
 
     def __init__(self, config: ClusterConfig) -> None:
-        names = [f"{node.hostname or node.ip}:{node.port}" for node in config.nodes]
+        names = [node_name(node) for node in config.nodes]
         self._index = {name: index for index, name in enumerate(names)}
-        self._ring = RendezvousHash(names, hash_function=_node_score)
+        self.ring = RendezvousHash(names, hash_function=_node_score)
 
     def node_index(self, key: str) -> int:
-        return self._index[self._ring.get_node(key)]
+        return self._index[self.ring.get_node(key)]
 
 
 class _ListedAddress:
@@ -242,6 +252,18 @@ class _NodeClient(pymemcache.Client):
         results = self._misc_cmd([command], b"flush_all", noreply)
         return noreply or results[0] == b"OK"
 
+    def stats_as_sent(self, group: str | None = None) -> dict[str, bytes]:
+        """
+        The node's ``stats`` (or ``stats <group>``) with every value as the node sent it,
+        as pylibmc's ``get_stats`` gives them; pymemcache's ``stats`` converts them.
+        """
+        (stats,) = self._exchange(
+            lambda sock: pipeline.exchange(sock, [stats_request(group)], parse_stats)
+        )
+        if isinstance(stats, ErrorReply):
+            raise pymemcache_error(stats)
+        return stats
+
     def _exchange(self, talk: Callable[[socket.socket], Any]) -> Any:
         """
         ``talk`` on the client's socket, connected first if need be, as pymemcache's own
@@ -258,6 +280,155 @@ class _NodeClient(pymemcache.Client):
             if isinstance(error, (ProtocolError, ConnectionClosed)):
                 raise pymemcache_error(error) from error
             raise
+
+
+def _routed_store(command: str) -> Callable[..., bool]:
+    """pymemcache's storage ``command`` with its arguments, on the key's node (as ``set``)."""
+
+    def call(
+        self: ClusterClient,
+        key: Any,
+        value: Any,
+        expire: int = 0,
+        noreply: bool | None = None,
+        flags: int | None = None,
+    ) -> bool:
+        self._invalidate_former_owners((key,))
+        return self._call(key, command, value, expire, noreply, flags)
+
+    call.__name__ = call.__qualname__ = command
+    return call
+
+
+class PymemcacheClusterClient(ClusterClient):
+    """
+    The backend's ``_cache``, with the surface of pymemcache's ``HashClient`` over the node
+    list, for code that reaches into ``cache._cache`` as into Django's ``PyMemcacheCache``'s:
+    each keyed call goes to its key's node, ``clients`` holds each node's pool as one
+    client, and ``get_stats`` lists every node's statistics as pylibmc does, so that
+    monitoring written for either library works, over TLS too.
+    """
+
+    def __init__(self, *args: Any, client_options: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client_options = client_options
+
+    # Attributes
+
+    @property
+    def default_kwargs(self) -> dict[str, Any]:
+        """The keywords every node's ``pymemcache.Client`` is built with (``socket_module``
+        aside: each node's resolves the node's hostname to its listed IP)."""
+        return dict(self._client_options)
+
+    @property
+    def clients(self) -> dict[str, PooledNodeClient]:
+        """Each node's pool as one client, by ``hostname:port`` as ``HashClient`` names them."""
+        return {
+            node_name(pool.node): PooledNodeClient(pool, self._is_node_failure)
+            for pool in self.pools
+        }
+
+    @property
+    def hasher(self) -> RendezvousHash:
+        """The rendezvous hash over the ``clients`` names that places every key."""
+        assert isinstance(self._placement, RendezvousPlacement)
+        return self._placement.ring
+
+    @property
+    def key_prefix(self) -> bytes:
+        return self._client_options.get("key_prefix", b"")
+
+    @property
+    def encoding(self) -> str:
+        return self._client_options.get("encoding", "ascii")
+
+    @property
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self._client_options.get("tls_context")
+
+    def add_server(self, *args: Any, **kwargs: Any) -> None:
+        raise UnsupportedCall(
+            "the nodes of an ElastiCache cluster come from its configuration endpoint; "
+            "add a node to the cluster and the backend will find it"
+        )
+
+    remove_server = add_server
+
+    # Keyed calls, with pymemcache's keywords
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._call(key, "get", default)
+
+    def gets(self, key: Any, default: Any = None, cas_default: Any = None) -> Any:
+        return self._call(key, "gets", default, cas_default)
+
+    set = _routed_store("set")
+    add = _routed_store("add")
+    replace = _routed_store("replace")
+    append = _routed_store("append")
+    prepend = _routed_store("prepend")
+
+    def cas(
+        self,
+        key: Any,
+        value: Any,
+        cas: Any,
+        expire: int = 0,
+        noreply: bool = False,
+        flags: Any = None,
+    ) -> bool | None:
+        return self.write(key, "cas", value, cas, expire, noreply, flags)
+
+    def delete(self, key: Any, noreply: bool | None = None) -> bool:
+        return self.write(key, "delete", noreply)
+
+    def incr(self, key: Any, value: int, noreply: bool = False) -> int | None:
+        return self._call(key, "incr", value, noreply)
+
+    def decr(self, key: Any, value: int, noreply: bool = False) -> int | None:
+        return self._call(key, "decr", value, noreply)
+
+    def touch(self, key: Any, expire: int = 0, noreply: bool | None = None) -> bool:
+        return self._call(key, "touch", expire, noreply)
+
+    # Multi-key calls, under HashClient's names too
+
+    get_many = ClusterClient.get_multi
+    set_many = ClusterClient.set_multi
+
+    def delete_many(self, keys: Iterable[Any], noreply: bool | None = None) -> bool:
+        return ClusterClient.delete_multi(self, keys, noreply)
+
+    delete_multi = delete_many
+
+    def gets_many(self, keys: Iterable[Any]) -> dict[Any, tuple[Any, Any]]:
+        found: dict[Any, tuple[Any, Any]] = {}
+        self._on_every_node(
+            self.by_pool(keys), lambda client, node_keys: found.update(client.gets_many(node_keys))
+        )
+        return found
+
+    gets_multi = gets_many
+
+    # Calls on every node
+
+    def flush_all(self, delay: int = 0, noreply: bool | None = None) -> None:
+        self.on_every_node(lambda client: client.flush_all(delay, noreply))
+
+    def get_stats(self, stat_args: str | None = None) -> list[tuple[bytes, dict[str, bytes]]]:
+        """
+        Each node's ``stats`` in pylibmc's shape, ``(b"hostname:port (index)", {stat:
+        value})`` with the values as sent: ``HashClient`` has no call for every node's stats,
+        and monitoring tools (django-memcache-status) read pylibmc's.
+        """
+        replies = self.on_every_node(lambda client: client.stats_as_sent(stat_args))
+        return [
+            (f"{node_name(pool.node)} ({index})".encode(), stats)
+            for index, (pool, stats) in enumerate(replies)
+        ]
+
+    close = quit = ClusterClient.disconnect_all
 
 
 SYNC_ONLY_OPTIONS = {"default_noreply": True, "ignore_exc": True}
@@ -335,6 +506,10 @@ class ElastiCache(AsyncCacheMixin, ClusterCacheMixin, PyMemcacheCache):
 
     def _make_async_adapter(self) -> PymemcacheAdapter:
         return PymemcacheAdapter(self._options)
+
+    def _cluster_client_class(self) -> Callable[..., PymemcacheClusterClient]:
+        options = {**self._options, "tls_context": self.backend_options.tls}
+        return functools.partial(PymemcacheClusterClient, client_options=options)
 
     def _placement(self, config: ClusterConfig) -> RendezvousPlacement:
         return RendezvousPlacement(config)

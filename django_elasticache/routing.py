@@ -18,6 +18,7 @@ written with it have expired.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -28,7 +29,14 @@ from typing import Any, Protocol
 from .cluster_utils import ClusterConfig, ClusterNode
 from .pool import NodePool
 
-__all__ = ["ClusterClient", "ClusterClients", "Placement", "cluster_clients"]
+__all__ = [
+    "ClusterClient",
+    "ClusterClients",
+    "Placement",
+    "PooledNodeClient",
+    "UnsupportedCall",
+    "cluster_clients",
+]
 
 SERVERLESS_MAX_REQUEST = 16 * 1024
 """Bytes of one multi-key request that ElastiCache Serverless for memcached accepts."""
@@ -43,6 +51,13 @@ class Placement(Protocol):
 
 
 NodeKey = tuple[str, int]
+
+
+class UnsupportedCall(NotImplementedError):
+    """
+    A call of the library's own client that a client over discovered nodes cannot honour:
+    the nodes, their placement and their options are the backend's, set from OPTIONS.
+    """
 
 
 def node_identity(node: ClusterNode) -> NodeKey:
@@ -234,12 +249,21 @@ class ClusterClient:
         yield batch
 
     def set_multi(self, mapping: Mapping[str, Any], *args: Any, **kwargs: Any) -> list[str]:
+        return self.store_multi("set_multi", mapping, *args, **kwargs)
+
+    def store_multi(
+        self, method: str, mapping: Mapping[str, Any], *args: Any, **kwargs: Any
+    ) -> list[str]:
+        """
+        A multi-key storage call (``set_multi``, pylibmc's ``add_multi``), split by node:
+        the keys the nodes did not store.
+        """
         self._invalidate_former_owners(mapping)
         failed: list[str] = []
 
         def store(client: Any, node_keys: list[str]) -> None:
             failed.extend(
-                client.set_multi({key: mapping[key] for key in node_keys}, *args, **kwargs)
+                getattr(client, method)({key: mapping[key] for key in node_keys}, *args, **kwargs)
             )
 
         self._on_every_node(self.by_pool(mapping), store)
@@ -279,6 +303,34 @@ class ClusterClient:
         if first_error is not None:
             raise first_error
 
+    # The rest of the library clients' surface (each backend's subclass shapes it)
+
+    def write(self, key: str, method: str, *args: Any) -> Any:
+        """A single-key write such as ``replace`` or ``cas``, handled as ``set`` is."""
+        self._invalidate_former_owners((key,))
+        return self._call(key, method, *args)
+
+    def on_every_node(self, call: Callable[[Any], Any]) -> list[tuple[NodePool, Any]]:
+        """
+        ``call(client)`` on a client of every node, in node order: each node's pool and what
+        its call returned. As ``flush_all``, every node is tried before the first error is
+        raised.
+        """
+        results: list[Any] = []
+        self._on_every_node(
+            {pool: [] for pool in self._pools}, lambda client, _: results.append(call(client))
+        )
+        # _on_every_node returned, so every node answered, in the order of self._pools.
+        return list(zip(self._pools, results, strict=True))
+
+    def disconnect_all(self) -> None:
+        """
+        Close every node's idle connections, as the libraries' ``disconnect_all`` closes
+        theirs; the next calls connect again. Connections lent to other threads stay open.
+        """
+        for pool in self._pools:
+            pool.close_idle()
+
     # Keys whose owner changed
 
     def former_owners(self, keys: Iterable[str]) -> dict[NodePool, list[str]]:
@@ -308,6 +360,35 @@ class ClusterClient:
                 log_invalidation_failure(pool, len(node_keys), error)
 
 
+class PooledNodeClient:
+    """
+    One node's pool seen as one client of the library, for code that reaches for a
+    library's per-server clients (pymemcache's ``HashClient.clients``). A method call
+    borrows a client of the node for that call alone; any other attribute is read off a
+    borrowed client (every client of a node is built alike).
+    """
+
+    def __init__(self, pool: NodePool, is_node_failure: Callable[[BaseException], bool]) -> None:
+        self._pool = pool
+        self._is_node_failure = is_node_failure
+
+    def __repr__(self) -> str:
+        return f"<PooledNodeClient of {self._pool.node}>"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)  # Copy, pickle...: not the node client's business.
+        with self._pool.client(self._is_node_failure) as client:
+            attribute = getattr(client, name)
+        if inspect.ismethod(attribute):
+            return functools.partial(self._call_method, name)
+        return attribute
+
+    def _call_method(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        with self._pool.client(self._is_node_failure) as client:
+            return getattr(client, name)(*args, **kwargs)
+
+
 def log_invalidation_failure(pool: NodePool, count: int, error: Exception) -> None:
     """A moved key's old copy could not be deleted: worth a warning, not a failed write."""
     logger.warning(
@@ -325,6 +406,8 @@ class ClusterClients:
     A new node list gets a new ``ClusterClient``, which keeps the pools of the nodes that stay
     (same hostname, IP and port: their connections stay open, as AWS's own clients do) and
     retires the others: their idle clients are closed at once, borrowed ones when given back.
+    ``client_class`` builds each ``ClusterClient``: the backend's subclass offers the surface
+    of its library's own client.
     """
 
     def __init__(
@@ -335,7 +418,9 @@ class ClusterClients:
         is_node_failure: Callable[[BaseException], bool],
         pool_size: int,
         invalidation_window: float | None,
+        client_class: Callable[..., ClusterClient] = ClusterClient,
     ) -> None:
+        self._client_class = client_class
         self._make_client = make_client
         self._close_client = close_client
         self._placement_for = placement_for
@@ -364,7 +449,7 @@ class ClusterClients:
         self._pools = pools
         if previous is not None and previous.config.nodes == config.nodes:
             previous = None  # The same list as a new object (after a fork): nothing moved.
-        return ClusterClient(
+        return self._client_class(
             config,
             [pools[node] for node in config.nodes],
             self._placement_for(config),

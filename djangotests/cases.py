@@ -43,16 +43,6 @@ EXCLUDED: dict[str, str] = {
         "expects client_servers to echo a static LOCATION (socket paths, hosts without port); "
         "ours are the nodes the endpoint lists"
     ),
-    **dict.fromkeys(
-        (
-            "test_pylibmc_options",
-            "test_pymemcache_options",
-            "test_pymemcache_highest_pickle_version",
-        ),
-        "reads the options off one client object over every server (its binary, behaviors, "
-        "default_kwargs); ours routes each call to a pooled client of one node, and "
-        "tests/test_backend.py checks the same options on every node's client",
-    ),
 }
 """Django tests that do not apply to a backend whose servers come from discovery."""
 

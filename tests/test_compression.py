@@ -18,6 +18,8 @@ import pytest
 from django.core.cache.backends.base import InvalidCacheBackendError
 from pymemcache.serde import compressed_serde
 
+from django_elasticache.compression import ZlibSerde
+
 THRESHOLD = 1024
 
 LARGE = {
@@ -213,3 +215,17 @@ def test_aliases_with_different_thresholds_do_not_share_clients(
     compressing.set("markup:z", LARGE["markup"])
     assert not item(elasticache_cluster, plain.make_key("markup"))[0] & 8
     assert item(elasticache_cluster, compressing.make_key("markup:z"))[0] & 8
+
+
+def test_zlib_serde_shows_the_wrapped_serdes_attributes() -> None:
+    """Code that inspects the serde it configured finds it through the compression."""
+    from django.core.cache.backends.memcached import PyMemcacheCache
+
+    inner = PyMemcacheCache("127.0.0.1:11211", {})._options["serde"]
+    serde = ZlibSerde(inner, 1024)
+    assert serde._serialize_func.keywords["pickle_version"] == pickle.HIGHEST_PROTOCOL
+    with pytest.raises(AttributeError):
+        serde.no_such_attribute  # noqa: B018
+    copied = pickle.loads(pickle.dumps(ZlibSerde(pymemcache.serde.pickle_serde, 10)))
+    assert copied.min_length == 10
+    assert copied.deserialize(b"k", *copied.serialize(b"k", ["x"] * 50)) == ["x"] * 50

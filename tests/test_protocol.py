@@ -21,10 +21,12 @@ from django_elasticache.protocol import (
     parse_counter,
     parse_deleted,
     parse_flushed,
+    parse_stats,
     parse_stored,
     parse_touched,
     parse_values,
     retrieval_request,
+    stats_request,
     storage_request,
     touch_request,
 )
@@ -254,3 +256,33 @@ def test_a_reply_too_large_to_read_at_once_is_read_value_by_value() -> None:
     )
     assert protocol._values_at_once(reply, 0) is None
     assert parse_values(reply, 0) == ({b"a": (0, data), b"b": (0, data)}, len(reply))
+
+
+STATS_REPLY = b"STAT pid 12\r\nSTAT version 1.6.18\r\nSTAT rusage_user 0.100000\r\nEND\r\n"
+
+
+def test_stats_reply_keeps_every_value_as_sent() -> None:
+    assert parse_stats(STATS_REPLY + NEXT_REPLY, 0) == (
+        {"pid": b"12", "version": b"1.6.18", "rusage_user": b"0.100000"},
+        len(STATS_REPLY),
+    )
+    assert parse_stats(b"END\r\n", 0) == ({}, 5)
+
+
+def test_incomplete_stats_reply_at_every_cut_waits_for_more() -> None:
+    for cut in range(len(STATS_REPLY)):
+        assert parse_stats(STATS_REPLY[:cut], 0) is None, cut
+
+
+def test_stats_refusal_and_garbage() -> None:
+    refusal, end = parse_stats(b"CLIENT_ERROR bad command line format\r\n", 0)
+    assert isinstance(refusal, ClientErrorReply) and end == 38
+    with pytest.raises(MalformedReply, match="STAT line or END"):
+        parse_stats(b"STAT pid 12\r\nVALUE k 0 1\r\n", 0)
+
+
+def test_stats_requests() -> None:
+    assert stats_request() == b"stats\r\n"
+    assert stats_request("items") == b"stats items\r\n"
+    with pytest.raises(ValueError, match="one word"):
+        stats_request("items\r\nflush_all")
