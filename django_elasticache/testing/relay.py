@@ -26,6 +26,7 @@ selector's own timeout is rounded up to whole milliseconds (epoll).
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import queue
@@ -187,6 +188,7 @@ class _Connection:
         self.upstream = upstream
         self.delay = delay
         self.accepted = time.monotonic()
+        self.connected = False  # to the server behind the front
         self.handshaken = not isinstance(client, ssl.SSLSocket)
         self.handshake_wants = selectors.EVENT_READ
         self.inbox = bytearray()  # from the client, not yet parsed
@@ -303,6 +305,8 @@ class _Connection:
         return events
 
     def wants_upstream(self) -> int:
+        if not self.connected:
+            return selectors.EVENT_WRITE  # the connection's outcome
         events = selectors.EVENT_WRITE if self.to_upstream else 0
         if not self.upstream_eof and len(self.to_client) + self.in_flight < HIGH_WATER:
             events |= selectors.EVENT_READ
@@ -350,6 +354,19 @@ def listen(address: Address) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def _start_connecting(address: Address) -> socket.socket:
+    """A non-blocking socket connecting to address: the relay's loop must not wait for a
+    server that is slow to accept (a full listen backlog) while it serves every other."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    error = sock.connect_ex(address)
+    if error not in (0, errno.EINPROGRESS):
+        sock.close()
+        raise OSError(error, os.strerror(error))
+    return sock
 
 
 class Relay:
@@ -446,7 +463,7 @@ class Relay:
                 self._deliver(self._delay)
             if time.monotonic() - last_sweep >= SWEEP_INTERVAL:
                 last_sweep = time.monotonic()
-                self._sweep_handshakes()
+                self._sweep_stalled()
         self._selector.close()
 
     def _dispatch(self, key: selectors.SelectorKey, events: int) -> None:
@@ -500,13 +517,13 @@ class Relay:
         except OSError:  # nothing to accept after all, or the front was just closed
             return
         try:
-            upstream = socket.create_connection(front.backend, timeout=CONNECT_TIMEOUT)
+            upstream = _start_connecting(front.backend)
         except OSError:
             client.close()  # memcached is gone: the node looks dead
             return
+        client.setblocking(False)
         for sock in (client, upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
         if front.tls is not None:
             client = front.tls.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         connection = _Connection(front, client, upstream, self._delay)
@@ -582,6 +599,11 @@ class Relay:
         connection.parse()
 
     def _service_upstream(self, connection: _Connection, events: int) -> None:
+        if not connection.connected:
+            error = connection.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))  # the node looks dead
+            connection.connected = True
         if events & selectors.EVENT_READ:
             try:
                 data = connection.upstream.recv(CHUNK)
@@ -601,7 +623,7 @@ class Relay:
     @staticmethod
     def _flush(connection: _Connection) -> None:
         """Send what each side can take now; the selector calls again for the rest."""
-        if connection.to_upstream:
+        if connection.to_upstream and connection.connected:
             with contextlib.suppress(BlockingIOError):
                 sent = connection.upstream.send(connection.to_upstream)
                 del connection.to_upstream[:sent]
@@ -609,17 +631,22 @@ class Relay:
             with contextlib.suppress(BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = connection.client.send(connection.to_client)
                 del connection.to_client[:sent]
-        done_sending = connection.client_eof and connection.token is None
+        done_sending = connection.client_eof and connection.token is None and connection.connected
         if done_sending and not connection.to_upstream and not connection.upstream_eof:
             # The client is done sending; memcached answers what it got, then closes.
             with contextlib.suppress(OSError):
                 connection.upstream.shutdown(socket.SHUT_WR)
 
-    def _sweep_handshakes(self) -> None:
-        """Drop clients that connect but never complete the TLS handshake."""
-        deadline = time.monotonic() - HANDSHAKE_TIMEOUT
+    def _sweep_stalled(self) -> None:
+        """Drop clients that never complete the TLS handshake, and those whose server
+        behind the front never accepts the relay's connection."""
+        now = time.monotonic()
         for connection in list(self._connections):
-            if not connection.handshaken and connection.accepted < deadline:
+            handshake_over = connection.accepted < now - HANDSHAKE_TIMEOUT
+            connect_over = connection.accepted < now - CONNECT_TIMEOUT
+            if (not connection.handshaken and handshake_over) or (
+                not connection.connected and connect_over
+            ):
                 self._drop(connection)
 
     def _drop(self, connection: _Connection) -> None:
