@@ -136,6 +136,7 @@ class Calls:
     set_many: Callable[[dict[str, Any]], Any]
     incr: Callable[[str], Any]
     delete: Callable[[str], Any]
+    delete_many: Callable[[list[str]], Any]
     key: Callable[[str], str]
 
 
@@ -148,6 +149,7 @@ def django_calls(cache: Any) -> Calls:
         set_many=cache.set_many,
         incr=cache.incr,
         delete=cache.delete,
+        delete_many=cache.delete_many,
         key=str,
     )
 
@@ -161,6 +163,7 @@ def raw_calls(client: Any) -> Calls:
         set_many=functools.partial(client.set_multi, time=DJANGO_TIMEOUT),
         incr=client.incr,
         delete=client.delete,
+        delete_many=client.delete_multi,
         key=DJANGO_KEY_PREFIX.__add__,
     )
 
@@ -212,19 +215,23 @@ def build_pymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
 
 
 def build_elastipymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
-    """Its README's auto-discovery setup, refreshing every 60 s as ours does by default."""
     from django_elastipymemcache.backend import ElastiPymemcache
 
-    cluster = addresses(cluster)
+    return ElastiPymemcache(cluster.location, {"OPTIONS": elastipymemcache_options(cluster)})
+
+
+def elastipymemcache_options(cluster: Cluster) -> dict[str, Any]:
+    """Its README's auto-discovery setup, refreshing every 60 s as ours does by default."""
+    where = addresses(cluster)
     options: dict[str, Any] = {
         "ignore_exc": True,
         "discovery_interval": 60.0,
         "connect_timeout": TIMEOUT_SECONDS,
         "timeout": TIMEOUT_SECONDS,
     }
-    if cluster.tls:
-        options.update(elastipymemcache_tls_options(cluster))
-    return ElastiPymemcache(cluster.location, {"OPTIONS": options})
+    if where.tls:
+        options.update(elastipymemcache_tls_options(where))
+    return options
 
 
 def elastipymemcache_tls_options(cluster: Addresses) -> dict[str, Any]:

@@ -145,7 +145,6 @@ BACKENDS = (
         True,
     ),
 )
-BY_NAME = {backend.name: backend for backend in BACKENDS}
 STOCK = "stock"
 
 
@@ -412,10 +411,11 @@ async def concurrent_wave(alias: str, wave: int) -> tuple[int, int, Counter[str]
     return len(outcomes), wrong, errors
 
 
-def measure_concurrency(cluster: LocalCluster, rounds: int) -> dict[str, Any]:
-    """Requests per second of waves of 50, wrong values and exceptions, per backend."""
-    aliases = {backend.name: f"concurrent_{backend.name}" for backend in BACKENDS}
-    settings = {alias: BY_NAME[name].settings(cluster) for name, alias in aliases.items()}
+def measure_concurrency(entries: Mapping[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """Seconds per request of waves of 50, wrong values and exceptions, per backend, given
+    each backend's ``CACHES`` entry by name."""
+    aliases = {name: f"concurrent_{name}" for name in entries}
+    settings = {aliases[name]: entry for name, entry in entries.items()}
     seconds: dict[str, list[float]] = {name: [] for name in aliases}
     wrong: Counter[str] = Counter()
     errors: dict[str, Counter[str]] = {name: Counter() for name in aliases}
@@ -559,7 +559,7 @@ def run(rounds: int = ROUNDS, progress: Callable[[str], None] = lambda _: None) 
         progress("requests: aget against get")
         aget = measure_aget(clear, rounds)
         progress("requests: 50 concurrent ASGI requests")
-        concurrency = measure_concurrency(clear, rounds)
+        concurrency = measure_concurrency({b.name: b.settings(clear) for b in BACKENDS}, rounds)
         progress("requests: crash cases, in subprocesses")
         crashes = measure_crashes(clear)
     data: dict[str, Any] = {

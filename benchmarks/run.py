@@ -37,9 +37,11 @@ request (import, build, discovery and connection) and resident memory; in nanose
 per-call node-list check and Django's key handling; and candidate pylibmc behaviours for
 our backend against its current defaults, with a binary-protocol round-trip check.
 
-Last, ``request_cycle.py``: Django's request cycle (``caches[alias]``, then ``close_caches()``) in
-WSGI-style threads and ASGI-style contexts, the connections it opens, ``aget`` against
-``get``, 50 concurrent ASGI requests, and the crash cases of a shared backend instance.
+Then ``network.py``: the operations where round trips count, on a cluster whose relay
+adds 300 µs to every round trip, against its twin without. Last, ``request_cycle.py``:
+Django's request cycle (``caches[alias]``, then ``close_caches()``) in WSGI-style threads
+and ASGI-style contexts, the connections it opens, ``aget`` against ``get``, 50 concurrent
+ASGI requests, and the crash cases of a shared backend instance.
 
 Whatever ``ElastiCache`` overrides (key validation, say) is picked up on the next run: the
 benchmark calls the public cache API, and for the nanosecond timings
@@ -63,6 +65,7 @@ from typing import Any
 import hotpaths
 import machine
 import micro
+import network
 import probe
 import report
 import request_cycle
@@ -406,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["tls"] = run_tls(args, deadline, started)
     progress(started, "hot paths beside raw clients")
     results["hotpaths"] = hotpaths.run(args.rounds, HOTPATH_CALLS)
+    progress(started, f"over a network: {network.DEFAULT_LATENCY * 1e6:.0f} µs added")
+    results["network"] = network.run(
+        network.DEFAULT_LATENCY, min(args.rounds, network.DEFAULT_ROUNDS), deadline=deadline
+    )
     results["requests"] = request_cycle.run(
         min(args.rounds, request_cycle.ROUNDS), lambda what: progress(started, what)
     )

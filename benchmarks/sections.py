@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hotpaths
+import network
 import request_report
 import tuning
 from backends import BASELINE, TLS_PAIRS
@@ -501,6 +502,7 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
         ),
         tls_section(results),
         *([hotpaths_section(results["hotpaths"])] if "hotpaths" in results else []),
+        *([network.section(results["network"])] if "network" in results else []),
         Section(
             "Targets",
             [
@@ -513,6 +515,7 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
                     [
                         *summary["targets"],
                         *summary.get("hotpath_targets", []),
+                        *summary.get("network_targets", []),
                         *results.get("requests", {}).get("targets", []),
                     ]
                 ),

@@ -63,6 +63,11 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
             if "hotpaths" in results
             else {}
         ),
+        **(
+            {"network_targets": targets.network_targets(results["network"])}
+            if "network" in results
+            else {}
+        ),
         "versus_stock_overall": versus_stock_overall(clusters),
         "pymemcache_overall": overall(clusters, OURS_PYMEMCACHE, "elastipymemcache"),
         "probes": summarize_probes(results["probes"]["samples"]),

@@ -18,6 +18,7 @@ different nodes.
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import pickle
@@ -50,8 +51,9 @@ MAX_BATCH_BYTES = 5 * KB * KB
 class Case:
     """
     One operation to time: ``op`` on values of ``size`` bytes (None: the operation takes
-    no value), ``batch`` keys per call for get_many and set_many. ``kind`` "object" uses a
+    no value), ``batch`` keys per call for the batch operations. ``kind`` "object" uses a
     pickled dict instead of bytes, which only matters where pickling is what is tuned.
+    "mixed" is one ``set``, one ``get`` and one ``get_many`` of ``batch`` keys per call.
     """
 
     op: str
@@ -61,7 +63,12 @@ class Case:
 
     @property
     def name(self) -> str:
-        op = f"{self.op}({self.batch})" if self.op in ("get_many", "set_many") else self.op
+        if self.op == "mixed":
+            op = f"set + get + get_many({self.batch})"
+        elif self.op in ("get_many", "set_many", "delete_many"):
+            op = f"{self.op}({self.batch})"
+        else:
+            op = self.op
         if self.size is None:
             return op
         return f"{op} {format_size(self.size)}{' object' if self.kind == 'object' else ''}"
@@ -168,6 +175,13 @@ def _time_each_with(call: Callable, args: list, value: object) -> float:
             gc.enable()
 
 
+def _mixed(calls: Calls, value: object, step: tuple[str, str, list[str]]) -> None:
+    written, read, batch = step
+    calls.set(written, value)
+    calls.get(read)
+    calls.get_many(batch)
+
+
 def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], float]:
     """
     Do the untimed setup for ``count`` calls of the case, and return the timed part: a
@@ -183,11 +197,13 @@ def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], 
             calls.set(key, 0)
         args = cycle(keys, count)
         return lambda: _time_each(calls.incr, args)
-    if case.op == "delete":
-        keys = [calls.key(f"bench:delete:{i}") for i in range(count)]
+    if case.op in ("delete", "delete_many"):
+        keys = [calls.key(f"bench:delete:{i}") for i in range(count * case.batch)]
         for chunk in batched(keys, 100):
             calls.set_many(dict.fromkeys(chunk, DELETE_VALUE))
-        return lambda: _time_each(calls.delete, keys)
+        if case.op == "delete":
+            return lambda: _time_each(calls.delete, keys)
+        return lambda: _time_each(calls.delete_many, batched(keys, case.batch))
     if case.size is None:
         raise ValueError(f"{case.name}: {case.op} needs a value size")
     value = pools.value(case.size, case.kind)
@@ -204,6 +220,9 @@ def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], 
     if case.op == "set_many":
         mappings = [dict.fromkeys(keys, value) for keys in batches]
         return lambda: _time_each(calls.set_many, mappings)
+    if case.op == "mixed":
+        steps = list(zip(cycle(pool, count), cycle(pool[::-1], count), batches, strict=True))
+        return lambda: _time_each(functools.partial(_mixed, calls, value), steps)
     raise ValueError(f"unknown operation {case.op!r}")
 
 
