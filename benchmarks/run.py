@@ -34,8 +34,7 @@ contenders in rotated order, and a ratio is the median over rounds of the per-ro
 so a slow stretch of the shared machine falls on both sides of it. Ratios are speeds: above
 1 means ours is faster. Besides operations it measures, in fresh subprocesses, the first
 request (import, build, discovery and connection) and resident memory; in nanoseconds, the
-per-call node-list check and Django's key handling; and candidate pylibmc behaviours for
-our backend against its current defaults, with a binary-protocol round-trip check.
+per-call node-list check and Django's key handling.
 
 Then ``network.py``: the operations where round trips count, on a cluster whose relay
 adds 300 µs to every round trip, against its twin without. Last, ``request_cycle.py``:
@@ -69,15 +68,12 @@ import network
 import probe
 import report
 import request_cycle
-import tuning
 import workloads
 from backends import (
     BASELINE,
     CONTENDERS,
     TLS_CONTENDERS,
     addresses,
-    build_ours,
-    django_calls,
     our_behaviors,
 )
 from wire import Addressed, connect
@@ -326,37 +322,6 @@ def pymemcache_evictions(cache: Any) -> int:
     return evictions
 
 
-def run_tuning(
-    cluster: LocalCluster, stock: Any, args: argparse.Namespace, deadline: Deadline
-) -> dict[str, Any]:
-    """
-    Each candidate is our backend with its options; the reference is our defaults. The
-    round trip is also made through ``stock``, to tell pylibmc's ways from the protocol's.
-    """
-    backends = {
-        candidate.name: build_ours(cluster, {}, **candidate.options)
-        for candidate in tuning.CANDIDATES
-    }
-    calls = {name: django_calls(backend) for name, backend in backends.items()}
-    cases = workloads.tuning_cases()
-    measured = workloads.measure(cases, calls, args.rounds, target_seconds(args), deadline)
-    return {
-        "cases": {
-            case.name: {"calls": measured.calls[case.name], "seconds": measured.seconds[case.name]}
-            for case in cases
-        },
-        "object_bytes": {
-            case.name: workloads.pickled_size(case) for case in cases if case.kind == "object"
-        },
-        "pickling": tuning.pickling(workloads.value_for(10 * workloads.KB, "object"), args.rounds),
-        "round_trip": {
-            tuning.OURS_TEXT: tuning.round_trip(calls[tuning.REFERENCE]),
-            tuning.OURS_BINARY: tuning.round_trip(calls[tuning.BINARY]),
-            tuning.STOCK_TEXT: tuning.round_trip(django_calls(stock)),
-        },
-    }
-
-
 def ours_overrides() -> list[str]:
     """The cache methods ours does not take from Django's PyLibMCCache, for the record."""
     from django.core.cache.backends.memcached import PyLibMCCache
@@ -399,8 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["micro"] = run_micro(targets, args)
         progress(started, "first request and memory, in subprocesses")
         results["probes"] = run_probes(cluster, args)
-        progress(started, "tuning")
-        results["tuning"] = run_tuning(cluster, targets[BASELINE], args, deadline)
     for nodes in SCALING_NODES:
         with LocalCluster(nodes=nodes, relay=False) as cluster:
             progress(started, f"{nodes} node(s): get_many(100)")

@@ -12,7 +12,6 @@ from typing import Any
 import hotpaths
 import network
 import request_report
-import tuning
 from backends import BASELINE, TLS_PAIRS
 from stats import geometric_mean
 from summary import (
@@ -339,21 +338,6 @@ def layer_rows(results: Mapping[str, Any], summary: Mapping[str, Any]):
         ]
 
 
-def tuning_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Operations down, candidates across: seven columns fit where ten would not."""
-    candidates = results["summary"]["tuning"]
-    rows = [
-        [case, *(fmt_ratio(data["per_case"][case]) for data in candidates.values())]
-        for case in results["tuning"]["cases"]
-    ]
-    rows.append(["overall", *(fmt_ratio(data["geometric_mean"]) for data in candidates.values())])
-    return ["operation", *candidates], rows
-
-
-def decision_lines(summary: Mapping[str, Any]) -> list[str]:
-    return [f"{name}: {data['decision']}." for name, data in summary["tuning"].items()]
-
-
 def versus_stock_line(summary: Mapping[str, Any]) -> str:
     overall = summary["versus_stock_overall"]
     return (
@@ -393,37 +377,6 @@ def overhead_lines(results: Mapping[str, Any], summary: Mapping[str, Any]) -> li
     ]
 
 
-def round_trip_lines(results: Mapping[str, Any]) -> list[str]:
-    """Each round trip's count, and what the comparison with stock's says about the rest."""
-    checks = results["tuning"]["round_trip"]
-    lines = []
-    for mode, check in checks.items():
-        mismatches = (
-            f"; mismatches: {', '.join(check['mismatches'])}" if check["mismatches"] else ""
-        )
-        lines.append(
-            f"Round trip through {mode}: {check['identical']}/{check['values']} values "
-            f"identical{mismatches}."
-        )
-    pickling = results["tuning"]["pickling"]
-    lines.append(
-        "The 10 KB object by pickle protocol (-1, the highest, is pylibmc's default): "
-        + "; ".join(
-            f"{protocol}: {pickling['bytes'][protocol]:,} B, pickle.dumps + pickle.loads "
-            f"{pickling['us'][protocol]:.0f} µs"
-            for protocol in pickling["bytes"]
-        )
-        + "."
-    )
-    ours, stock = checks[tuning.OURS_TEXT], checks[tuning.STOCK_TEXT]
-    if ours["mismatches"] and ours["mismatches"] == stock["mismatches"]:
-        lines.append(
-            "Django's own PyLibMCCache changes the same values, so that is pylibmc's doing "
-            "(it stores a bool as an integer), not the protocol's nor this backend's."
-        )
-    return lines
-
-
 def machine_line(results: Mapping[str, Any]) -> str:
     machine = results["machine"]
     versions = machine["versions"]
@@ -441,13 +394,11 @@ def machine_line(results: Mapping[str, Any]) -> str:
 def notes(summary: Mapping[str, Any]) -> list[str]:
     """Figures from the tables above that a reader would otherwise have to dig for."""
     us = summary["median_us"][MAIN]
-    tuned = summary["tuning"]["tcp_nodelay off"]["per_case"]["set 500 KB"]
     many = "set_many(100) 100 B"
     return [
         f"Django's ``PyLibMCCache`` with pylibmc's default behaviours (``tcp_nodelay`` off) "
         f"takes {fmt_us(us['set 500 KB']['stock_defaults'])} µs for a 500 KB set, against "
-        f"{fmt_us(us['set 500 KB'][BASELINE])} µs with ours; on our backend, turning "
-        f"``tcp_nodelay`` off makes that set {1 / tuned:.0f}x slower.",
+        f"{fmt_us(us['set 500 KB'][BASELINE])} µs with ours.",
         f"{many} takes ours {fmt_us(us[many][OURS])} µs, raw pylibmc "
         f"{fmt_us(us[many]['raw'])} µs and django-elastipymemcache "
         f"{fmt_us(us[many]['elastipymemcache'])} µs: pylibmc's ``set_multi`` waits for each "
@@ -523,7 +474,6 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
             ],
         ),
         overhead_section(results),
-        tuning_section(results),
     ]
     if "requests" in results:
         sections += request_report.sections(results["requests"])
@@ -606,35 +556,5 @@ def overhead_section(results: Mapping[str, Any]) -> Section:
             ),
             Table.of(LAYER_HEADER, layer_rows(results, summary)),
             Notes(overhead_lines(results, summary)),
-        ],
-    )
-
-
-def tuning_section(results: Mapping[str, Any]) -> Section:
-    header, rows = tuning_table(results)
-    return Section(
-        "Tuning",
-        [
-            Paragraph(
-                "Our backend with one candidate pylibmc setting. The current defaults run "
-                "twice, as the reference and as a control; the control's column is its speed "
-                "relative to the reference, and its largest gap (at least "
-                f"{tuning.ADOPT_AT:.2f}x) is the bar. A candidate's speed is counted against "
-                "the faster of the two, per operation; *overall* is the geometric mean over "
-                "the operations the setting can affect (the object rows for "
-                "``pickle_protocol``). A candidate is adopted only when it clears the bar "
-                "overall, is nowhere slower by more than the bar, and has no cost that "
-                "loopback cannot show."
-            ),
-            Table.of(header, rows),
-            Notes(
-                [
-                    *decision_lines(results["summary"]),
-                    *round_trip_lines(results),
-                    "Compression: pylibmc compresses only when a call passes "
-                    "``min_compress_len``, and Django's backends never do, so no threshold is "
-                    "set and none was measured.",
-                ]
-            ),
         ],
     )

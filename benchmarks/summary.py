@@ -1,6 +1,6 @@
 """
 Every figure the reports show, computed once from the samples and kept in the JSON with
-them: medians, speed ratios, the targets' verdicts, the probes', TLS and tuning figures.
+them: medians, speed ratios, the targets' verdicts, the probes' and TLS figures.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import targets
-import tuning
 from backends import BASELINE, TLS_PAIRS
 from stats import geometric_mean, micros, minus, speed
 
@@ -71,7 +70,6 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
         "versus_stock_overall": versus_stock_overall(clusters),
         "pymemcache_overall": overall(clusters, OURS_PYMEMCACHE, "elastipymemcache"),
         "probes": summarize_probes(results["probes"]["samples"]),
-        "tuning": summarize_tuning(results["tuning"]),
         "tls": summarize_tls(results["tls"]),
     }
 
@@ -175,47 +173,3 @@ def connection_costs(metrics: Mapping[str, Sequence[float]]) -> dict[str, list[f
             for steps in zip(metrics["discovery_ms"], first_node, other_nodes, strict=True)
         ],
     }
-
-
-def summarize_tuning(data: Mapping[str, Any]) -> dict[str, Any]:
-    """
-    Each candidate's ratio per operation and over the operations it can affect, and the
-    decision against the bar the control sets. A candidate's ratio is taken against the
-    faster of the two instances with the current defaults, reference and control, so that
-    one slow measurement of the reference cannot make every candidate look good.
-    """
-    round_trip = data["round_trip"]
-    binary_ok = (
-        round_trip[tuning.OURS_BINARY]["identical"] >= round_trip[tuning.OURS_TEXT]["identical"]
-    )
-    control = next(candidate for candidate in tuning.CANDIDATES if candidate.control)
-
-    def versus_defaults(seconds: Mapping[str, Sequence[float]], name: str) -> float:
-        reference = speed(seconds, name, tuning.REFERENCE)
-        return (
-            reference
-            if name == control.name
-            else min(reference, speed(seconds, name, control.name))
-        )
-
-    per_case = {
-        candidate.name: {
-            case: versus_defaults(case_data["seconds"], candidate.name)
-            for case, case_data in data["cases"].items()
-        }
-        for candidate in tuning.CANDIDATES[1:]
-    }
-    needed = tuning.bar(per_case[control.name])
-    summary = {}
-    for candidate in tuning.CANDIDATES[1:]:
-        ratios = per_case[candidate.name]
-        relevant = {case: ratio for case, ratio in ratios.items() if candidate.affects(case)}
-        round_trip_ok = binary_ok or candidate.name != tuning.BINARY
-        summary[candidate.name] = {
-            "per_case": ratios,
-            "geometric_mean": geometric_mean(list(relevant.values())),
-            "decision": tuning.decide(
-                candidate, relevant, needed, round_trip_ok, data["pickling"]["bytes"]
-            ),
-        }
-    return summary

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
-import pickle
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,15 +50,13 @@ MAX_BATCH_BYTES = 5 * KB * KB
 class Case:
     """
     One operation to time: ``op`` on values of ``size`` bytes (None: the operation takes
-    no value), ``batch`` keys per call for the batch operations. ``kind`` "object" uses a
-    pickled dict instead of bytes, which only matters where pickling is what is tuned.
-    "mixed" is one ``set``, one ``get`` and one ``get_many`` of ``batch`` keys per call.
+    no value), ``batch`` keys per call for the batch operations; "mixed" is one ``set``, one
+    ``get`` and one ``get_many`` of ``batch`` keys per call.
     """
 
     op: str
     size: int | None = None
     batch: int = 1
-    kind: str = "bytes"
 
     @property
     def name(self) -> str:
@@ -71,7 +68,7 @@ class Case:
             op = self.op
         if self.size is None:
             return op
-        return f"{op} {format_size(self.size)}{' object' if self.kind == 'object' else ''}"
+        return f"{op} {format_size(self.size)}"
 
     @property
     def pool_size(self) -> int:
@@ -85,40 +82,30 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
-PICKLED_ITEM_BYTES = 32
-"""About what one item of an object value adds to its pickle."""
-
-
-def value_for(size: int, kind: str) -> object:
-    """Bytes that do not compress, or a dict of records whose pickle is about ``size`` bytes,
-    like a cached query result."""
-    rng = random.Random(size)
-    if kind == "bytes":
-        return rng.randbytes(size)
-    count = size // PICKLED_ITEM_BYTES
-    items = [{"id": i, "name": f"item {i}", "score": rng.random()} for i in range(count)]
-    return {"kind": "page", "items": items}
+def value_for(size: int) -> bytes:
+    """Bytes that do not compress, the same for every contender."""
+    return random.Random(size).randbytes(size)
 
 
 @dataclass
 class Pools:
     """
-    The stored values of each (size, kind), under keys that every contender reads.
+    The stored values of each size, under keys that every contender reads.
     ``pipelined`` False stores them one ``set`` at a time: memcached's TLS connections can
     stall on a burst of pipelined sets (see ``run.pipelining``).
     """
 
-    values: dict[tuple[int, str], object] = field(default_factory=dict)
+    values: dict[int, bytes] = field(default_factory=dict)
     pipelined: bool = True
 
-    def value(self, size: int, kind: str) -> object:
-        if (size, kind) not in self.values:
-            self.values[size, kind] = value_for(size, kind)
-        return self.values[size, kind]
+    def value(self, size: int) -> bytes:
+        if size not in self.values:
+            self.values[size] = value_for(size)
+        return self.values[size]
 
     @staticmethod
-    def keys(size: int, kind: str, count: int) -> list[str]:
-        return [f"bench:{kind}:{size}:{i}" for i in range(count)]
+    def keys(size: int, count: int) -> list[str]:
+        return [f"bench:bytes:{size}:{i}" for i in range(count)]
 
     def fill(self, case: Case, calls: Calls) -> None:
         """
@@ -128,8 +115,8 @@ class Pools:
         """
         if case.size is None:
             return
-        value = self.value(case.size, case.kind)
-        keys = [calls.key(key) for key in self.keys(case.size, case.kind, case.pool_size)]
+        value = self.value(case.size)
+        keys = [calls.key(key) for key in self.keys(case.size, case.pool_size)]
         if self.pipelined:
             for chunk in batched(keys, BATCH_SIZE_FOR_SETUP):
                 calls.set_many(dict.fromkeys(chunk, value))
@@ -206,8 +193,8 @@ def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], 
         return lambda: _time_each(calls.delete_many, batched(keys, case.batch))
     if case.size is None:
         raise ValueError(f"{case.name}: {case.op} needs a value size")
-    value = pools.value(case.size, case.kind)
-    pool = [calls.key(key) for key in pools.keys(case.size, case.kind, case.pool_size)]
+    value = pools.value(case.size)
+    pool = [calls.key(key) for key in pools.keys(case.size, case.pool_size)]
     if case.op == "get":
         args = cycle(pool, count)
         return lambda: _time_each(calls.get, args)
@@ -314,25 +301,6 @@ def main_cases() -> list[Case]:
 
 def scaling_cases() -> list[Case]:
     return [Case("get_many", 100, 100), Case("get_many", 10 * KB, 100)]
-
-
-def tuning_cases() -> list[Case]:
-    return [
-        Case("get", 100),
-        Case("set", 100),
-        Case("get", 10 * KB),
-        Case("set", 10 * KB),
-        Case("set", 500 * KB),
-        Case("get_many", 100, 100),
-        Case("set_many", 100, 100),
-        Case("get", 10 * KB, kind="object"),
-        Case("set", 10 * KB, kind="object"),
-    ]
-
-
-def pickled_size(case: Case) -> int:
-    """The stored size of an object case's value, for the record."""
-    return len(pickle.dumps(value_for(case.size or 0, case.kind), pickle.HIGHEST_PROTOCOL))
 
 
 def tls_cases() -> list[Case]:
