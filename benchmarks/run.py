@@ -25,16 +25,13 @@ baseline of every ratio, and with pylibmc's default behaviours; Django's
 TLS: on a ``LocalCluster(tls=True)``, our pymemcache backend with ``OPTIONS["TLS"]`` and
 django-elastipymemcache given pymemcache's ``tls_context``, each timed in the same
 interleaved rounds as its clear-text twin, the same backend on an otherwise identical
-clear-text cluster; and, in fresh processes, what TLS adds to discovery and to each node's
-first connection.
+clear-text cluster.
 
 Method: each measurement is a fixed number of calls (calibrated once per operation and
 contender to last about 40 ms) timed with ``time.perf_counter``; rounds interleave the
 contenders in rotated order, and a ratio is the median over rounds of the per-round ratio,
 so a slow stretch of the shared machine falls on both sides of it. Ratios are speeds: above
-1 means ours is faster. Besides operations it measures, in fresh subprocesses, the first
-request (import, build, discovery and connection) and resident memory; in nanoseconds, the
-per-call node-list check and Django's key handling.
+1 means ours is faster. Then the hot paths beside raw clients (``hotpaths.py``).
 
 Then ``network.py``: the operations where round trips count, on a cluster whose relay
 adds 300 µs to every round trip, against its twin without. Last, ``request_cycle.py``:
@@ -43,9 +40,7 @@ and ASGI-style contexts, the connections it opens, ``aget`` against ``get``, 50 
 ASGI requests, and the crash cases of a shared backend instance.
 
 Whatever ``ElastiCache`` overrides (key validation, say) is picked up on the next run: the
-benchmark calls the public cache API, and for the nanosecond timings
-``make_and_validate_key``, ``get_backend_timeout`` and ``_cache``; the methods ours
-overrides are listed in the output.
+benchmark calls the public cache API.
 """
 
 from __future__ import annotations
@@ -63,18 +58,13 @@ from typing import Any
 
 import hotpaths
 import machine
-import micro
 import network
-import probe
 import report
 import request_cycle
 import workloads
 from backends import (
-    BASELINE,
     CONTENDERS,
     TLS_CONTENDERS,
-    addresses,
-    our_behaviors,
 )
 from wire import Addressed, connect
 from workloads import Case, Deadline
@@ -94,7 +84,6 @@ QUICK_ROUNDS = 3
 TARGET_SECONDS = 0.04
 """About how long one measurement lasts (one contender, one operation, one round)."""
 QUICK_TARGET_SECONDS = 0.01
-PROBE_ROUNDS = 5
 TLS_ROUNDS = 7
 """Rounds of the TLS comparison, which has its own pair of clusters."""
 HOTPATH_CALLS = 200
@@ -105,13 +94,10 @@ PIPELINE_TIMEOUT = 0.5
 PIPELINE_MAX_READS = 100
 ENDPOINT_REQUESTS = 5
 CONFIG_GET = b"config get cluster\r\n"
+WARM_KEYS = [f"bench:warm:{i}" for i in range(64)]
+"""Enough keys for every node of every cluster to hold some."""
 MAX_SECONDS = 600.0
 """Hard stop for a run that has gone wrong; a normal full run takes about 4 minutes."""
-
-PROBED = ("ours", "ours_pymemcache", BASELINE, "pymemcache", "elastipymemcache")
-"""Contenders whose per-process costs are measured (raw pylibmc is not a Django backend)."""
-HASHED = ("ours_pymemcache", "pymemcache", "elastipymemcache")
-"""The pymemcache-based contenders, whose clients pick a key's node in Python."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -144,7 +130,7 @@ def warm_up(contenders: Sequence[Any], targets: dict[str, Any]) -> None:
     """Discover and connect to every node, with a get_many of keys on all of them."""
     for contender in contenders:
         calls = contender.calls(targets[contender.name])
-        calls.get_many([calls.key(key) for key in probe.SPREAD_KEYS])
+        calls.get_many([calls.key(key) for key in WARM_KEYS])
 
 
 def run_operations(
@@ -179,24 +165,10 @@ def evictions(cluster: LocalCluster) -> int:
         client.disconnect_all()
 
 
-def run_micro(targets: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Pieces on every probed backend; whole stubbed calls on ours and stock; the node
-    choice, which pymemcache makes in Python, on the pymemcache-based backends."""
-    caches = {name: targets[name] for name in PROBED}
-    return micro.measure(caches, ("ours", BASELINE), args.rounds, HASHED)
-
-
-def run_probes(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
-    rounds = min(args.rounds, PROBE_ROUNDS)
-    where = addresses(cluster)
-    samples = probe.probe_all(dict.fromkeys(PROBED, where), our_behaviors(), rounds)
-    return {"rounds": rounds, "sets": probe.SETS, "samples": samples}
-
-
 def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dict[str, Any]:
     """
     The TLS contenders on a TLS cluster and their clear-text twins on a clear-text one, in
-    the same interleaved rounds; then their connections, in fresh processes.
+    the same interleaved rounds.
     """
     rounds = min(args.rounds, TLS_ROUNDS)
     with (
@@ -214,18 +186,10 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
             cases, calls, rounds, target_seconds(args), deadline, pipelined_setup=False
         )
         tls_evictions = sum(pymemcache_evictions(targets[c.name]) for c in TLS_CONTENDERS if c.tls)
-        progress(started, "TLS: discovery and connections, in subprocesses")
         endpoint_reply = {
             "tls": endpoint_reply_ms(tls_cluster, tls_cluster.client_tls_context()),
             "clear": endpoint_reply_ms(clear_cluster, None),
         }
-        probe_rounds = min(args.rounds, PROBE_ROUNDS)
-        samples = probe.probe_all(
-            {name: addresses(cluster) for name, cluster in clusters.items()},
-            our_behaviors(),
-            probe_rounds,
-            connections=True,
-        )
         return {
             "nodes": MAIN_NODES,
             "rounds": rounds,
@@ -243,11 +207,6 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
                 "clear": pipelining(clear_cluster, None),
             },
             "endpoint_reply_ms": endpoint_reply,
-            "probes": {
-                "rounds": probe_rounds,
-                "spread_keys": len(probe.SPREAD_KEYS),
-                "samples": samples,
-            },
         }
 
 
@@ -322,21 +281,6 @@ def pymemcache_evictions(cache: Any) -> int:
     return evictions
 
 
-def ours_overrides() -> list[str]:
-    """The cache methods ours does not take from Django's PyLibMCCache, for the record."""
-    from django.core.cache.backends.memcached import PyLibMCCache
-
-    from django_elasticache.memcached import ElastiCache
-
-    return sorted(
-        name
-        for name in dir(PyLibMCCache)
-        if not name.startswith("__")
-        and callable(getattr(PyLibMCCache, name))
-        and getattr(ElastiCache, name) is not getattr(PyLibMCCache, name)
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Stopped clusters are meant to be gone; a background refresh finding one so is not news.
@@ -353,17 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine.describe(),
         "load_before": machine.load_average(),
         "contenders": {contender.name: contender.label for contender in CONTENDERS},
-        "ours_overrides": ours_overrides(),
         "clusters": {},
     }
     with LocalCluster(nodes=MAIN_NODES, relay=False) as cluster:
         progress(started, f"{MAIN_NODES} nodes: operations")
-        operations, targets = run_operations(cluster, workloads.main_cases(), args, deadline)
+        operations, _ = run_operations(cluster, workloads.main_cases(), args, deadline)
         results["clusters"][str(MAIN_NODES)] = operations
-        progress(started, "per-call overhead")
-        results["micro"] = run_micro(targets, args)
-        progress(started, "first request and memory, in subprocesses")
-        results["probes"] = run_probes(cluster, args)
     for nodes in SCALING_NODES:
         with LocalCluster(nodes=nodes, relay=False) as cluster:
             progress(started, f"{nodes} node(s): get_many(100)")

@@ -1,12 +1,12 @@
 """
 Every figure the reports show, computed once from the samples and kept in the JSON with
-them: medians, speed ratios, the targets' verdicts, the probes' and TLS figures.
+them: medians, speed ratios, the targets' verdicts, and the TLS figures.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import targets
@@ -69,7 +69,6 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
         ),
         "versus_stock_overall": versus_stock_overall(clusters),
         "pymemcache_overall": overall(clusters, OURS_PYMEMCACHE, "elastipymemcache"),
-        "probes": summarize_probes(results["probes"]["samples"]),
         "tls": summarize_tls(results["tls"]),
     }
 
@@ -95,25 +94,12 @@ def overall(clusters: Mapping[str, Any], faster: str, slower: str) -> dict[str, 
     }
 
 
-def summarize_probes(samples: Mapping[str, Mapping[str, list[float]]]) -> dict[str, Any]:
-    medians = {
-        name: {metric: statistics.median(values) for metric, values in metrics.items()}
-        for name, metrics in samples.items()
-    }
-    for metrics in medians.values():
-        metrics["first_request_ms"] = (
-            metrics["import_ms"] + metrics["build_ms"] + metrics["first_get_ms"]
-        )
-        metrics["rss_growth_kib"] = metrics["rss_after_kib"] - metrics["rss_before_kib"]
-    return medians
-
-
 def summarize_tls(data: Mapping[str, Any]) -> dict[str, Any]:
     """
     Per operation, each TLS contender against its clear-text twin: the median of the
     per-round ratios of their times (above 1: TLS is slower) and of the per-round
     differences; and our pymemcache backend against django-elastipymemcache, each side
-    with TLS and each without. Then the connections of a fresh process, likewise paired.
+    with TLS and each without.
     """
     cases = {}
     for case, case_data in data["cases"].items():
@@ -132,44 +118,4 @@ def summarize_tls(data: Mapping[str, Any]) -> dict[str, Any]:
                 "clear": speed(seconds, OURS_PYMEMCACHE, "elastipymemcache"),
             },
         }
-    samples = {
-        name: {**metrics, **connection_costs(metrics)}
-        for name, metrics in data["probes"]["samples"].items()
-    }
-    connections = {
-        name: {metric: statistics.median(values) for metric, values in metrics.items()}
-        for name, metrics in samples.items()
-    }
-    first_request = {
-        tls: {
-            "ratio": speed(
-                {name: samples[name]["connections_ms"] for name in (tls, clear)}, clear, tls
-            ),
-            "added_ms": {
-                metric: statistics.median(minus(samples[tls][metric], samples[clear][metric]))
-                for metric in (*CONNECTION_STEPS, "connections_ms", "build_ms")
-            },
-        }
-        for tls, clear in TLS_PAIRS.items()
-    }
-    return {"cases": cases, "connections": connections, "first_request": first_request}
-
-
-CONNECTION_STEPS = ("discovery_ms", "first_node_ms", "other_nodes_ms")
-
-
-def connection_costs(metrics: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
-    """
-    Per round: the first node's connection (the first get less a warm one), the other
-    nodes' (the first get_many less a warm one), and with discovery the three together.
-    """
-    first_node = minus(metrics["first_get_ms"], metrics["warm_get_ms"])
-    other_nodes = minus(metrics["first_get_many_ms"], metrics["warm_get_many_ms"])
-    return {
-        "first_node_ms": first_node,
-        "other_nodes_ms": other_nodes,
-        "connections_ms": [
-            sum(steps)
-            for steps in zip(metrics["discovery_ms"], first_node, other_nodes, strict=True)
-        ],
-    }
+    return {"cases": cases}
