@@ -309,11 +309,6 @@ def new_connections(contender: Contender, stats: NodeStats) -> list[int]:
 # The request cycle
 
 
-def rotated(items: Sequence[Any], round_index: int) -> list[Any]:
-    turn = round_index % len(items)
-    return [*items[turn:], *items[:turn]]
-
-
 def measure_requests(
     made: list[Contender], rounds: int, stats: Mapping[bool, NodeStats]
 ) -> dict[str, Any]:
@@ -324,7 +319,7 @@ def measure_requests(
         contender.run(WARM_UP_REQUESTS)
     seconds: dict[str, list[float]] = {c.name: [] for c in made}
     for round_index in range(rounds):
-        for contender in rotated(made, round_index):
+        for contender in workloads.rotated(made, round_index):
             elapsed = contender.run(REQUESTS_PER_MEASUREMENT)
             seconds[contender.name].append(elapsed / REQUESTS_PER_MEASUREMENT)
     connections = {c.name: new_connections(c, stats[c.tls]) for c in made}
@@ -381,7 +376,7 @@ def measure_aget(cluster: LocalCluster, rounds: int) -> dict[str, Any]:
     loop = asyncio.new_event_loop()
     try:
         for round_index in range(rounds):
-            for name in rotated(list(built), round_index):
+            for name in workloads.rotated(list(built), round_index):
                 sync, awaited = sequential(built[name], keys, loop)
                 samples[name]["get"].append(sync)
                 samples[name]["aget"].append(awaited)
@@ -421,7 +416,7 @@ def measure_concurrency(entries: Mapping[str, dict[str, Any]], rounds: int) -> d
     errors: dict[str, Counter[str]] = {name: Counter() for name in aliases}
     with override_settings(CACHES=settings):
         for round_index in range(rounds + 1):
-            for name in rotated(list(aliases), round_index):
+            for name in workloads.rotated(list(aliases), round_index):
                 gc.collect()
                 start = time.perf_counter()
                 done, bad, failed = asyncio.run(concurrent_wave(aliases[name], round_index))

@@ -48,8 +48,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import ssl
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -66,10 +64,8 @@ from backends import (
     CONTENDERS,
     TLS_CONTENDERS,
 )
-from wire import Addressed, connect
 from workloads import Case, Deadline
 
-from django_elasticache.options import parse_location
 from django_elasticache.testing import LocalCluster
 
 HERE = Path(__file__).resolve().parent
@@ -88,12 +84,6 @@ TLS_ROUNDS = 7
 """Rounds of the TLS comparison, which has its own pair of clusters."""
 HOTPATH_CALLS = 200
 """Calls per round of each hot-path contender (``hotpaths``)."""
-PIPELINED_SETS = 10
-PIPELINED_VALUE = 4 * workloads.KB
-PIPELINE_TIMEOUT = 0.5
-PIPELINE_MAX_READS = 100
-ENDPOINT_REQUESTS = 5
-CONFIG_GET = b"config get cluster\r\n"
 WARM_KEYS = [f"bench:warm:{i}" for i in range(64)]
 """Enough keys for every node of every cluster to hold some."""
 MAX_SECONDS = 600.0
@@ -181,15 +171,12 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
         warm_up(TLS_CONTENDERS, targets)
         calls = {c.name: c.calls(targets[c.name]) for c in TLS_CONTENDERS}
         cases = workloads.tls_cases()
-        # One set at a time to fill the pools: see pipelining().
+        # One set at a time to fill the pools: memcached stalls on a burst of pipelined
+        # sets over TLS (see django_elasticache.pipeline).
         measured = workloads.measure(
             cases, calls, rounds, target_seconds(args), deadline, pipelined_setup=False
         )
         tls_evictions = sum(pymemcache_evictions(targets[c.name]) for c in TLS_CONTENDERS if c.tls)
-        endpoint_reply = {
-            "tls": endpoint_reply_ms(tls_cluster, tls_cluster.client_tls_context()),
-            "clear": endpoint_reply_ms(clear_cluster, None),
-        }
         return {
             "nodes": MAIN_NODES,
             "rounds": rounds,
@@ -202,70 +189,7 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
                 for case in cases
             },
             "evictions": {"tls": tls_evictions, "clear": evictions(clear_cluster)},
-            "pipelining": {
-                "tls": pipelining(tls_cluster, tls_cluster.client_tls_context()),
-                "clear": pipelining(clear_cluster, None),
-            },
-            "endpoint_reply_ms": endpoint_reply,
         }
-
-
-def pipelining(cluster: LocalCluster, context: ssl.SSLContext | None) -> dict[str, Any]:
-    """
-    Send one node ten sets in one write, as pymemcache's ``set_many`` does, and count the
-    replies that arrive within ``PIPELINE_TIMEOUT``. memcached 1.6.18 over TLS was seen to
-    answer part of such a burst and then wait for more input, which made the pools'
-    batched filling time out; in clear text it answers at once. Raw sockets, so that no
-    client library is part of the answer.
-    """
-    node = cluster.nodes[0]
-    value = b"p" * PIPELINED_VALUE
-    burst = b"".join(
-        b"set bench:pipelined:%d 0 300 %d\r\n%s\r\n" % (i, len(value), value)
-        for i in range(PIPELINED_SETS)
-    )
-    replies = b""
-    start = time.perf_counter()
-    with connect(node, context, PIPELINE_TIMEOUT) as sock:
-        try:
-            sock.sendall(burst)
-            for _ in range(PIPELINE_MAX_READS):
-                if replies.count(b"\r\n") >= PIPELINED_SETS:
-                    break
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                replies += chunk
-        except TimeoutError:
-            pass
-    return {
-        "sets": PIPELINED_SETS,
-        "bytes": len(burst),
-        "stored": replies.count(b"STORED\r\n"),
-        "ms": (time.perf_counter() - start) * 1e3,
-    }
-
-
-def endpoint_reply_ms(cluster: LocalCluster, context: ssl.SSLContext | None) -> float:
-    """
-    Median milliseconds from sending ``config get cluster`` to the end of the reply, on a
-    new connection each time, its handshake done before the clock starts.
-    """
-    endpoint = parse_location(cluster.location)
-    where = Addressed(endpoint.host, endpoint.port, cluster.endpoint.host)
-    times = []
-    for _ in range(ENDPOINT_REQUESTS):
-        with connect(where, context, PIPELINE_TIMEOUT) as sock:
-            reply = b""
-            start = time.perf_counter()
-            sock.sendall(CONFIG_GET)
-            for _ in range(PIPELINE_MAX_READS):
-                chunk = sock.recv(4096)
-                reply += chunk
-                if not chunk or reply.endswith(b"END\r\n"):
-                    break
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def pymemcache_evictions(cache: Any) -> int:

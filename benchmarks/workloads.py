@@ -25,8 +25,11 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from backends import Calls
+
+T = TypeVar("T")
 
 CALIBRATION_SECONDS = 0.005
 """A calibration run stops growing once it takes this long."""
@@ -92,7 +95,7 @@ class Pools:
     """
     The stored values of each size, under keys that every contender reads.
     ``pipelined`` False stores them one ``set`` at a time: memcached's TLS connections can
-    stall on a burst of pipelined sets (see ``run.pipelining``).
+    stall on a burst of pipelined sets (see ``django_elasticache.pipeline``).
     """
 
     values: dict[int, bytes] = field(default_factory=dict)
@@ -130,6 +133,12 @@ class Pools:
 
 def batched(items: Sequence[str], size: int) -> list[list[str]]:
     return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
+def rotated(items: Sequence[T], round_index: int) -> list[T]:
+    """The items from the round's turn on, then the ones before: A B C, B C A, C A B, ..."""
+    turn = round_index % len(items)
+    return [*items[turn:], *items[:turn]]
 
 
 def cycle(items: Sequence[object], count: int) -> list:
@@ -274,9 +283,8 @@ def measure(
     order = list(contenders.items())
     for round_index in range(rounds):
         gc.collect()
-        rotation = round_index % len(order)
         for case in cases:
-            for name, calls in order[rotation:] + order[:rotation]:
+            for name, calls in rotated(order, round_index):
                 count = result.calls[case.name][name]
                 timed = prepare(case, calls, count, pools)
                 result.seconds[case.name][name].append(timed() / count)
