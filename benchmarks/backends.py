@@ -201,12 +201,6 @@ def build_stock(cluster: Cluster, behaviors: Behaviors) -> Any:
     return PyLibMCCache(static_location(cluster), {"OPTIONS": {"behaviors": dict(behaviors)}})
 
 
-def build_stock_defaults(cluster: Cluster, behaviors: Behaviors) -> Any:
-    from django.core.cache.backends.memcached import PyLibMCCache
-
-    return PyLibMCCache(static_location(cluster), {"OPTIONS": {}})
-
-
 def build_pymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
     from django.core.cache.backends.memcached import PyMemcacheCache
 
@@ -277,7 +271,6 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender("ours", "ElastiCache (ours)", build_ours),
     Contender("ours_pymemcache", "pymemcache ElastiCache (ours)", build_ours_pymemcache),
     Contender(BASELINE, "PyLibMCCache, our behaviours", build_stock),
-    Contender("stock_defaults", "PyLibMCCache, default behaviours", build_stock_defaults),
     Contender("pymemcache", "PyMemcacheCache", build_pymemcache),
     Contender("elastipymemcache", "django-elastipymemcache", build_elastipymemcache),
     Contender("raw", "raw pylibmc.Client", build_raw, raw=True),

@@ -18,7 +18,7 @@ django-elastipymemcache). Writes a table to stdout, every sample to ``--out`` (d
 Contenders (``backends.py``): our ``ElastiCache`` (LOCATION the configuration endpoint);
 our pymemcache twin, ``django_elasticache.pymemcache.ElastiCache``, through the same
 endpoint; Django's ``PyLibMCCache`` on the static node list with our pylibmc behaviours, the
-baseline of every ratio, and with pylibmc's default behaviours; Django's
+baseline of every ratio; Django's
 ``PyMemcacheCache``; ``django-elastipymemcache`` through the same endpoint; raw
 ``pylibmc.Client`` calls with finished Django keys (":1:key"), the floor.
 

@@ -32,7 +32,6 @@ SHORT = {
     "ours_pymemcache_tls": "ours pymemcache, TLS",
     "elastipymemcache_tls": "elastipymemcache, TLS",
     BASELINE: "stock",
-    "stock_defaults": "stock, default behaviours",
     "pymemcache": "PyMemcacheCache",
     "elastipymemcache": "elastipymemcache",
     "raw": "raw pylibmc",
@@ -200,9 +199,6 @@ def notes(summary: Mapping[str, Any]) -> list[str]:
     us = summary["median_us"][MAIN]
     many = "set_many(100) 100 B"
     return [
-        f"Django's ``PyLibMCCache`` with pylibmc's default behaviours (``tcp_nodelay`` off) "
-        f"takes {fmt_us(us['set 500 KB']['stock_defaults'])} µs for a 500 KB set, against "
-        f"{fmt_us(us['set 500 KB'][BASELINE])} µs with ours.",
         f"{many} takes ours {fmt_us(us[many][OURS])} µs, raw pylibmc "
         f"{fmt_us(us[many]['raw'])} µs and django-elastipymemcache "
         f"{fmt_us(us[many]['elastipymemcache'])} µs: pylibmc's ``set_multi`` waits for each "

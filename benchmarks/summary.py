@@ -18,7 +18,7 @@ OURS_PYMEMCACHE = "ours_pymemcache"
 OURS_TLS = "ours_pymemcache_tls"
 ELASTI_TLS = "elastipymemcache_tls"
 MAIN = "3"
-COMPARED = (BASELINE, "stock_defaults", "raw", "elastipymemcache", "pymemcache")
+COMPARED = (BASELINE, "raw", "elastipymemcache", "pymemcache")
 """The contenders ours is compared with, in column order."""
 PYMEMCACHE_COMPARED = ("elastipymemcache", "pymemcache", OURS)
 """What our pymemcache backend is compared with, in column order."""
