@@ -7,8 +7,8 @@ do not have (an unbounded wait saves a ``poll`` per call, but no one should run 
 ``PyLibMCCache`` gets our pylibmc behaviours: it is the baseline, so what is left between it
 and ours is what this package adds, discovery and the node-list check on every call.
 
-Builders import their library when called, so that a memory probe of one contender loads
-only that contender's code.
+Builders import their library when called, so that a contender's library is needed only
+where it runs.
 
 The TLS contenders run on a ``LocalCluster(tls=True)``, whose certificates name each node's
 hostname and come from a throwaway CA; their clear-text twins are the same builders on an
@@ -59,7 +59,7 @@ class Cluster(Protocol):
 @dataclass(frozen=True)
 class Addresses:
     """
-    A cluster known by its addresses only, as a probe subprocess receives it: ``hosts``
+    A cluster known by its addresses only, as a child process hands it over: ``hosts``
     maps each node's advertised hostname to its IP (what DNS would answer), and ``ca_pem``
     is the CA a TLS cluster's certificates come from (None: clear text).
     """
@@ -74,7 +74,7 @@ class Addresses:
         return self.ca_pem is not None
 
     def spec(self) -> dict[str, Any]:
-        """What a probe subprocess is given, as JSON."""
+        """The addresses as JSON, for another process."""
         return {
             "location": self.location,
             "node_addresses": list(self.node_addresses),
@@ -136,6 +136,7 @@ class Calls:
     set_many: Callable[[dict[str, Any]], Any]
     incr: Callable[[str], Any]
     delete: Callable[[str], Any]
+    delete_many: Callable[[list[str]], Any]
     key: Callable[[str], str]
 
 
@@ -148,6 +149,7 @@ def django_calls(cache: Any) -> Calls:
         set_many=cache.set_many,
         incr=cache.incr,
         delete=cache.delete,
+        delete_many=cache.delete_many,
         key=str,
     )
 
@@ -161,6 +163,7 @@ def raw_calls(client: Any) -> Calls:
         set_many=functools.partial(client.set_multi, time=DJANGO_TIMEOUT),
         incr=client.incr,
         delete=client.delete,
+        delete_many=client.delete_multi,
         key=DJANGO_KEY_PREFIX.__add__,
     )
 
@@ -198,12 +201,6 @@ def build_stock(cluster: Cluster, behaviors: Behaviors) -> Any:
     return PyLibMCCache(static_location(cluster), {"OPTIONS": {"behaviors": dict(behaviors)}})
 
 
-def build_stock_defaults(cluster: Cluster, behaviors: Behaviors) -> Any:
-    from django.core.cache.backends.memcached import PyLibMCCache
-
-    return PyLibMCCache(static_location(cluster), {"OPTIONS": {}})
-
-
 def build_pymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
     from django.core.cache.backends.memcached import PyMemcacheCache
 
@@ -212,19 +209,23 @@ def build_pymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
 
 
 def build_elastipymemcache(cluster: Cluster, behaviors: Behaviors) -> Any:
-    """Its README's auto-discovery setup, refreshing every 60 s as ours does by default."""
     from django_elastipymemcache.backend import ElastiPymemcache
 
-    cluster = addresses(cluster)
+    return ElastiPymemcache(cluster.location, {"OPTIONS": elastipymemcache_options(cluster)})
+
+
+def elastipymemcache_options(cluster: Cluster) -> dict[str, Any]:
+    """Its README's auto-discovery setup, refreshing every 60 s as ours does by default."""
+    where = addresses(cluster)
     options: dict[str, Any] = {
         "ignore_exc": True,
         "discovery_interval": 60.0,
         "connect_timeout": TIMEOUT_SECONDS,
         "timeout": TIMEOUT_SECONDS,
     }
-    if cluster.tls:
-        options.update(elastipymemcache_tls_options(cluster))
-    return ElastiPymemcache(cluster.location, {"OPTIONS": options})
+    if where.tls:
+        options.update(elastipymemcache_tls_options(where))
+    return options
 
 
 def elastipymemcache_tls_options(cluster: Addresses) -> dict[str, Any]:
@@ -250,12 +251,11 @@ def build_raw(cluster: Cluster, behaviors: Behaviors) -> Any:
 
 @dataclass(frozen=True)
 class Contender:
-    """One way of using the cluster from Django; ``module`` is the one its builder imports."""
+    """One way of using the cluster from Django."""
 
     name: str
     label: str
     builder: Callable[[Cluster, Behaviors], Any]
-    module: str
     raw: bool = False
     tls: bool = False
     """Built on a TLS cluster (the builder sees that the cluster has TLS, and uses it)."""
@@ -267,33 +267,13 @@ class Contender:
         return raw_calls(target) if self.raw else django_calls(target)
 
 
-DJANGO_MEMCACHED = "django.core.cache.backends.memcached"
-OURS_PYMEMCACHE = "django_elasticache.pymemcache"
-ELASTIPYMEMCACHE = "django_elastipymemcache.backend"
-
 CONTENDERS: tuple[Contender, ...] = (
-    Contender("ours", "ElastiCache (ours)", build_ours, "django_elasticache.memcached"),
-    Contender(
-        "ours_pymemcache",
-        "pymemcache ElastiCache (ours)",
-        build_ours_pymemcache,
-        OURS_PYMEMCACHE,
-    ),
-    Contender(BASELINE, "PyLibMCCache, our behaviours", build_stock, DJANGO_MEMCACHED),
-    Contender(
-        "stock_defaults",
-        "PyLibMCCache, default behaviours",
-        build_stock_defaults,
-        DJANGO_MEMCACHED,
-    ),
-    Contender("pymemcache", "PyMemcacheCache", build_pymemcache, DJANGO_MEMCACHED),
-    Contender(
-        "elastipymemcache",
-        "django-elastipymemcache",
-        build_elastipymemcache,
-        ELASTIPYMEMCACHE,
-    ),
-    Contender("raw", "raw pylibmc.Client", build_raw, "pylibmc", raw=True),
+    Contender("ours", "ElastiCache (ours)", build_ours),
+    Contender("ours_pymemcache", "pymemcache ElastiCache (ours)", build_ours_pymemcache),
+    Contender(BASELINE, "PyLibMCCache, our behaviours", build_stock),
+    Contender("pymemcache", "PyMemcacheCache", build_pymemcache),
+    Contender("elastipymemcache", "django-elastipymemcache", build_elastipymemcache),
+    Contender("raw", "raw pylibmc.Client", build_raw, raw=True),
 )
 """All contenders on the clear-text clusters, in table order."""
 
@@ -302,28 +282,15 @@ TLS_CONTENDERS: tuple[Contender, ...] = (
         "ours_pymemcache_tls",
         "pymemcache ElastiCache (ours), TLS",
         build_ours_pymemcache,
-        OURS_PYMEMCACHE,
         tls=True,
     ),
     Contender(
-        "ours_pymemcache",
-        "pymemcache ElastiCache (ours), clear text",
-        build_ours_pymemcache,
-        OURS_PYMEMCACHE,
+        "ours_pymemcache", "pymemcache ElastiCache (ours), clear text", build_ours_pymemcache
     ),
     Contender(
-        "elastipymemcache_tls",
-        "django-elastipymemcache, TLS",
-        build_elastipymemcache,
-        ELASTIPYMEMCACHE,
-        tls=True,
+        "elastipymemcache_tls", "django-elastipymemcache, TLS", build_elastipymemcache, tls=True
     ),
-    Contender(
-        "elastipymemcache",
-        "django-elastipymemcache, clear text",
-        build_elastipymemcache,
-        ELASTIPYMEMCACHE,
-    ),
+    Contender("elastipymemcache", "django-elastipymemcache, clear text", build_elastipymemcache),
 )
 """The contenders of the TLS comparison, each TLS one followed by its clear-text twin."""
 
@@ -331,4 +298,4 @@ TLS_PAIRS = {"ours_pymemcache_tls": "ours_pymemcache", "elastipymemcache_tls": "
 """Each TLS contender and its clear-text twin, the same builder on a clear-text cluster."""
 
 BY_NAME = {contender.name: contender for contender in (*TLS_CONTENDERS, *CONTENDERS)}
-"""Every contender by name; the builders, what a probe needs, are the same for a twin."""
+"""Every contender by name; a TLS contender's builder is its clear-text twin's."""

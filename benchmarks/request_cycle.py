@@ -145,7 +145,6 @@ BACKENDS = (
         True,
     ),
 )
-BY_NAME = {backend.name: backend for backend in BACKENDS}
 STOCK = "stock"
 
 
@@ -310,11 +309,6 @@ def new_connections(contender: Contender, stats: NodeStats) -> list[int]:
 # The request cycle
 
 
-def rotated(items: Sequence[Any], round_index: int) -> list[Any]:
-    turn = round_index % len(items)
-    return [*items[turn:], *items[:turn]]
-
-
 def measure_requests(
     made: list[Contender], rounds: int, stats: Mapping[bool, NodeStats]
 ) -> dict[str, Any]:
@@ -325,7 +319,7 @@ def measure_requests(
         contender.run(WARM_UP_REQUESTS)
     seconds: dict[str, list[float]] = {c.name: [] for c in made}
     for round_index in range(rounds):
-        for contender in rotated(made, round_index):
+        for contender in workloads.rotated(made, round_index):
             elapsed = contender.run(REQUESTS_PER_MEASUREMENT)
             seconds[contender.name].append(elapsed / REQUESTS_PER_MEASUREMENT)
     connections = {c.name: new_connections(c, stats[c.tls]) for c in made}
@@ -382,7 +376,7 @@ def measure_aget(cluster: LocalCluster, rounds: int) -> dict[str, Any]:
     loop = asyncio.new_event_loop()
     try:
         for round_index in range(rounds):
-            for name in rotated(list(built), round_index):
+            for name in workloads.rotated(list(built), round_index):
                 sync, awaited = sequential(built[name], keys, loop)
                 samples[name]["get"].append(sync)
                 samples[name]["aget"].append(awaited)
@@ -412,16 +406,17 @@ async def concurrent_wave(alias: str, wave: int) -> tuple[int, int, Counter[str]
     return len(outcomes), wrong, errors
 
 
-def measure_concurrency(cluster: LocalCluster, rounds: int) -> dict[str, Any]:
-    """Requests per second of waves of 50, wrong values and exceptions, per backend."""
-    aliases = {backend.name: f"concurrent_{backend.name}" for backend in BACKENDS}
-    settings = {alias: BY_NAME[name].settings(cluster) for name, alias in aliases.items()}
+def measure_concurrency(entries: Mapping[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """Seconds per request of waves of 50, wrong values and exceptions, per backend, given
+    each backend's ``CACHES`` entry by name."""
+    aliases = {name: f"concurrent_{name}" for name in entries}
+    settings = {aliases[name]: entry for name, entry in entries.items()}
     seconds: dict[str, list[float]] = {name: [] for name in aliases}
     wrong: Counter[str] = Counter()
     errors: dict[str, Counter[str]] = {name: Counter() for name in aliases}
     with override_settings(CACHES=settings):
         for round_index in range(rounds + 1):
-            for name in rotated(list(aliases), round_index):
+            for name in workloads.rotated(list(aliases), round_index):
                 gc.collect()
                 start = time.perf_counter()
                 done, bad, failed = asyncio.run(concurrent_wave(aliases[name], round_index))
@@ -559,7 +554,7 @@ def run(rounds: int = ROUNDS, progress: Callable[[str], None] = lambda _: None) 
         progress("requests: aget against get")
         aget = measure_aget(clear, rounds)
         progress("requests: 50 concurrent ASGI requests")
-        concurrency = measure_concurrency(clear, rounds)
+        concurrency = measure_concurrency({b.name: b.settings(clear) for b in BACKENDS}, rounds)
         progress("requests: crash cases, in subprocesses")
         crashes = measure_crashes(clear)
     data: dict[str, Any] = {

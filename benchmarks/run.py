@@ -18,33 +18,29 @@ django-elastipymemcache). Writes a table to stdout, every sample to ``--out`` (d
 Contenders (``backends.py``): our ``ElastiCache`` (LOCATION the configuration endpoint);
 our pymemcache twin, ``django_elasticache.pymemcache.ElastiCache``, through the same
 endpoint; Django's ``PyLibMCCache`` on the static node list with our pylibmc behaviours, the
-baseline of every ratio, and with pylibmc's default behaviours; Django's
+baseline of every ratio; Django's
 ``PyMemcacheCache``; ``django-elastipymemcache`` through the same endpoint; raw
 ``pylibmc.Client`` calls with finished Django keys (":1:key"), the floor.
 
 TLS: on a ``LocalCluster(tls=True)``, our pymemcache backend with ``OPTIONS["TLS"]`` and
 django-elastipymemcache given pymemcache's ``tls_context``, each timed in the same
 interleaved rounds as its clear-text twin, the same backend on an otherwise identical
-clear-text cluster; and, in fresh processes, what TLS adds to discovery and to each node's
-first connection.
+clear-text cluster.
 
 Method: each measurement is a fixed number of calls (calibrated once per operation and
 contender to last about 40 ms) timed with ``time.perf_counter``; rounds interleave the
 contenders in rotated order, and a ratio is the median over rounds of the per-round ratio,
 so a slow stretch of the shared machine falls on both sides of it. Ratios are speeds: above
-1 means ours is faster. Besides operations it measures, in fresh subprocesses, the first
-request (import, build, discovery and connection) and resident memory; in nanoseconds, the
-per-call node-list check and Django's key handling; and candidate pylibmc behaviours for
-our backend against its current defaults, with a binary-protocol round-trip check.
+1 means ours is faster. Then the hot paths beside raw clients (``hotpaths.py``).
 
-Last, ``request_cycle.py``: Django's request cycle (``caches[alias]``, then ``close_caches()``) in
-WSGI-style threads and ASGI-style contexts, the connections it opens, ``aget`` against
-``get``, 50 concurrent ASGI requests, and the crash cases of a shared backend instance.
+Then ``network.py``: the operations where round trips count, on a cluster whose relay
+adds 300 µs to every round trip, against its twin without. Last, ``request_cycle.py``:
+Django's request cycle (``caches[alias]``, then ``close_caches()``) in WSGI-style threads
+and ASGI-style contexts, the connections it opens, ``aget`` against ``get``, 50 concurrent
+ASGI requests, and the crash cases of a shared backend instance.
 
 Whatever ``ElastiCache`` overrides (key validation, say) is picked up on the next run: the
-benchmark calls the public cache API, and for the nanosecond timings
-``make_and_validate_key``, ``get_backend_timeout`` and ``_cache``; the methods ours
-overrides are listed in the output.
+benchmark calls the public cache API.
 """
 
 from __future__ import annotations
@@ -52,8 +48,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import ssl
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -62,25 +56,16 @@ from typing import Any
 
 import hotpaths
 import machine
-import micro
-import probe
+import network
 import report
 import request_cycle
-import tuning
 import workloads
 from backends import (
-    BASELINE,
     CONTENDERS,
     TLS_CONTENDERS,
-    addresses,
-    build_ours,
-    django_calls,
-    our_behaviors,
 )
-from wire import Addressed, connect
 from workloads import Case, Deadline
 
-from django_elasticache.options import parse_location
 from django_elasticache.testing import LocalCluster
 
 HERE = Path(__file__).resolve().parent
@@ -95,24 +80,14 @@ QUICK_ROUNDS = 3
 TARGET_SECONDS = 0.04
 """About how long one measurement lasts (one contender, one operation, one round)."""
 QUICK_TARGET_SECONDS = 0.01
-PROBE_ROUNDS = 5
 TLS_ROUNDS = 7
 """Rounds of the TLS comparison, which has its own pair of clusters."""
 HOTPATH_CALLS = 200
 """Calls per round of each hot-path contender (``hotpaths``)."""
-PIPELINED_SETS = 10
-PIPELINED_VALUE = 4 * workloads.KB
-PIPELINE_TIMEOUT = 0.5
-PIPELINE_MAX_READS = 100
-ENDPOINT_REQUESTS = 5
-CONFIG_GET = b"config get cluster\r\n"
+WARM_KEYS = [f"bench:warm:{i}" for i in range(64)]
+"""Enough keys for every node of every cluster to hold some."""
 MAX_SECONDS = 600.0
 """Hard stop for a run that has gone wrong; a normal full run takes about 4 minutes."""
-
-PROBED = ("ours", "ours_pymemcache", BASELINE, "pymemcache", "elastipymemcache")
-"""Contenders whose per-process costs are measured (raw pylibmc is not a Django backend)."""
-HASHED = ("ours_pymemcache", "pymemcache", "elastipymemcache")
-"""The pymemcache-based contenders, whose clients pick a key's node in Python."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -145,7 +120,7 @@ def warm_up(contenders: Sequence[Any], targets: dict[str, Any]) -> None:
     """Discover and connect to every node, with a get_many of keys on all of them."""
     for contender in contenders:
         calls = contender.calls(targets[contender.name])
-        calls.get_many([calls.key(key) for key in probe.SPREAD_KEYS])
+        calls.get_many([calls.key(key) for key in WARM_KEYS])
 
 
 def run_operations(
@@ -180,24 +155,10 @@ def evictions(cluster: LocalCluster) -> int:
         client.disconnect_all()
 
 
-def run_micro(targets: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Pieces on every probed backend; whole stubbed calls on ours and stock; the node
-    choice, which pymemcache makes in Python, on the pymemcache-based backends."""
-    caches = {name: targets[name] for name in PROBED}
-    return micro.measure(caches, ("ours", BASELINE), args.rounds, HASHED)
-
-
-def run_probes(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
-    rounds = min(args.rounds, PROBE_ROUNDS)
-    where = addresses(cluster)
-    samples = probe.probe_all(dict.fromkeys(PROBED, where), our_behaviors(), rounds)
-    return {"rounds": rounds, "sets": probe.SETS, "samples": samples}
-
-
 def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dict[str, Any]:
     """
     The TLS contenders on a TLS cluster and their clear-text twins on a clear-text one, in
-    the same interleaved rounds; then their connections, in fresh processes.
+    the same interleaved rounds.
     """
     rounds = min(args.rounds, TLS_ROUNDS)
     with (
@@ -210,23 +171,12 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
         warm_up(TLS_CONTENDERS, targets)
         calls = {c.name: c.calls(targets[c.name]) for c in TLS_CONTENDERS}
         cases = workloads.tls_cases()
-        # One set at a time to fill the pools: see pipelining().
+        # One set at a time to fill the pools: memcached stalls on a burst of pipelined
+        # sets over TLS (see django_elasticache.pipeline).
         measured = workloads.measure(
             cases, calls, rounds, target_seconds(args), deadline, pipelined_setup=False
         )
         tls_evictions = sum(pymemcache_evictions(targets[c.name]) for c in TLS_CONTENDERS if c.tls)
-        progress(started, "TLS: discovery and connections, in subprocesses")
-        endpoint_reply = {
-            "tls": endpoint_reply_ms(tls_cluster, tls_cluster.client_tls_context()),
-            "clear": endpoint_reply_ms(clear_cluster, None),
-        }
-        probe_rounds = min(args.rounds, PROBE_ROUNDS)
-        samples = probe.probe_all(
-            {name: addresses(cluster) for name, cluster in clusters.items()},
-            our_behaviors(),
-            probe_rounds,
-            connections=True,
-        )
         return {
             "nodes": MAIN_NODES,
             "rounds": rounds,
@@ -239,75 +189,7 @@ def run_tls(args: argparse.Namespace, deadline: Deadline, started: float) -> dic
                 for case in cases
             },
             "evictions": {"tls": tls_evictions, "clear": evictions(clear_cluster)},
-            "pipelining": {
-                "tls": pipelining(tls_cluster, tls_cluster.client_tls_context()),
-                "clear": pipelining(clear_cluster, None),
-            },
-            "endpoint_reply_ms": endpoint_reply,
-            "probes": {
-                "rounds": probe_rounds,
-                "spread_keys": len(probe.SPREAD_KEYS),
-                "samples": samples,
-            },
         }
-
-
-def pipelining(cluster: LocalCluster, context: ssl.SSLContext | None) -> dict[str, Any]:
-    """
-    Send one node ten sets in one write, as pymemcache's ``set_many`` does, and count the
-    replies that arrive within ``PIPELINE_TIMEOUT``. memcached 1.6.18 over TLS was seen to
-    answer part of such a burst and then wait for more input, which made the pools'
-    batched filling time out; in clear text it answers at once. Raw sockets, so that no
-    client library is part of the answer.
-    """
-    node = cluster.nodes[0]
-    value = b"p" * PIPELINED_VALUE
-    burst = b"".join(
-        b"set bench:pipelined:%d 0 300 %d\r\n%s\r\n" % (i, len(value), value)
-        for i in range(PIPELINED_SETS)
-    )
-    replies = b""
-    start = time.perf_counter()
-    with connect(node, context, PIPELINE_TIMEOUT) as sock:
-        try:
-            sock.sendall(burst)
-            for _ in range(PIPELINE_MAX_READS):
-                if replies.count(b"\r\n") >= PIPELINED_SETS:
-                    break
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                replies += chunk
-        except TimeoutError:
-            pass
-    return {
-        "sets": PIPELINED_SETS,
-        "bytes": len(burst),
-        "stored": replies.count(b"STORED\r\n"),
-        "ms": (time.perf_counter() - start) * 1e3,
-    }
-
-
-def endpoint_reply_ms(cluster: LocalCluster, context: ssl.SSLContext | None) -> float:
-    """
-    Median milliseconds from sending ``config get cluster`` to the end of the reply, on a
-    new connection each time, its handshake done before the clock starts.
-    """
-    endpoint = parse_location(cluster.location)
-    where = Addressed(endpoint.host, endpoint.port, cluster.endpoint.host)
-    times = []
-    for _ in range(ENDPOINT_REQUESTS):
-        with connect(where, context, PIPELINE_TIMEOUT) as sock:
-            reply = b""
-            start = time.perf_counter()
-            sock.sendall(CONFIG_GET)
-            for _ in range(PIPELINE_MAX_READS):
-                chunk = sock.recv(4096)
-                reply += chunk
-                if not chunk or reply.endswith(b"END\r\n"):
-                    break
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def pymemcache_evictions(cache: Any) -> int:
@@ -321,52 +203,6 @@ def pymemcache_evictions(cache: Any) -> int:
         with pool.client(lambda error: False) as node:
             evictions += int(node.stats().get(b"evictions", 0))
     return evictions
-
-
-def run_tuning(
-    cluster: LocalCluster, stock: Any, args: argparse.Namespace, deadline: Deadline
-) -> dict[str, Any]:
-    """
-    Each candidate is our backend with its options; the reference is our defaults. The
-    round trip is also made through ``stock``, to tell pylibmc's ways from the protocol's.
-    """
-    backends = {
-        candidate.name: build_ours(cluster, {}, **candidate.options)
-        for candidate in tuning.CANDIDATES
-    }
-    calls = {name: django_calls(backend) for name, backend in backends.items()}
-    cases = workloads.tuning_cases()
-    measured = workloads.measure(cases, calls, args.rounds, target_seconds(args), deadline)
-    return {
-        "cases": {
-            case.name: {"calls": measured.calls[case.name], "seconds": measured.seconds[case.name]}
-            for case in cases
-        },
-        "object_bytes": {
-            case.name: workloads.pickled_size(case) for case in cases if case.kind == "object"
-        },
-        "pickling": tuning.pickling(workloads.value_for(10 * workloads.KB, "object"), args.rounds),
-        "round_trip": {
-            tuning.OURS_TEXT: tuning.round_trip(calls[tuning.REFERENCE]),
-            tuning.OURS_BINARY: tuning.round_trip(calls[tuning.BINARY]),
-            tuning.STOCK_TEXT: tuning.round_trip(django_calls(stock)),
-        },
-    }
-
-
-def ours_overrides() -> list[str]:
-    """The cache methods ours does not take from Django's PyLibMCCache, for the record."""
-    from django.core.cache.backends.memcached import PyLibMCCache
-
-    from django_elasticache.memcached import ElastiCache
-
-    return sorted(
-        name
-        for name in dir(PyLibMCCache)
-        if not name.startswith("__")
-        and callable(getattr(PyLibMCCache, name))
-        and getattr(ElastiCache, name) is not getattr(PyLibMCCache, name)
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,19 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine.describe(),
         "load_before": machine.load_average(),
         "contenders": {contender.name: contender.label for contender in CONTENDERS},
-        "ours_overrides": ours_overrides(),
         "clusters": {},
     }
     with LocalCluster(nodes=MAIN_NODES, relay=False) as cluster:
         progress(started, f"{MAIN_NODES} nodes: operations")
-        operations, targets = run_operations(cluster, workloads.main_cases(), args, deadline)
+        operations, _ = run_operations(cluster, workloads.main_cases(), args, deadline)
         results["clusters"][str(MAIN_NODES)] = operations
-        progress(started, "per-call overhead")
-        results["micro"] = run_micro(targets, args)
-        progress(started, "first request and memory, in subprocesses")
-        results["probes"] = run_probes(cluster, args)
-        progress(started, "tuning")
-        results["tuning"] = run_tuning(cluster, targets[BASELINE], args, deadline)
     for nodes in SCALING_NODES:
         with LocalCluster(nodes=nodes, relay=False) as cluster:
             progress(started, f"{nodes} node(s): get_many(100)")
@@ -406,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["tls"] = run_tls(args, deadline, started)
     progress(started, "hot paths beside raw clients")
     results["hotpaths"] = hotpaths.run(args.rounds, HOTPATH_CALLS)
+    progress(started, f"over a network: {network.DEFAULT_LATENCY * 1e6:.0f} µs added")
+    results["network"] = network.run(
+        network.DEFAULT_LATENCY, min(args.rounds, network.DEFAULT_ROUNDS), deadline=deadline
+    )
     results["requests"] = request_cycle.run(
         min(args.rounds, request_cycle.ROUNDS), lambda what: progress(started, what)
     )

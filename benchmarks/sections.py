@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hotpaths
+import network
 import request_report
-import tuning
-from backends import BASELINE, TLS_PAIRS
+from backends import BASELINE
 from stats import geometric_mean
 from summary import (
     COMPARED,
@@ -32,7 +32,6 @@ SHORT = {
     "ours_pymemcache_tls": "ours pymemcache, TLS",
     "elastipymemcache_tls": "elastipymemcache, TLS",
     BASELINE: "stock",
-    "stock_defaults": "stock, default behaviours",
     "pymemcache": "PyMemcacheCache",
     "elastipymemcache": "elastipymemcache",
     "raw": "raw pylibmc",
@@ -103,37 +102,6 @@ def pymemcache_line(summary: Mapping[str, Any]) -> str:
     )
 
 
-def node_choice_lines(results: Mapping[str, Any]) -> list[str]:
-    """What choosing a key's node costs the pymemcache-based backends, and why it differs."""
-    choice = results["micro"]["node_choice"]["node_choice"]
-    names = results["micro"]["node_names"]
-    ours, elasti = choice[OURS_PYMEMCACHE], choice["elastipymemcache"]
-
-    def named(name: str) -> str:
-        first = names[name][0]
-        return f'"{first}-<key>", {len(first) + 1} characters and the key'
-
-    return [
-        f'Rendezvous hashing scores "node-key" for each of the {len(names[OURS_PYMEMCACHE])} '
-        "nodes and the highest wins: pymemcache's HashClient with a murmur3 hash in Python, "
-        f"ours pymemcache with BLAKE2b in C. That takes "
-        f"{ours:,.0f} ns a key in ours pymemcache, {elasti:,.0f} ns in django-elastipymemcache "
-        f"and {choice['pymemcache']:,.0f} ns in PyMemcacheCache, so {ours * 100 / 1e3:,.0f} µs "
-        f"and {elasti * 100 / 1e3:,.0f} µs of a get_many(100): ours names its nodes by "
-        f"hostname, hashing {named(OURS_PYMEMCACHE)}; django-elastipymemcache by IP, hashing "
-        f"{named('elastipymemcache')}.",
-    ]
-
-
-TLS_SHORT = {
-    OURS_TLS: "ours pymemcache, TLS",
-    OURS_PYMEMCACHE: "ours pymemcache, clear",
-    ELASTI_TLS: "elastipymemcache, TLS",
-    "elastipymemcache": "elastipymemcache, clear",
-}
-
-TLS_OWNER = {OURS_TLS: "Our pymemcache backend", ELASTI_TLS: "django-elastipymemcache"}
-
 TLS_HEADER = [
     "operation",
     "clear µs",
@@ -188,57 +156,8 @@ def tls_cost_line(summary: Mapping[str, Any]) -> str:
     )
 
 
-CONNECTION_HEADER = [
-    "backend",
-    "build ms",
-    "discovery ms",
-    "first node ms",
-    "other nodes ms",
-    "all three ms",
-    "warm get µs",
-    "RSS MiB",
-]
-
-
-def connection_rows(summary: Mapping[str, Any]):
-    for name, metrics in summary["tls"]["connections"].items():
-        yield [
-            TLS_SHORT[name],
-            f"{metrics['build_ms']:.2f}",
-            f"{metrics['discovery_ms']:.2f}",
-            f"{metrics['first_node_ms']:.2f}",
-            f"{metrics['other_nodes_ms']:.2f}",
-            f"{metrics['connections_ms']:.2f}",
-            f"{metrics['warm_get_ms'] * 1000:.0f}",
-            f"{metrics['rss_after_kib'] / 1024:.1f}",
-        ]
-
-
-def first_request_lines(results: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
-    connections = summary["tls"]["connections"]
-    nodes = results["tls"]["nodes"]
-    lines = []
-    for tls, clear in TLS_PAIRS.items():
-        first = summary["tls"]["first_request"][tls]
-        added = first["added_ms"]
-        lines.append(
-            f"{TLS_OWNER[tls]}: with TLS, discovery and the first connection to "
-            f"each of the {nodes} nodes take {connections[tls]['connections_ms']:.1f} ms "
-            f"against {connections[clear]['connections_ms']:.1f} ms in clear text, "
-            f"{first['ratio']:.1f}x, {added['connections_ms']:+.1f} ms: discovery "
-            f"{added['discovery_ms']:+.2f} ms, the first node {added['first_node_ms']:+.2f} "
-            f"ms, the other {nodes - 1} {added['other_nodes_ms']:+.2f} ms; building the "
-            f"backend, its TLS context included, {added['build_ms']:+.2f} ms."
-        )
-    return lines
-
-
 def tls_notes(results: Mapping[str, Any]) -> list[str]:
-    """How the TLS contenders were set up, and what the TLS cluster did besides."""
-    data = results["tls"]
-    reply = data["endpoint_reply_ms"]
-    pipelined = data["pipelining"]
-    memcached = results["machine"]["memcached"]
+    """How the TLS contenders were set up."""
     tls_us = {case: data["median_us"] for case, data in results["summary"]["tls"]["cases"].items()}
     return [
         "django-elastipymemcache has no TLS option of its own, but its OPTIONS reach "
@@ -246,111 +165,11 @@ def tls_notes(results: Mapping[str, Any]) -> list[str]:
         "configuration endpoint. It connects to the nodes' IPs by default, which their "
         "certificates do not name, so verification fails; with ``use_vpc_ip_address`` False "
         "it connects by hostname, which here a ``socket_module`` resolves as DNS would.",
-        f"Sent to one node in one write, as pymemcache's ``set_many`` sends a node its keys, "
-        f"{pipelined['clear']['sets']} sets of {pipelined['clear']['bytes'] // 1024} KB "
-        f"in all were answered in {pipelined['clear']['ms']:.1f} ms in clear text; over TLS "
-        f"memcached {memcached} answered {pipelined['tls']['stored']} and then nothing "
-        f"until the client gave up after {pipelined['tls']['ms']:.0f} ms. A ``set_many`` "
-        "carrying a few tens of KB to one node therefore times out over TLS against this "
-        "memcached, with any pymemcache-based backend; the TLS rounds fill their values one "
-        "``set`` at a time, and the ``set_many(100)`` of 100 B timed (about 5 KB a node) "
-        "was answered.",
         "django-elastipymemcache leaves pymemcache's ``no_delay`` at its default, off "
         "(Nagle's algorithm on); ours turns it on. Over TLS its set of 500 KB took "
         f"{fmt_us(tls_us['set 500 KB'][ELASTI_TLS])} µs, ours "
         f"{fmt_us(tls_us['set 500 KB'][OURS_TLS])} µs.",
-        f"The emulated configuration endpoint answered ``config get cluster`` over TLS in "
-        f"{reply['tls']:.2f} ms on a new connection, its handshake done ({reply['clear']:.2f} "
-        "ms in clear text).",
     ]
-
-
-def probe_rows(summary: Mapping[str, Any]):
-    for name, metrics in summary["probes"].items():
-        yield [
-            SHORT[name],
-            f"{metrics['import_ms']:.1f}",
-            f"{metrics['build_ms']:.2f}",
-            f"{metrics['first_get_ms']:.2f}",
-            f"{metrics['first_request_ms']:.1f}",
-            f"{metrics['warm_get_ms'] * 1000:.0f}",
-            f"{metrics['rss_after_kib'] / 1024:.1f}",
-            f"{metrics['rss_growth_kib'] / 1024:.1f}",
-        ]
-
-
-PROBE_HEADER = [
-    "backend",
-    "import ms",
-    "build ms",
-    "first get ms",
-    "all three ms",
-    "warm get µs",
-    "RSS MiB",
-    "RSS growth MiB",
-]
-
-
-def pieces_rows(results: Mapping[str, Any]):
-    for what, by_cache in results["micro"]["pieces"].items():
-        yield [what, *(f"{by_cache[name]:.0f}" for name in by_cache)]
-
-
-def pieces_header(results: Mapping[str, Any]) -> list[str]:
-    first = next(iter(results["micro"]["pieces"].values()))
-    return ["ns per call", *(SHORT[name] for name in first)]
-
-
-REAL_CASE = {
-    "get": "get 100 B",
-    "set": "set 100 B",
-    "get_many(100)": "get_many(100) 100 B",
-    "set_many(100)": "set_many(100) 100 B",
-    "incr": "incr",
-    "delete": "delete",
-}
-"""The measured operation each stubbed call is compared with."""
-
-LAYER_HEADER = [
-    "stubbed call",
-    "ours ns",
-    "stock ns",
-    "ours - stock ns",
-    "ours real µs",
-    "raw pylibmc real µs",
-    "Python share of ours",
-]
-
-
-def layer_rows(results: Mapping[str, Any], summary: Mapping[str, Any]):
-    """The Python of each call with a stub client, next to the real call it is part of."""
-    us = summary["median_us"][MAIN]
-    for what, by_cache in results["micro"]["calls"].items():
-        real = us[REAL_CASE[what]]
-        yield [
-            what,
-            f"{by_cache[OURS]:,.0f}",
-            f"{by_cache[BASELINE]:,.0f}",
-            f"{by_cache[OURS] - by_cache[BASELINE]:+,.0f}",
-            fmt_us(real[OURS]),
-            fmt_us(real["raw"]),
-            f"{by_cache[OURS] / 1e3 / real[OURS] * 100:.0f}%",
-        ]
-
-
-def tuning_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Operations down, candidates across: seven columns fit where ten would not."""
-    candidates = results["summary"]["tuning"]
-    rows = [
-        [case, *(fmt_ratio(data["per_case"][case]) for data in candidates.values())]
-        for case in results["tuning"]["cases"]
-    ]
-    rows.append(["overall", *(fmt_ratio(data["geometric_mean"]) for data in candidates.values())])
-    return ["operation", *candidates], rows
-
-
-def decision_lines(summary: Mapping[str, Any]) -> list[str]:
-    return [f"{name}: {data['decision']}." for name, data in summary["tuning"].items()]
 
 
 def versus_stock_line(summary: Mapping[str, Any]) -> str:
@@ -359,68 +178,6 @@ def versus_stock_line(summary: Mapping[str, Any]) -> str:
         f"Ours was faster than stock on {overall['faster']} of the {overall['operations']} "
         f"operations measured, {overall['geometric_mean']:.2f}x on geometric mean."
     )
-
-
-def discovery_ms(summary: Mapping[str, Any]) -> float:
-    """What ours adds to the first get of a process: discovery, over stock's connecting."""
-    probes = summary["probes"]
-    return probes[OURS]["first_get_ms"] - probes[BASELINE]["first_get_ms"]
-
-
-def overhead_lines(results: Mapping[str, Any], summary: Mapping[str, Any]) -> list[str]:
-    """Where the Python in front of pylibmc spends its time, in plain words."""
-    pieces = results["micro"]["pieces"]
-    layer = results["micro"]["calls"]
-    keys = pieces["make_and_validate_key"]
-    check_ns = pieces["_cache"][OURS] - pieces["_cache"][BASELINE]
-    us = summary["median_us"][MAIN]
-    many = "get_many(100) 100 B"
-    overrides = ", ".join(f"``{name}``" for name in results["ours_overrides"]) or "nothing"
-    return [
-        f"Node-list check: ours' ``_cache`` takes {pieces['_cache'][OURS]:.0f} ns, stock's "
-        f"{pieces['_cache'][BASELINE]:.0f} ns; the {check_ns:.0f} ns more is "
-        f"{check_ns / 1e3 / us['get 100 B'][BASELINE] * 100:.2f}% of a 100 B get here.",
-        f"Key making and validation: {keys[OURS]:,.0f} ns per key in ours, "
-        f"{keys[BASELINE]:,.0f} ns in stock (Django's), so {100 * keys[OURS] / 1e3:,.0f} µs "
-        f"and {100 * keys[BASELINE] / 1e3:,.0f} µs of a get_many(100).",
-        f"With the client stubbed, a get is {layer['get'][OURS]:,.0f} ns of Python in ours "
-        f"and {layer['get'][BASELINE]:,.0f} ns in stock; of the methods Django's backend "
-        f"has, ours overrides {overrides}.",
-        f"get_many(100) of 100 B takes ours {fmt_us(us[many][OURS])} µs, stock "
-        f"{fmt_us(us[many][BASELINE])} µs and raw pylibmc, given ready keys, "
-        f"{fmt_us(us[many]['raw'])} µs.",
-    ]
-
-
-def round_trip_lines(results: Mapping[str, Any]) -> list[str]:
-    """Each round trip's count, and what the comparison with stock's says about the rest."""
-    checks = results["tuning"]["round_trip"]
-    lines = []
-    for mode, check in checks.items():
-        mismatches = (
-            f"; mismatches: {', '.join(check['mismatches'])}" if check["mismatches"] else ""
-        )
-        lines.append(
-            f"Round trip through {mode}: {check['identical']}/{check['values']} values "
-            f"identical{mismatches}."
-        )
-    pickling = results["tuning"]["pickling"]
-    lines.append(
-        "The 10 KB object by pickle protocol (-1, the highest, is pylibmc's default): "
-        + "; ".join(
-            f"{protocol}: {pickling['bytes'][protocol]:,} B, pickle.dumps + pickle.loads "
-            f"{pickling['us'][protocol]:.0f} µs"
-            for protocol in pickling["bytes"]
-        )
-        + "."
-    )
-    ours, stock = checks[tuning.OURS_TEXT], checks[tuning.STOCK_TEXT]
-    if ours["mismatches"] and ours["mismatches"] == stock["mismatches"]:
-        lines.append(
-            "Django's own PyLibMCCache changes the same values, so that is pylibmc's doing "
-            "(it stores a bool as an integer), not the protocol's nor this backend's."
-        )
-    return lines
 
 
 def machine_line(results: Mapping[str, Any]) -> str:
@@ -440,13 +197,8 @@ def machine_line(results: Mapping[str, Any]) -> str:
 def notes(summary: Mapping[str, Any]) -> list[str]:
     """Figures from the tables above that a reader would otherwise have to dig for."""
     us = summary["median_us"][MAIN]
-    tuned = summary["tuning"]["tcp_nodelay off"]["per_case"]["set 500 KB"]
     many = "set_many(100) 100 B"
     return [
-        f"Django's ``PyLibMCCache`` with pylibmc's default behaviours (``tcp_nodelay`` off) "
-        f"takes {fmt_us(us['set 500 KB']['stock_defaults'])} µs for a 500 KB set, against "
-        f"{fmt_us(us['set 500 KB'][BASELINE])} µs with ours; on our backend, turning "
-        f"``tcp_nodelay`` off makes that set {1 / tuned:.0f}x slower.",
         f"{many} takes ours {fmt_us(us[many][OURS])} µs, raw pylibmc "
         f"{fmt_us(us[many]['raw'])} µs and django-elastipymemcache "
         f"{fmt_us(us[many]['elastipymemcache'])} µs: pylibmc's ``set_multi`` waits for each "
@@ -496,11 +248,12 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
                     "and our pylibmc backend."
                 ),
                 Table.of(PYMEMCACHE_HEADER, pymemcache_rows(summary)),
-                Notes([pymemcache_line(summary), *node_choice_lines(results)]),
+                Notes([pymemcache_line(summary)]),
             ],
         ),
         tls_section(results),
         *([hotpaths_section(results["hotpaths"])] if "hotpaths" in results else []),
+        *([network.section(results["network"])] if "network" in results else []),
         Section(
             "Targets",
             [
@@ -513,14 +266,13 @@ def main_sections(results: Mapping[str, Any]) -> list[Section]:
                     [
                         *summary["targets"],
                         *summary.get("hotpath_targets", []),
+                        *summary.get("network_targets", []),
                         *results.get("requests", {}).get("targets", []),
                     ]
                 ),
                 Notes([versus_stock_line(summary)]),
             ],
         ),
-        overhead_section(results),
-        tuning_section(results),
     ]
     if "requests" in results:
         sections += request_report.sections(results["requests"])
@@ -563,75 +315,6 @@ def tls_section(results: Mapping[str, Any]) -> Section:
                 "the speed of ours relative to django-elastipymemcache, with TLS and without."
             ),
             Table.of(TLS_HEADER, tls_rows(summary)),
-            Notes([tls_cost_line(summary), tls_parity_line(summary)]),
-            Table.of(
-                CONNECTION_HEADER,
-                connection_rows(summary),
-                f"Discovery and first connections in a fresh process (median of "
-                f"{tls['probes']['rounds']}, rounds interleaved): building the backend; "
-                "discovery, the first ``cache._cache``; the first node's connection, the first "
-                "``get`` less a warm one; the other nodes', the first ``get_many`` of "
-                f"{tls['probes']['spread_keys']} keys less a warm one; the three together; and "
-                "resident memory after them.",
-            ),
-            Notes([*first_request_lines(results, summary), *tls_notes(results)]),
-        ],
-    )
-
-
-def overhead_section(results: Mapping[str, Any]) -> Section:
-    summary = results["summary"]
-    probes = results["probes"]
-    return Section(
-        "First request, memory, per-call overhead",
-        [
-            Table.of(
-                PROBE_HEADER,
-                probe_rows(summary),
-                f"In a fresh process (median of {probes['rounds']}): importing the backend, "
-                "building it, its first ``get`` (connections, and discovery for the discovering "
-                "backends), a warm ``get``, and resident memory (VmRSS) after "
-                f"{probes['sets']} sets of 1 KB.",
-            ),
-            Notes([f"Discovery adds {discovery_ms(summary):.2f} ms to ours' first request."]),
-            Table.of(
-                pieces_header(results),
-                pieces_rows(results),
-                "Per-call overhead in nanoseconds, timed without the network: the pieces, then "
-                "whole calls with the client replaced by a stub that answers at once (the "
-                "Python of Django and of the backend, nothing else), next to the real call.",
-            ),
-            Table.of(LAYER_HEADER, layer_rows(results, summary)),
-            Notes(overhead_lines(results, summary)),
-        ],
-    )
-
-
-def tuning_section(results: Mapping[str, Any]) -> Section:
-    header, rows = tuning_table(results)
-    return Section(
-        "Tuning",
-        [
-            Paragraph(
-                "Our backend with one candidate pylibmc setting. The current defaults run "
-                "twice, as the reference and as a control; the control's column is its speed "
-                "relative to the reference, and its largest gap (at least "
-                f"{tuning.ADOPT_AT:.2f}x) is the bar. A candidate's speed is counted against "
-                "the faster of the two, per operation; *overall* is the geometric mean over "
-                "the operations the setting can affect (the object rows for "
-                "``pickle_protocol``). A candidate is adopted only when it clears the bar "
-                "overall, is nowhere slower by more than the bar, and has no cost that "
-                "loopback cannot show."
-            ),
-            Table.of(header, rows),
-            Notes(
-                [
-                    *decision_lines(results["summary"]),
-                    *round_trip_lines(results),
-                    "Compression: pylibmc compresses only when a call passes "
-                    "``min_compress_len``, and Django's backends never do, so no threshold is "
-                    "set and none was measured.",
-                ]
-            ),
+            Notes([tls_cost_line(summary), tls_parity_line(summary), *tls_notes(results)]),
         ],
     )

@@ -1,16 +1,15 @@
 """
 Every figure the reports show, computed once from the samples and kept in the JSON with
-them: medians, speed ratios, the targets' verdicts, the probes', TLS and tuning figures.
+them: medians, speed ratios, the targets' verdicts, and the TLS figures.
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import targets
-import tuning
 from backends import BASELINE, TLS_PAIRS
 from stats import geometric_mean, micros, minus, speed
 
@@ -19,7 +18,7 @@ OURS_PYMEMCACHE = "ours_pymemcache"
 OURS_TLS = "ours_pymemcache_tls"
 ELASTI_TLS = "elastipymemcache_tls"
 MAIN = "3"
-COMPARED = (BASELINE, "stock_defaults", "raw", "elastipymemcache", "pymemcache")
+COMPARED = (BASELINE, "raw", "elastipymemcache", "pymemcache")
 """The contenders ours is compared with, in column order."""
 PYMEMCACHE_COMPARED = ("elastipymemcache", "pymemcache", OURS)
 """What our pymemcache backend is compared with, in column order."""
@@ -63,10 +62,13 @@ def summarize(results: Mapping[str, Any]) -> dict[str, Any]:
             if "hotpaths" in results
             else {}
         ),
+        **(
+            {"network_targets": targets.network_targets(results["network"])}
+            if "network" in results
+            else {}
+        ),
         "versus_stock_overall": versus_stock_overall(clusters),
         "pymemcache_overall": overall(clusters, OURS_PYMEMCACHE, "elastipymemcache"),
-        "probes": summarize_probes(results["probes"]["samples"]),
-        "tuning": summarize_tuning(results["tuning"]),
         "tls": summarize_tls(results["tls"]),
     }
 
@@ -92,25 +94,12 @@ def overall(clusters: Mapping[str, Any], faster: str, slower: str) -> dict[str, 
     }
 
 
-def summarize_probes(samples: Mapping[str, Mapping[str, list[float]]]) -> dict[str, Any]:
-    medians = {
-        name: {metric: statistics.median(values) for metric, values in metrics.items()}
-        for name, metrics in samples.items()
-    }
-    for metrics in medians.values():
-        metrics["first_request_ms"] = (
-            metrics["import_ms"] + metrics["build_ms"] + metrics["first_get_ms"]
-        )
-        metrics["rss_growth_kib"] = metrics["rss_after_kib"] - metrics["rss_before_kib"]
-    return medians
-
-
 def summarize_tls(data: Mapping[str, Any]) -> dict[str, Any]:
     """
     Per operation, each TLS contender against its clear-text twin: the median of the
     per-round ratios of their times (above 1: TLS is slower) and of the per-round
     differences; and our pymemcache backend against django-elastipymemcache, each side
-    with TLS and each without. Then the connections of a fresh process, likewise paired.
+    with TLS and each without.
     """
     cases = {}
     for case, case_data in data["cases"].items():
@@ -129,88 +118,4 @@ def summarize_tls(data: Mapping[str, Any]) -> dict[str, Any]:
                 "clear": speed(seconds, OURS_PYMEMCACHE, "elastipymemcache"),
             },
         }
-    samples = {
-        name: {**metrics, **connection_costs(metrics)}
-        for name, metrics in data["probes"]["samples"].items()
-    }
-    connections = {
-        name: {metric: statistics.median(values) for metric, values in metrics.items()}
-        for name, metrics in samples.items()
-    }
-    first_request = {
-        tls: {
-            "ratio": speed(
-                {name: samples[name]["connections_ms"] for name in (tls, clear)}, clear, tls
-            ),
-            "added_ms": {
-                metric: statistics.median(minus(samples[tls][metric], samples[clear][metric]))
-                for metric in (*CONNECTION_STEPS, "connections_ms", "build_ms")
-            },
-        }
-        for tls, clear in TLS_PAIRS.items()
-    }
-    return {"cases": cases, "connections": connections, "first_request": first_request}
-
-
-CONNECTION_STEPS = ("discovery_ms", "first_node_ms", "other_nodes_ms")
-
-
-def connection_costs(metrics: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
-    """
-    Per round: the first node's connection (the first get less a warm one), the other
-    nodes' (the first get_many less a warm one), and with discovery the three together.
-    """
-    first_node = minus(metrics["first_get_ms"], metrics["warm_get_ms"])
-    other_nodes = minus(metrics["first_get_many_ms"], metrics["warm_get_many_ms"])
-    return {
-        "first_node_ms": first_node,
-        "other_nodes_ms": other_nodes,
-        "connections_ms": [
-            sum(steps)
-            for steps in zip(metrics["discovery_ms"], first_node, other_nodes, strict=True)
-        ],
-    }
-
-
-def summarize_tuning(data: Mapping[str, Any]) -> dict[str, Any]:
-    """
-    Each candidate's ratio per operation and over the operations it can affect, and the
-    decision against the bar the control sets. A candidate's ratio is taken against the
-    faster of the two instances with the current defaults, reference and control, so that
-    one slow measurement of the reference cannot make every candidate look good.
-    """
-    round_trip = data["round_trip"]
-    binary_ok = (
-        round_trip[tuning.OURS_BINARY]["identical"] >= round_trip[tuning.OURS_TEXT]["identical"]
-    )
-    control = next(candidate for candidate in tuning.CANDIDATES if candidate.control)
-
-    def versus_defaults(seconds: Mapping[str, Sequence[float]], name: str) -> float:
-        reference = speed(seconds, name, tuning.REFERENCE)
-        return (
-            reference
-            if name == control.name
-            else min(reference, speed(seconds, name, control.name))
-        )
-
-    per_case = {
-        candidate.name: {
-            case: versus_defaults(case_data["seconds"], candidate.name)
-            for case, case_data in data["cases"].items()
-        }
-        for candidate in tuning.CANDIDATES[1:]
-    }
-    needed = tuning.bar(per_case[control.name])
-    summary = {}
-    for candidate in tuning.CANDIDATES[1:]:
-        ratios = per_case[candidate.name]
-        relevant = {case: ratio for case, ratio in ratios.items() if candidate.affects(case)}
-        round_trip_ok = binary_ok or candidate.name != tuning.BINARY
-        summary[candidate.name] = {
-            "per_case": ratios,
-            "geometric_mean": geometric_mean(list(relevant.values())),
-            "decision": tuning.decide(
-                candidate, relevant, needed, round_trip_ok, data["pickling"]["bytes"]
-            ),
-        }
-    return summary
+    return {"cases": cases}

@@ -19,6 +19,7 @@ import hotpaths
 from backends import BASELINE
 from stats import paired, quartiles
 from tables import Table
+from workloads import Case
 
 OURS = "ours"
 OURS_PYMEMCACHE = "ours_pymemcache"
@@ -37,6 +38,8 @@ RAW_TARGET = 1.25
 CONNECTIONS_PER_NODE = 3
 """New connections a node may see over 400 warm requests: a reconnect or two after a
 node's hiccup, not one per request."""
+NETWORK_TARGETS = {Case("get_many", 100, 100).name: 1.3, Case("set_many", 100, 100).name: 2.0}
+"""The most bare round trips each network case may take, on both our backends."""
 TLS_CLOSE_TARGET = 1.25
 AGET_TARGET = 1.5
 CONCURRENT_TARGET = 3.0
@@ -192,6 +195,20 @@ def hotpath_targets(figures: Mapping[str, Any]) -> list[dict[str, Any]]:
     return verdicts
 
 
+def network_targets(figures: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each network target on the worse of our backends, from ``network.run``'s figures."""
+    latency_us = figures["latency"] * 1e6
+    verdicts = []
+    for case, bound in NETWORK_TARGETS.items():
+        measured = []
+        for name in OUR_BACKENDS:
+            trips = figures["round_trips"][case][name]
+            measured.append((statistics.median(trips), name, quartiles(trips)))
+        text = f"ours: {case} over 3 nodes within {bound:g} round trips, {latency_us:.0f} µs added"
+        verdicts.append(verdict(text, measured, bound, at_most=True, unit=" round trips"))
+    return verdicts
+
+
 def verdict(
     text: str,
     measured: Sequence[tuple[float, str, tuple[float, float] | None]],
@@ -299,7 +316,7 @@ def target_rows(verdicts: Sequence[Mapping[str, Any]]) -> Iterator[list[str]]:
     for verdict in verdicts:
         spread = verdict["quartiles"]
         unit = verdict.get("unit", "x")
-        value = f"{verdict['worst']:.2f}x" if unit == "x" else f"{verdict['worst']:g}"
+        value = f"{verdict['worst']:.2f}{unit}" if unit else f"{verdict['worst']:g}"
         yield [
             verdict["target"],
             "yes" if verdict["met"] else "no",

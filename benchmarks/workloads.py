@@ -18,15 +18,18 @@ different nodes.
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
-import pickle
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from backends import Calls
+
+T = TypeVar("T")
 
 CALIBRATION_SECONDS = 0.005
 """A calibration run stops growing once it takes this long."""
@@ -50,21 +53,25 @@ MAX_BATCH_BYTES = 5 * KB * KB
 class Case:
     """
     One operation to time: ``op`` on values of ``size`` bytes (None: the operation takes
-    no value), ``batch`` keys per call for get_many and set_many. ``kind`` "object" uses a
-    pickled dict instead of bytes, which only matters where pickling is what is tuned.
+    no value), ``batch`` keys per call for the batch operations; "mixed" is one ``set``, one
+    ``get`` and one ``get_many`` of ``batch`` keys per call.
     """
 
     op: str
     size: int | None = None
     batch: int = 1
-    kind: str = "bytes"
 
     @property
     def name(self) -> str:
-        op = f"{self.op}({self.batch})" if self.op in ("get_many", "set_many") else self.op
+        if self.op == "mixed":
+            op = f"set + get + get_many({self.batch})"
+        elif self.op in ("get_many", "set_many", "delete_many"):
+            op = f"{self.op}({self.batch})"
+        else:
+            op = self.op
         if self.size is None:
             return op
-        return f"{op} {format_size(self.size)}{' object' if self.kind == 'object' else ''}"
+        return f"{op} {format_size(self.size)}"
 
     @property
     def pool_size(self) -> int:
@@ -78,40 +85,30 @@ def format_size(size: int) -> str:
     return f"{size} B"
 
 
-PICKLED_ITEM_BYTES = 32
-"""About what one item of an object value adds to its pickle."""
-
-
-def value_for(size: int, kind: str) -> object:
-    """Bytes that do not compress, or a dict of records whose pickle is about ``size`` bytes,
-    like a cached query result."""
-    rng = random.Random(size)
-    if kind == "bytes":
-        return rng.randbytes(size)
-    count = size // PICKLED_ITEM_BYTES
-    items = [{"id": i, "name": f"item {i}", "score": rng.random()} for i in range(count)]
-    return {"kind": "page", "items": items}
+def value_for(size: int) -> bytes:
+    """Bytes that do not compress, the same for every contender."""
+    return random.Random(size).randbytes(size)
 
 
 @dataclass
 class Pools:
     """
-    The stored values of each (size, kind), under keys that every contender reads.
+    The stored values of each size, under keys that every contender reads.
     ``pipelined`` False stores them one ``set`` at a time: memcached's TLS connections can
-    stall on a burst of pipelined sets (see ``run.pipelining``).
+    stall on a burst of pipelined sets (see ``django_elasticache.pipeline``).
     """
 
-    values: dict[tuple[int, str], object] = field(default_factory=dict)
+    values: dict[int, bytes] = field(default_factory=dict)
     pipelined: bool = True
 
-    def value(self, size: int, kind: str) -> object:
-        if (size, kind) not in self.values:
-            self.values[size, kind] = value_for(size, kind)
-        return self.values[size, kind]
+    def value(self, size: int) -> bytes:
+        if size not in self.values:
+            self.values[size] = value_for(size)
+        return self.values[size]
 
     @staticmethod
-    def keys(size: int, kind: str, count: int) -> list[str]:
-        return [f"bench:{kind}:{size}:{i}" for i in range(count)]
+    def keys(size: int, count: int) -> list[str]:
+        return [f"bench:bytes:{size}:{i}" for i in range(count)]
 
     def fill(self, case: Case, calls: Calls) -> None:
         """
@@ -121,8 +118,8 @@ class Pools:
         """
         if case.size is None:
             return
-        value = self.value(case.size, case.kind)
-        keys = [calls.key(key) for key in self.keys(case.size, case.kind, case.pool_size)]
+        value = self.value(case.size)
+        keys = [calls.key(key) for key in self.keys(case.size, case.pool_size)]
         if self.pipelined:
             for chunk in batched(keys, BATCH_SIZE_FOR_SETUP):
                 calls.set_many(dict.fromkeys(chunk, value))
@@ -136,6 +133,12 @@ class Pools:
 
 def batched(items: Sequence[str], size: int) -> list[list[str]]:
     return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
+def rotated(items: Sequence[T], round_index: int) -> list[T]:
+    """The items from the round's turn on, then the ones before: A B C, B C A, C A B, ..."""
+    turn = round_index % len(items)
+    return [*items[turn:], *items[:turn]]
 
 
 def cycle(items: Sequence[object], count: int) -> list:
@@ -168,6 +171,13 @@ def _time_each_with(call: Callable, args: list, value: object) -> float:
             gc.enable()
 
 
+def _mixed(calls: Calls, value: object, step: tuple[str, str, list[str]]) -> None:
+    written, read, batch = step
+    calls.set(written, value)
+    calls.get(read)
+    calls.get_many(batch)
+
+
 def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], float]:
     """
     Do the untimed setup for ``count`` calls of the case, and return the timed part: a
@@ -183,15 +193,17 @@ def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], 
             calls.set(key, 0)
         args = cycle(keys, count)
         return lambda: _time_each(calls.incr, args)
-    if case.op == "delete":
-        keys = [calls.key(f"bench:delete:{i}") for i in range(count)]
+    if case.op in ("delete", "delete_many"):
+        keys = [calls.key(f"bench:delete:{i}") for i in range(count * case.batch)]
         for chunk in batched(keys, 100):
             calls.set_many(dict.fromkeys(chunk, DELETE_VALUE))
-        return lambda: _time_each(calls.delete, keys)
+        if case.op == "delete":
+            return lambda: _time_each(calls.delete, keys)
+        return lambda: _time_each(calls.delete_many, batched(keys, case.batch))
     if case.size is None:
         raise ValueError(f"{case.name}: {case.op} needs a value size")
-    value = pools.value(case.size, case.kind)
-    pool = [calls.key(key) for key in pools.keys(case.size, case.kind, case.pool_size)]
+    value = pools.value(case.size)
+    pool = [calls.key(key) for key in pools.keys(case.size, case.pool_size)]
     if case.op == "get":
         args = cycle(pool, count)
         return lambda: _time_each(calls.get, args)
@@ -204,6 +216,9 @@ def prepare(case: Case, calls: Calls, count: int, pools: Pools) -> Callable[[], 
     if case.op == "set_many":
         mappings = [dict.fromkeys(keys, value) for keys in batches]
         return lambda: _time_each(calls.set_many, mappings)
+    if case.op == "mixed":
+        steps = list(zip(cycle(pool, count), cycle(pool[::-1], count), batches, strict=True))
+        return lambda: _time_each(functools.partial(_mixed, calls, value), steps)
     raise ValueError(f"unknown operation {case.op!r}")
 
 
@@ -268,9 +283,8 @@ def measure(
     order = list(contenders.items())
     for round_index in range(rounds):
         gc.collect()
-        rotation = round_index % len(order)
         for case in cases:
-            for name, calls in order[rotation:] + order[:rotation]:
+            for name, calls in rotated(order, round_index):
                 count = result.calls[case.name][name]
                 timed = prepare(case, calls, count, pools)
                 result.seconds[case.name][name].append(timed() / count)
@@ -295,25 +309,6 @@ def main_cases() -> list[Case]:
 
 def scaling_cases() -> list[Case]:
     return [Case("get_many", 100, 100), Case("get_many", 10 * KB, 100)]
-
-
-def tuning_cases() -> list[Case]:
-    return [
-        Case("get", 100),
-        Case("set", 100),
-        Case("get", 10 * KB),
-        Case("set", 10 * KB),
-        Case("set", 500 * KB),
-        Case("get_many", 100, 100),
-        Case("set_many", 100, 100),
-        Case("get", 10 * KB, kind="object"),
-        Case("set", 10 * KB, kind="object"),
-    ]
-
-
-def pickled_size(case: Case) -> int:
-    """The stored size of an object case's value, for the record."""
-    return len(pickle.dumps(value_for(case.size or 0, case.kind), pickle.HIGHEST_PROTOCOL))
 
 
 def tls_cases() -> list[Case]:

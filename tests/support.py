@@ -10,7 +10,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pylibmc
 import pytest
+
+from django_elasticache import memcached
 
 READ_TIMEOUT = 5.0
 # Generous: a loaded machine may take a while to deliver a death signal and reap.
@@ -19,6 +22,13 @@ DEATH_TIMEOUT = 20.0
 DEADLINE = 10.0
 POLL_INTERVAL = 0.02
 REPORT_LIMIT = 4096
+
+
+def timeout_rules(cache_class: type) -> tuple[dict[str, Any], type[Exception]]:
+    """Short timeouts (0.3 s) for a backend, and what its library raises when one expires."""
+    if issubclass(cache_class, memcached.ElastiCache):
+        return {"behaviors": {"connect_timeout": 300, "_poll_timeout": 300}}, pylibmc.Error
+    return {"connect_timeout": 0.3, "timeout": 0.3}, TimeoutError
 
 
 def eventually(condition: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:

@@ -15,13 +15,11 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-import pylibmc
 import pytest
 from asgiref.sync import ThreadSensitiveContext
 from django.core.cache.backends.base import InvalidCacheBackendError
-from support import DEADLINE, ForkedChild, eventually
+from support import DEADLINE, ForkedChild, eventually, timeout_rules
 
-from django_elasticache import memcached
 from django_elasticache.async_client import PIPELINE_DEPTH
 from django_elasticache.pool import NodeUnavailable
 from django_elasticache.testing import start_memcached
@@ -305,13 +303,6 @@ def test_dead_node_fails_as_on_the_sync_path_and_is_down_for_both(
     )
     with pytest.raises(ValueError, match=f"Key '{key}' not found"):
         asyncio.run(ignoring.aincr(key))
-
-
-def timeout_rules(cache_class: type) -> tuple[dict[str, Any], type[Exception]]:
-    """Short timeouts for a backend, and what its library raises when one expires."""
-    if issubclass(cache_class, memcached.ElastiCache):
-        return {"behaviors": {"connect_timeout": 300, "_poll_timeout": 300}}, pylibmc.Error
-    return {"connect_timeout": 0.3, "timeout": 0.3}, TimeoutError
 
 
 def test_hung_node_times_out_as_on_the_sync_path(elasticache_cluster_factory, make_cache) -> None:

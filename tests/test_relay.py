@@ -3,6 +3,7 @@ passes every other command to the real memcached unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import socket
 import ssl
@@ -11,11 +12,11 @@ from collections.abc import Iterator
 import pylibmc
 import pytest
 from pymemcache.client.base import Client as PymemcacheClient
-from support import parse_config_reply, read_until_closed, survivors
+from support import eventually, parse_config_reply, read_until_closed, survivors
 
 from django_elasticache.cluster_utils import ClusterNode, DiscoveryNotSupported, discover
-from django_elasticache.testing import LocalCluster, MemcachedNode
-from django_elasticache.testing.relay import data_length
+from django_elasticache.testing import LocalCluster, MemcachedNode, start_memcached
+from django_elasticache.testing.relay import Relay, data_length
 from django_elasticache.testing.serverless import DELAYED_FLUSH_REPLY, ServerlessRules
 
 TIMEOUT = 5.0
@@ -281,3 +282,28 @@ def test_pipelined_writes_over_tls() -> None:
             assert client.get_many(list(values)) == values
         finally:
             client.close()
+
+
+def test_a_server_slow_to_accept_holds_up_no_other_connection() -> None:
+    """The relay connects to the server behind a front without waiting: a full listen
+    backlog there (SYNs dropped, retried after a second) must not stall other fronts."""
+    relay = Relay("test relay").start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(relay.stop)
+        full = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=0))
+        for _ in range(3):  # fill its accept queue; later connections wait for a SYN retry
+            with contextlib.suppress(OSError):
+                stack.enter_context(socket.create_connection(full.getsockname(), timeout=0.2))
+        node = stack.enter_context(start_memcached())
+        slow = relay.open(("127.0.0.1", 0), full.getsockname(), None, None)
+        fast = relay.open(("127.0.0.1", 0), (node.ip, node.port), None, None)
+        waiting = stack.enter_context(socket.create_connection(slow.address, timeout=TIMEOUT))
+        eventually(lambda: slow.connections, "the relay accepted the waiting client")
+
+        with socket.create_connection(fast.address, timeout=TIMEOUT) as conn:
+            conn.sendall(b"version\r\n")
+            assert conn.recv(4096).startswith(b"VERSION ")
+
+        waiting.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open, its server still connecting
+            waiting.recv(1)

@@ -28,7 +28,7 @@ from ..cluster_utils import format_address
 from .endpoint import ConfigEndpoint, Node
 from .lifecycle import Startable
 from .processes import spawn
-from .relay import Front, Relay, Rules
+from .relay import Front, Relay, Rules, check_latency
 from .serverless import ServerlessRules
 
 if TYPE_CHECKING:
@@ -541,6 +541,14 @@ class LocalCluster(Startable):
     (``location``, also the single entry of ``nodes``) backed by one memcached, with no
     Auto Discovery and the service's refusals (see serverless.py). It has no nodes to
     add, remove or replace.
+
+    ``latency`` (seconds, default 0) emulates a network such as a VPC's, where a round
+    trip takes a few hundred microseconds instead of loopback's tens: the relay holds
+    every reply of every node and of the configuration endpoint that long before the
+    client gets it, in order and without holding up other connections, so each request
+    and reply round trip takes ``latency`` longer. Requests are not delayed, nor are
+    connecting and the TLS handshake with a node; the endpoint is then reached through
+    the relay too (``location`` points at it), TLS handshake included. It needs the relay.
     """
 
     def __init__(
@@ -556,7 +564,11 @@ class LocalCluster(Startable):
         tls: bool = False,
         relay: bool = True,
         serverless: bool = False,
+        latency: float = 0.0,
     ) -> None:
+        latency = check_latency(latency)
+        if latency and not (relay or serverless):
+            raise ValueError(f"latency={latency!r} is added by the relay, so it needs relay=True")
         if not advertise_ip and host != "127.0.0.1":
             raise ValueError(
                 'advertise_ip=False advertises "localhost", so host must be 127.0.0.1'
@@ -577,8 +589,9 @@ class LocalCluster(Startable):
             server_tls = self._ca.server_context(_endpoint_names(host))
         self._endpoint = ConfigEndpoint(host, engine_version=engine_version, tls=server_tls)
         self._relay = None
+        self._endpoint_front: Front | None = None
         if relay or serverless:
-            self._relay = Relay(f"LocalCluster {cluster_name} relay")
+            self._relay = Relay(f"LocalCluster {cluster_name} relay", latency)
             # A cluster dropped without stop() must not leave its fronts listening.
             weakref.finalize(self, self._relay.stop)
         self._config_version = config_version
@@ -597,6 +610,10 @@ class LocalCluster(Startable):
                 self._nodes = [self._start_serverless_node()]
                 return self
             self._endpoint.start()
+            if self._relay is not None and self._relay.latency:
+                self._endpoint_front = self._relay.open(
+                    (self._host, 0), (self._host, self._endpoint.port), None, None
+                )
             nodes = [self._start_node(self._next_hostname()) for _ in range(self._initial_nodes)]
             self.publish(nodes)
         except BaseException:
@@ -628,7 +645,14 @@ class LocalCluster(Startable):
         """The configuration endpoint as host:port, the value for Django's LOCATION."""
         if self._serverless:
             return self._nodes[0].address
+        if self._endpoint_front is not None:
+            return format_address(*self._endpoint_front.address)
         return self._endpoint.location
+
+    @property
+    def latency(self) -> float:
+        """Seconds the relay adds to every round trip (see the class docstring)."""
+        return 0.0 if self._relay is None else self._relay.latency
 
     @property
     def tls(self) -> bool:
