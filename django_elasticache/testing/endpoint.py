@@ -77,6 +77,10 @@ class _Server(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     block_on_close = False
+    # socketserver listens with a backlog of 5: a burst of clients discovering at once (a
+    # wave of workers starting, a benchmark's 50 requests) would see SYNs dropped and
+    # retried a second later, and time that as the endpoint's.
+    request_queue_size = 128
 
     def __init__(self, host: str, endpoint: ConfigEndpoint, tls: ssl.SSLContext | None) -> None:
         # Instance attribute: TCPServer.__init__ reads it to create the socket.
