@@ -344,7 +344,17 @@ class ClusterTopology:
                 return
             self._refreshing = True
             self._schedule_refresh(now)
-        self._run_in_background(self._refresh, f"refresh {self.name}")
+        started = False
+        try:
+            self._run_in_background(self._refresh, f"refresh {self.name}")
+            started = True
+        except Exception:
+            # The request that came due does not need the refresh: it is served with the
+            # current list, and the next interval tries again.
+            logger.exception("Could not start refreshing %s; keeping the node list", self.name)
+        finally:
+            if not started:
+                self._refreshing = False  # Else no refresh would ever start again.
 
     def _refresh(self) -> None:
         """One refresh, in the background; whatever happens, the last good list stays."""
