@@ -91,6 +91,12 @@ def memcached_children(parent: int | None = None) -> list[int]:
     return children
 
 
+def process_state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, T for stopped, Z...), None if gone."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
 def is_alive(pid: int) -> bool:
     """Whether the process runs: gone or a zombie (dead, not yet reaped) is not alive."""
     stat = _stat(pid)
