@@ -72,7 +72,8 @@ FREED_SLOT_POLL = 0.02
 """
 Seconds between two looks at the pool by a waiting borrower. A client given back wakes it at
 once; a slot freed by a client collected without being given back wakes nobody (a collector
-callback may run in a thread that holds the pool's lock), so a waiter also looks this often.
+callback may run in a thread that holds the pool's lock), nor does a wake-up lost to an
+interrupted waiter, so a waiter also looks this often.
 """
 
 Client = Any
@@ -138,9 +139,9 @@ class NodePool:
         # Every client of the node that is still alive, idle or lent: a lent client dropped
         # without being given back leaves it when collected (see the module docstring).
         self._alive: weakref.WeakSet[Client] = weakref.WeakSet()
-        self._waiting = 0
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
+        self._bell = _new_bell()
         self._retired = False
         self._failures = 0
         self._down_until = 0.0
@@ -164,7 +165,7 @@ class NodePool:
             if not self._retired:
                 self._idle.append(client)
                 if self._waiting:
-                    self._changed.notify()
+                    self._ring()
                 return
         self.discard(client)
 
@@ -239,29 +240,36 @@ class NodePool:
         held from the moment it is counted: the placeholder object stands for it while the
         connection is made outside the lock, and frees the slot by being dropped, however
         the making ends.
+
+        A waiter sleeps on the pool's bell, a lock that ``give_back`` and ``discard``
+        release (``_ring``), rather than on a ``threading.Condition``, whose ``wait`` an
+        exception landing at the wrong bytecode leaves with its lock released twice.
         """
         placeholder = _Placeholder()
-        with self._changed:
-            deadline = time.monotonic() + BORROW_TIMEOUT
-            collected = False
-            while not self._idle and len(self._alive) >= self._size:
+        deadline = time.monotonic() + BORROW_TIMEOUT
+        collected = False
+        while True:
+            with self._lock:
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._alive) < self._size:
+                    self._alive.add(placeholder)
+                    break
+                self._waiting += 1
+            try:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if collected:
-                        raise PoolExhausted(self.node, self._size)
+                if remaining > 0:
+                    self._bell.acquire(timeout=min(remaining, FREED_SLOT_POLL))
+                elif not collected:
                     # A client lost by an interrupted call may be held by a reference cycle
                     # (a traceback and its frames): collect it before calling the pool full.
                     collected = True
                     gc.collect()
-                    continue
-                self._waiting += 1
-                try:
-                    self._changed.wait(min(remaining, FREED_SLOT_POLL))
-                finally:
+                else:
+                    raise PoolExhausted(self.node, self._size)
+            finally:
+                with self._lock:
                     self._waiting -= 1
-            if self._idle:
-                return self._idle.pop()
-            self._alive.add(placeholder)
         client = self._make_client(self.node)
         with self._lock:
             self._alive.add(client)
@@ -273,8 +281,13 @@ class NodePool:
         with self._lock:
             self._alive.discard(client)
             if self._waiting:
-                self._changed.notify()
+                self._ring()
         self._close_client(client)
+
+    def _ring(self) -> None:
+        """Wake one waiting borrower (or the next to wait, if none sleeps yet)."""
+        with contextlib.suppress(RuntimeError):  # Rung already, not yet heard.
+            self._bell.release()
 
     def _refuse_while_down(self) -> None:
         remaining = self._down_until - time.monotonic()
@@ -285,13 +298,20 @@ class NodePool:
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self._waiting = 0
+        self._bell = _new_bell()
         _clients_inherited_across_fork.extend(self._idle)
         self._idle = []
         self._alive = weakref.WeakSet()
         self._failures = 0
         self._down_until = 0.0
+
+
+def _new_bell() -> threading.Lock:
+    """A lock held from the start: released, it lets one ``acquire`` through."""
+    bell = threading.Lock()
+    bell.acquire()
+    return bell
 
 
 class _Placeholder:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -185,3 +187,86 @@ def test_a_gevent_timeout_leaves_no_reply_for_the_next_call(elasticache_cluster_
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.split() == ["1001", "1001", "1", "1"]
+
+
+def node_of(cluster, pool):
+    """The cluster's node a pool talks to."""
+    return next(node for node in cluster.nodes if node.port == pool.node.port)
+
+
+def total_connections(node) -> int:
+    """Connections the node accepted since it started, from its ``stats``."""
+    with socket.create_connection((node.ip, node.port), timeout=5) as conn:
+        conn.sendall(b"stats\r\n")
+        reply = b""
+        while not reply.endswith(b"END\r\n"):
+            chunk = conn.recv(65536)
+            assert chunk, f"stats cut short: {reply!r}"
+            reply += chunk
+    stats = dict(line.split(b" ")[1:] for line in reply.split(b"\r\n") if line.count(b" ") == 2)
+    return int(stats[b"total_connections"])
+
+
+def pipelined_socket(client) -> socket.socket:
+    """The socket the backend's client sends its pipelined requests on."""
+    sock = client._sock if hasattr(client, "_sock") else client.sock
+    assert sock is not None
+    return sock
+
+
+def test_a_reply_holding_a_key_not_asked_for_is_a_protocol_error(
+    elasticache_cluster_factory, make_cache
+) -> None:
+    """
+    A stray request's reply, waiting on a pooled connection, is read as the reply to the next
+    get_many: its key was not asked for, so the connection is out of step. The library's
+    protocol error names the node and the key (a server error: a miss under
+    IGNORE_EXCEPTIONS), the connection is closed, and the next call reads the right values.
+    """
+    cluster = elasticache_cluster_factory(nodes=2, relay=False)
+    cache = make_cache(cluster.location, POOL_SIZE=1)
+    data = {f"key-{index}": index for index in range(20)}
+    assert not cache.set_many(data)
+    assert cache.get_many(list(data)) == data  # both nodes' connections are open
+    pool = cache._cache.pools[0]
+    stray = next(
+        made
+        for made in (cache.make_and_validate_key(f"stray-{index}") for index in range(100))
+        if cache._cache.pool_for(made) is pool
+    )
+    cache._cache.set(stray, b"not asked for")
+    sock = pipelined_socket(pool._idle[0])
+    sock.sendall(f"get {stray}\r\n".encode())
+    assert select.select([sock], [], [], 5)[0], "the stray reply never came"
+    # Held, so that the reply read is the stray one alone.
+    with stopped(node_of(cluster, pool)), pytest.raises(cache.server_errors) as raised:
+        cache.get_many(list(data))
+    message = str(raised.value)
+    assert type(raised.value).__name__ in ("ProtocolError", "MemcacheUnknownError")
+    assert repr(stray.encode()) in message and str(pool.node.port) in message
+    assert not cache._is_caller_error(raised.value)
+    assert cache.get_many(list(data)) == data
+    assert_no_slot_lost(cache)
+
+
+def test_a_pipelined_call_on_a_silent_node_fails_after_one_timeout(
+    elasticache_cluster_factory, make_pylibmc_cache
+) -> None:
+    """
+    A timeout on a pooled connection is not retried on a new one (only a connection the
+    node closed is): the call gives up after one timeout, having connected no more.
+    """
+    from pylibmc import Error as PylibmcError
+
+    cluster = elasticache_cluster_factory(nodes=1, relay=False)
+    cache = make_pylibmc_cache(cluster.location, behaviors={"_poll_timeout": 300})
+    data = {f"key-{index}": index for index in range(10)}
+    assert not cache.set_many(data)  # the pooled pipelined connection is open
+    node = cluster.nodes[0]
+    before = total_connections(node)
+    with stopped(node), pytest.raises(PylibmcError, match="timed out"):
+        cache.set_many(data)
+    # The stats connection itself is the one more.
+    assert total_connections(node) == before + 1
+    assert not cache.set_many(data)
+    assert cache.get_many(list(data)) == data
