@@ -182,7 +182,8 @@ class PipelinedClient(pylibmc.Client):
                 f"invalid numeric delta argument {delta}: memcached takes 0 <= delta < 2**64, "
                 f"host: {self._host}:{self._port}"
             )
-        (value,) = self._exchange([counter_request(command, encoded[0], delta)], parse_counter)
+        request = counter_request(command, encoded[0], delta)
+        (value,) = self._exchange([request], parse_counter, repeatable=False)
         if isinstance(value, ErrorReply):
             raise pylibmc_error(value, self._node_name)
         if value is None:
@@ -283,18 +284,24 @@ class PipelinedClient(pylibmc.Client):
         return encoded
 
     def _exchange(
-        self, requests: list[bytes], parse: Parser, sent_on_reused: bool | None = None
+        self,
+        requests: list[bytes],
+        parse: Parser,
+        sent_on_reused: bool | None = None,
+        repeatable: bool = True,
     ) -> list[Any]:
         """
         Run the requests, or with ``sent_on_reused`` set, read the replies to the requests
         already sent (on a pooled connection if True). A pooled connection the node closed
-        since (an idle connection it dropped) is replaced once: every request here can be
-        repeated. A timeout is not retried: the node is silent, and the call fails after one
-        timeout, not two. Connection errors are pylibmc's, naming the node as libmemcached
-        does; a reply that is not memcached's closes the connection and raises
-        ``pylibmc.ProtocolError``; any exception closes the connection.
+        since (an idle connection it dropped) is replaced once if the requests are
+        ``repeatable`` (an ``incr`` is not: the node may have run it). A timeout is not
+        retried: the node is silent, and the call fails after one timeout, not two.
+        Connection errors are pylibmc's, naming the node as libmemcached does; a reply that
+        is not memcached's closes the connection and raises ``pylibmc.ProtocolError``; any
+        exception closes the connection.
         """
         reused = self._sock is not None if sent_on_reused is None else sent_on_reused
+        reused = reused and repeatable
         while True:
             try:
                 if sent_on_reused is not None and self._sock is not None:
