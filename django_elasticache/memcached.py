@@ -41,7 +41,6 @@ from .protocol import (
     ClientErrorReply,
     ErrorReply,
     IllegalKey,
-    MalformedReply,
     Parser,
     ProtocolError,
     ServerErrorReply,
@@ -255,14 +254,11 @@ class PipelinedClient(pylibmc.Client):
                     for key, (flags, data) in found.items()
                 }
             except KeyError:
-                unasked = [key for key in found if key not in originals]
-                if not unasked:
+                out_of_step = pipeline.key_not_asked_for(found, originals)
+                if out_of_step is None:
                     raise
                 self._close_pipeline()
-                raise pylibmc_error(
-                    MalformedReply(f"reply holds key {unasked[0]!r}, which was not asked for"),
-                    self._node_name,
-                ) from None
+                raise pylibmc_error(out_of_step, self._node_name) from None
 
         return read_reply
 

@@ -233,15 +233,12 @@ class _NodeClient(pymemcache.Client):
                     for key, (flags, data) in found.items()
                 }
             except KeyError:
-                unasked = [key for key in found if key not in originals]
-                if not unasked:
+                out_of_step = pipeline.key_not_asked_for(found, originals)
+                if out_of_step is None:
                     raise
                 self.close()
                 host, port = self.server
-                raise MemcacheUnknownError(
-                    f"Cache node {host}:{port}: reply holds key {unasked[0]!r}, "
-                    "which was not asked for"
-                ) from None
+                raise MemcacheUnknownError(f"Cache node {host}:{port}: {out_of_step}") from None
 
         return read_reply
 
