@@ -100,6 +100,28 @@ def test_an_interrupted_incr_leaves_no_reply_for_the_next_call(
 
 
 @pytest.mark.parametrize("interruption", INTERRUPTIONS)
+def test_an_interrupted_incr_on_the_pipelined_socket_leaves_no_reply_for_the_next_call(
+    elasticache_cluster_factory, make_pylibmc_cache, interruption
+) -> None:
+    """A delta libmemcached cannot take goes over the pylibmc client's own socket."""
+    cluster = elasticache_cluster_factory(nodes=1, relay=False)
+    cache = make_pylibmc_cache(
+        cluster.location, POOL_SIZE=1, behaviors={"_poll_timeout": LONG_TIMEOUT * 1000}
+    )
+    cache.set("a", 70)
+    cache.set("b", 1000)
+    with (
+        stopped(cluster.nodes[0]),
+        pytest.raises(interruption),
+        interrupted_after(0.3, interruption),
+    ):
+        cache.incr("a", 2**40)
+    assert cache.incr("b", 2**40) == 1000 + 2**40
+    assert cache.incr("b", 2**40) == 1000 + 2**41
+    assert_no_slot_lost(cache)
+
+
+@pytest.mark.parametrize("interruption", INTERRUPTIONS)
 def test_a_get_many_interrupted_while_sending_leaves_nothing_on_the_socket(
     elasticache_cluster_factory, make_pylibmc_cache, interruption
 ) -> None:
