@@ -242,9 +242,16 @@ class ClusterTopology:
             self._attempt_first(attempt)
         else:
             if started_here:
-                self._run_in_background(
-                    lambda: self._attempt_first(attempt), f"discover {self.name}"
-                )
+                try:
+                    self._run_in_background(
+                        lambda: self._attempt_first(attempt), f"discover {self.name}"
+                    )
+                except BaseException:
+                    # Never started: the next request starts another, not waits on this one.
+                    with self._lock:
+                        self._attempt = None
+                    attempt.done.set()
+                    raise
             attempt.done.wait(max(attempt.started + FIRST_DISCOVERY_GRACE - self._clock(), 0))
         return self._first_outcome(attempt)
 

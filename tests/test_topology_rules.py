@@ -478,3 +478,33 @@ def test_a_refresh_thread_that_cannot_start_does_not_stop_later_refreshes(
         assert due(cluster, clock).nodes == THREE  # the request itself is served
     assert "can't start new thread" in caplog.text
     assert due(cluster, clock).nodes == FOUR  # the next interval's refresh runs
+
+
+def test_a_retried_first_discovery_whose_thread_cannot_start_is_started_again(
+    clock, servers
+) -> None:
+    unstartable = [True]
+
+    def run_in_a_thread(work: Callable[[], None], name: str) -> None:
+        thread = (UnstartableThread if unstartable[0] else threading.Thread)(
+            target=work, name=name, daemon=True
+        )
+        thread.start()
+        thread.join(30)
+
+    cluster = ClusterTopology(
+        ENDPOINT,
+        BackendOptions().discovery_settings,
+        clock=clock,
+        discover=servers,
+        run_in_background=run_in_a_thread,
+    )
+    servers.endpoint_answers(EndpointUnreachable(ENDPOINT.host, "refused"))
+    with pytest.raises(EndpointUnreachable):
+        cluster.current()  # the very first discovery runs in the request
+    servers.endpoint_answers(ClusterConfig(5, THREE))
+    clock.advance(topology.FIRST_DISCOVERY_RETRY)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        cluster.current()
+    unstartable[0] = False
+    assert cluster.current().nodes == THREE
