@@ -150,8 +150,9 @@ class BackendRules:
     nothing else, can work); ``managed_client_options`` are client keywords the backend
     sets for every node itself, so a user's value would be overridden;
     ``reply_dropping_options`` are the paths into the client options of settings that make
-    the library skip replies or hide errors, which the async methods (and the pool's rule
-    that a client is reused only in step with its node) cannot honour.
+    the library skip replies or hide errors, which the async methods cannot honour (they
+    wait for every reply and raise every error): refused when the backend is built rather
+    than at its first async call.
     """
 
     library: str
