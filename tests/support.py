@@ -21,6 +21,10 @@ POLL_INTERVAL = 0.02
 REPORT_LIMIT = 4096
 
 
+class Interrupted(BaseException):
+    """Not an ``Exception``, as ``KeyboardInterrupt`` and ``gevent.Timeout`` are not."""
+
+
 def eventually(condition: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
     """Wait for condition() within timeout, polling; fail naming what did not happen."""
     deadline = time.monotonic() + timeout

@@ -20,17 +20,13 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from support import eventually, process_state
+from support import Interrupted, eventually, process_state
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 
 # The libraries' own timeouts are far longer than the interruption, so that only the
 # interruption ends the call, however loaded the machine.
 LONG_TIMEOUT = 20
-
-
-class Interrupted(BaseException):
-    """Not an ``Exception``, as ``KeyboardInterrupt`` and ``gevent.Timeout`` are not."""
 
 
 class RequestTimedOut(Exception):

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from support import ForkedChild
+from support import ForkedChild, Interrupted
 
 from django_elasticache import pool as pool_module
 from django_elasticache.cluster_utils import ClusterNode
@@ -149,10 +149,6 @@ def test_a_lost_client_held_by_a_reference_cycle_is_collected_before_giving_up(
         assert pool.borrow() is not None
     finally:
         gc.enable()
-
-
-class Interrupted(BaseException):
-    """Not an ``Exception``, as ``KeyboardInterrupt`` and ``gevent.Timeout`` are not."""
 
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
