@@ -53,7 +53,7 @@ from .protocol import (
     retrieval_request,
     storage_request,
 )
-from .routing import ClusterClient, UnsupportedCall
+from .routing import ClusterClient, UnsupportedCall, start_call
 
 __all__ = [
     "DEFAULT_BEHAVIORS",
@@ -213,33 +213,51 @@ class PipelinedClient(pylibmc.Client):
         return value
 
     def set_multi(self, mapping: Mapping[Any, Any], time: int = 0, **extra: Any) -> list[Any]:
+        return self.start_set_multi(mapping, time, **extra)()
+
+    def delete_multi(self, keys: Iterable[Any], **extra: Any) -> bool:
+        return self.start_delete_multi(keys, **extra)()
+
+    def start_set_multi(
+        self, mapping: Mapping[Any, Any], time: int = 0, **extra: Any
+    ) -> Callable[[], list[Any]]:
+        """``set_multi`` in two steps, as ``start_get_multi``: the keys not stored."""
         keys = list(mapping)
         encoded = self._encoded(keys, extra)
         if encoded is None:
-            return super().set_multi(mapping, time, **self._compressing(extra))
+            return functools.partial(super().set_multi, mapping, time, **self._compressing(extra))
         serialize, min_length = self.serialize, self._min_compress_len
         requests = []
         for key, key_bytes in zip(keys, encoded, strict=True):
             data, flags = serialize(mapping[key])
             data, flags = compressed(data, flags, min_length)
             requests.append(storage_request(b"set", key_bytes, flags, time, data))
-        replies = self._exchange(requests, parse_stored)
-        too_large = [
-            key
-            for key, reply in zip(keys, replies, strict=True)
-            if isinstance(reply, ServerErrorReply) and VALUE_TOO_LARGE in str(reply)
-        ]
-        if too_large:
-            raise pylibmc.TooBig(f"values larger than the node's item size limit: {too_large!r}")
-        return [key for key, reply in zip(keys, replies, strict=True) if reply is not True]
+        read_replies = self._start_exchange(requests, parse_stored)
 
-    def delete_multi(self, keys: Iterable[Any], **extra: Any) -> bool:
+        def read_failed() -> list[Any]:
+            replies = read_replies()
+            too_large = [
+                key
+                for key, reply in zip(keys, replies, strict=True)
+                if isinstance(reply, ServerErrorReply) and VALUE_TOO_LARGE in str(reply)
+            ]
+            if too_large:
+                message = f"values larger than the node's item size limit: {too_large!r}"
+                raise pylibmc.TooBig(message)
+            return [key for key, reply in zip(keys, replies, strict=True) if reply is not True]
+
+        return read_failed
+
+    def start_delete_multi(self, keys: Iterable[Any], **extra: Any) -> Callable[[], bool]:
+        """``delete_multi`` in two steps, as ``start_get_multi``: whether every key existed."""
         keys = list(keys)
         encoded = self._encoded(keys, extra)
         if encoded is None:
-            return super().delete_multi(keys, **extra)
-        replies = self._exchange([delete_request(key) for key in encoded], parse_deleted)
-        return all(reply is True for reply in replies)
+            return functools.partial(super().delete_multi, keys, **extra)
+        read_replies = self._start_exchange(
+            [delete_request(key) for key in encoded], parse_deleted
+        )
+        return lambda: all(reply is True for reply in read_replies())
 
     def start_get_multi(self, keys: list[Any]) -> Callable[[], dict[Any, Any]]:
         """
@@ -251,23 +269,10 @@ class PipelinedClient(pylibmc.Client):
         if encoded is None:
             return functools.partial(super().get_multi, keys)
         originals = dict(zip(encoded, keys, strict=True))
-        request = [retrieval_request(encoded)]
-        sent_on_reused: bool | None = self._sock is not None
-        failure: OSError | None = None
-        try:
-            self._connection().sendall(request[0])
-        except OSError as error:
-            self._close_pipeline()
-            failure = None if sent_on_reused and _closed_by_node(error) else error
-            sent_on_reused = None  # Not sent: reading the reply sends it again.
-        except BaseException:
-            self._close_pipeline()  # Perhaps sent in part: its reply must never be read.
-            raise
+        read_replies = self._start_exchange([retrieval_request(encoded)], parse_values)
 
         def read_reply() -> dict[Any, Any]:
-            if failure is not None:
-                raise self._connection_error(failure) from failure
-            (found,) = self._exchange(request, parse_values, sent_on_reused)
+            (found,) = read_replies()
             if isinstance(found, ErrorReply):
                 raise pylibmc_error(found, self._node_name)
             deserialize = self.deserialize
@@ -284,6 +289,38 @@ class PipelinedClient(pylibmc.Client):
                 raise pylibmc_error(out_of_step, self._node_name) from None
 
         return read_reply
+
+    def _start_exchange(self, requests: list[bytes], parse: Parser) -> Callable[[], list[Any]]:
+        """
+        ``_exchange(requests, parse)`` in two steps: the first write is sent now, and the
+        returned function reads its replies and runs the rest (a batch longer than one
+        write, see ``pipeline``), so that a multi-node call sends to every node before it
+        waits for any. Errors are raised by the returned function, as ``_exchange`` raises
+        them; an exception of any class while sending closes the connection, since the
+        requests may have gone out in part and their replies must never be read.
+        """
+        first = pipeline.first_write(requests)
+        sent_on_reused: bool | None = self._sock is not None
+        failure: OSError | None = None
+        try:
+            self._connection().sendall(requests[0] if first == 1 else b"".join(requests[:first]))
+        except OSError as error:
+            self._close_pipeline()
+            failure = None if sent_on_reused and _closed_by_node(error) else error
+            sent_on_reused = None  # Not sent: reading the replies sends the requests again.
+        except BaseException:
+            self._close_pipeline()
+            raise
+
+        def read_replies() -> list[Any]:
+            if failure is not None:
+                raise self._connection_error(failure) from failure
+            replies = self._exchange(requests[:first], parse, sent_on_reused)
+            if first < len(requests):
+                replies += self._exchange(requests[first:], parse)
+            return replies
+
+        return read_replies
 
     def disconnect_all(self) -> None:
         super().disconnect_all()
@@ -596,7 +633,7 @@ class PylibmcClusterClient(ClusterClient):
         prefixed = [key_prefix + key for key in keys] if key_prefix else list(keys)
         self._on_every_node(
             self.by_pool(prefixed),
-            lambda client, node_keys: client.incr_multi(node_keys, delta=delta),
+            lambda client, node_keys: start_call(client, "incr_multi", node_keys, delta=delta),
         )
 
     # Calls on every node

@@ -20,9 +20,10 @@ The bounds:
   keeps half a record of margin. A single command larger than the bound is sent alone: memcached
   reads one command's value whatever its size.
 
-Second, one request written on each of several nodes' sockets before any reply is read
-(``receive``): a ``get_many`` over three nodes then waits for them together, as
-libmemcached's own multi-server ``get_multi`` does, not for each node in turn.
+Second, a batch's first write sent on each of several nodes' sockets before any reply is read
+(``first_write``, then ``receive``): a ``get_many``, ``set_many`` or ``delete_many`` over three
+nodes then waits for them together, as libmemcached's own multi-server ``get_multi`` does,
+not for each node in turn.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "MAX_COMMANDS_PER_WRITE",
     "TLS_WRITE_BYTES",
     "exchange",
+    "first_write",
     "key_not_asked_for",
     "receive",
 ]
@@ -68,6 +70,15 @@ def exchange(
         sock.sendall(b"".join(requests[start:end]))
         replies.extend(receive(sock, parse, end - start))
     return replies
+
+
+def first_write(requests: Sequence[bytes], max_write_bytes: int | None = None) -> int:
+    """
+    How many of ``requests`` ``exchange`` sends in its first write: a caller that sends
+    them itself, to send to other nodes before reading any reply, reads those replies with
+    ``receive`` and leaves the rest to ``exchange``.
+    """
+    return next(_writes(requests, max_write_bytes), (0, 0))[1]
 
 
 def receive(sock: socket.socket, parse: Parser, count: int = 1) -> list[Any]:

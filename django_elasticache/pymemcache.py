@@ -42,9 +42,12 @@ from .protocol import (
     ConnectionClosed,
     ErrorReply,
     IllegalKey,
+    Parser,
     ProtocolError,
     ServerErrorReply,
     UnknownCommandReply,
+    delete_request,
+    parse_deleted,
     parse_stats,
     parse_stored,
     parse_values,
@@ -52,7 +55,7 @@ from .protocol import (
     stats_request,
     storage_request,
 )
-from .routing import ClusterClient, PooledNodeClient, UnsupportedCall
+from .routing import ClusterClient, PooledNodeClient, UnsupportedCall, start_call
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -185,16 +188,27 @@ class _NodeClient(pymemcache.Client):
     def set_many(
         self, values: dict[Any, Any], expire: int = 0, noreply: bool | None = None, **extra: Any
     ) -> list[Any]:
+        return self.start_set_multi(values, expire, noreply, **extra)()
+
+    set_multi = set_many
+
+    def delete_many(self, keys: Iterable[Any], noreply: bool | None = None) -> bool:
+        return self.start_delete_multi(keys, noreply)()
+
+    delete_multi = delete_many
+
+    def start_set_multi(
+        self, values: dict[Any, Any], expire: int = 0, noreply: bool | None = None, **extra: Any
+    ) -> Callable[[], list[Any]]:
         """
-        Over TLS, send the keys in writes of at most ``pipeline.TLS_WRITE_BYTES``: memcached
-        1.6.18 stops reading a TLS connection that delivers more commands at once than one
-        TLS record holds, so pymemcache's single write would time out. Every key's reply is
-        read; an error reply is raised, as pymemcache does, once all keys were sent.
+        ``set_many`` in two steps, as ``start_get_multi``: the keys not stored. Every key's
+        reply is read; an error reply is raised, as pymemcache does, once all were read.
+        With ``noreply`` or pymemcache's extra arguments, pymemcache does the call.
         """
         if noreply is None:
             noreply = self.default_noreply
-        if self.tls_context is None or noreply or extra:
-            return super().set_many(values, expire, noreply, **extra)
+        if noreply or extra:
+            return functools.partial(super().set_many, values, expire, noreply, **extra)
         keys = list(values)
         self._check_integer(expire, "expire")
         requests = []
@@ -202,16 +216,30 @@ class _NodeClient(pymemcache.Client):
             key_bytes = self.check_key(key, self.key_prefix)
             data, flags = serialized(self, key_bytes, values[key])
             requests.append(storage_request(b"set", key_bytes, flags, expire, data))
-        replies = self._exchange(
-            lambda sock: pipeline.exchange(sock, requests, parse_stored, pipeline.TLS_WRITE_BYTES)
-        )
-        for reply in replies:
-            if isinstance(reply, ErrorReply):
-                self.close()  # After an error reply the connection is not trusted further.
-                raise pymemcache_error(reply)
-        return [key for key, reply in zip(keys, replies, strict=True) if reply is not True]
+        read_replies = self._start_exchange(requests, parse_stored)
 
-    set_multi = set_many
+        def read_failed() -> list[Any]:
+            replies = self._raise_refusal(read_replies())
+            return [key for key, reply in zip(keys, replies, strict=True) if reply is not True]
+
+        return read_failed
+
+    def start_delete_multi(
+        self, keys: Iterable[Any], noreply: bool | None = None
+    ) -> Callable[[], bool]:
+        """``delete_many`` in two steps, as ``start_set_multi``: True, as pymemcache's."""
+        if noreply is None:
+            noreply = self.default_noreply
+        if noreply:
+            return functools.partial(super().delete_many, keys, noreply)
+        requests = [delete_request(self.check_key(key, self.key_prefix)) for key in keys]
+        read_replies = self._start_exchange(requests, parse_deleted)
+
+        def read_deleted() -> bool:
+            self._raise_refusal(read_replies())
+            return True
+
+        return read_deleted
 
     def start_get_multi(self, keys: list[Any]) -> Callable[[], dict[Any, Any]]:
         """
@@ -223,20 +251,10 @@ class _NodeClient(pymemcache.Client):
         """
         prefixed = [self.check_key(key, self.key_prefix) for key in keys]
         originals = dict(zip(prefixed, keys, strict=True))
-        try:
-            self._exchange(lambda sock: sock.sendall(retrieval_request(prefixed)))
-        except OSError as error:
-            failure = error
-
-            def raise_failure() -> dict[Any, Any]:
-                raise failure
-
-            return raise_failure
+        read_replies = self._start_exchange([retrieval_request(prefixed)], parse_values)
 
         def read_reply() -> dict[Any, Any]:
-            (found,) = self._exchange(lambda sock: pipeline.receive(sock, parse_values))
-            if isinstance(found, ErrorReply):
-                raise pymemcache_error(found)
+            (found,) = self._raise_refusal(read_replies())
             deserialize = self.serde.deserialize
             try:
                 return {
@@ -252,6 +270,45 @@ class _NodeClient(pymemcache.Client):
                 raise MemcacheUnknownError(f"Cache node {host}:{port}: {out_of_step}") from None
 
         return read_reply
+
+    def _start_exchange(self, requests: list[bytes], parse: Parser) -> Callable[[], list[Any]]:
+        """
+        The requests' first write sent now; the returned function reads its replies and
+        runs the rest, so that a multi-node call sends to every node before it waits for
+        any. Over TLS a write carries at most ``pipeline.TLS_WRITE_BYTES``: memcached 1.6.18
+        stops reading a TLS connection that delivers more commands at once than one TLS
+        record holds, so pymemcache's single write of a batch would time out.
+        """
+        max_write_bytes = None if self.tls_context is None else pipeline.TLS_WRITE_BYTES
+        first = pipeline.first_write(requests, max_write_bytes)
+        try:
+            self._exchange(lambda sock: sock.sendall(b"".join(requests[:first])))
+        except OSError as error:
+            failure = error
+
+            def raise_failure() -> list[Any]:
+                raise failure
+
+            return raise_failure
+
+        def read_replies() -> list[Any]:
+            replies = self._exchange(lambda sock: pipeline.receive(sock, parse, first))
+            if first < len(requests):
+                rest = requests[first:]
+                replies += self._exchange(
+                    lambda sock: pipeline.exchange(sock, rest, parse, max_write_bytes)
+                )
+            return replies
+
+        return read_replies
+
+    def _raise_refusal(self, replies: list[Any]) -> list[Any]:
+        """The replies, unless one is a refusal: then pymemcache's exception for it."""
+        for reply in replies:
+            if isinstance(reply, ErrorReply):
+                self.close()  # After an error reply the connection is not trusted further.
+                raise pymemcache_error(reply)
+        return replies
 
     def flush_all(self, delay: int = 0, noreply: bool | None = None) -> bool:
         """
@@ -417,9 +474,11 @@ class PymemcacheClusterClient(ClusterClient):
 
     def gets_many(self, keys: Iterable[Any]) -> dict[Any, tuple[Any, Any]]:
         found: dict[Any, tuple[Any, Any]] = {}
-        self._on_every_node(
-            self.by_pool(keys), lambda client, node_keys: found.update(client.gets_many(node_keys))
-        )
+        for node_found in self._on_every_node(
+            self.by_pool(keys),
+            lambda client, node_keys: start_call(client, "gets_many", node_keys),
+        ):
+            found.update(node_found)
         return found
 
     gets_multi = gets_many

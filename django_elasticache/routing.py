@@ -36,6 +36,7 @@ __all__ = [
     "PooledNodeClient",
     "UnsupportedCall",
     "cluster_clients",
+    "start_call",
 ]
 
 SERVERLESS_MAX_REQUEST = 16 * 1024
@@ -65,16 +66,21 @@ def node_identity(node: ClusterNode) -> NodeKey:
     return (node.hostname or node.ip, node.port)
 
 
-def _start_get_multi(client: Any, keys: list[str]) -> Callable[[], dict[str, Any]]:
+def start_call(client: Any, method: str, *args: Any, **kwargs: Any) -> Callable[[], Any]:
     """
-    A node's ``get_multi``, sent now if its client can split it: ``start_get_multi(keys)``
-    sends the request and returns the function that reads the reply. Other clients run
-    ``get_multi`` when the reply is asked for.
+    A node's ``method(*args, **kwargs)``, sent now if its client can split it:
+    ``start_<method>`` sends the requests and returns the function that reads the replies.
+    Other clients run the whole call when its result is asked for.
     """
-    start = getattr(client, "start_get_multi", None)
+    start = getattr(client, f"start_{method}", None)
     if start is None:
-        return functools.partial(client.get_multi, keys)
-    return start(keys)
+        return functools.partial(getattr(client, method), *args, **kwargs)
+    result: Callable[[], Any] = start(*args, **kwargs)
+    return result
+
+
+def _start_get_multi(client: Any, keys: list[str]) -> Callable[[], dict[str, Any]]:
+    return start_call(client, "get_multi", keys)
 
 
 class ClusterClient:
@@ -171,65 +177,34 @@ class ClusterClient:
         return {pool: group for pool, group in zip(self._pools, groups, strict=True) if group}
 
     def get_multi(self, keys: Iterable[str], *args: Any) -> dict[str, Any]:
+        """
+        The values found on every node. Should a node fail, the values read from the others
+        are not returned: with IGNORE_EXCEPTIONS the whole ``get_many`` is a miss, as on the
+        event-loop path.
+        """
         groups = self.by_pool(keys)
-        if len(groups) > 1 and not args and not self.config.serverless:
-            return self._get_multi_from_all_at_once(groups)
+        start: Callable[[Any, list[str]], Callable[[], dict[str, Any]]]
+        if args or self.config.serverless:
+            start = functools.partial(self._get_in_batches, args=args)
+        else:
+            start = _start_get_multi
         found: dict[str, Any] = {}
-        for pool, node_keys in groups.items():
-            with pool.client(self._is_node_failure) as client:
-                for batch in self.get_batches(node_keys):
-                    found.update(client.get_multi(batch, *args))
+        for node_found in self._on_every_node(groups, start):
+            found.update(node_found)
         return found
 
-    def _get_multi_from_all_at_once(self, groups: Mapping[NodePool, list[str]]) -> dict[str, Any]:
-        """
-        ``get_multi`` over several nodes in one round trip, as libmemcached's multi-server
-        ``get_multi`` does: every node's request is sent before any reply is read, so the
-        nodes answer in parallel, where the node client can split its ``get_multi``
-        (``_start_get_multi``); other clients' ``get_multi`` runs node after node.
+    def _get_in_batches(
+        self, client: Any, node_keys: list[str], args: tuple[Any, ...]
+    ) -> Callable[[], dict[str, Any]]:
+        """A node's ``get_multi`` in ``get_batches``, one after another, when read."""
 
-        A node that fails does not stop the others: every other node's reply is still read
-        (its connection stays in step and is pooled again, the node counted healthy), then
-        the first error is raised, of the class the one-node ``get_multi`` raises for it.
-        The values read from the live nodes are not returned: with IGNORE_EXCEPTIONS the
-        whole ``get_many`` is a miss, as on the event-loop path. (Serverless caches have one
-        node, so their batches never come here.)
-        """
-        first_error: Exception | None = None
-        started: list[tuple[NodePool, Any, Callable[[], dict[str, Any]]]] = []
-        found: dict[str, Any] = {}
-        try:
-            for pool, node_keys in groups.items():
-                try:
-                    client = pool.borrow()
-                except Exception as error:
-                    first_error = first_error or error
-                    continue
-                try:
-                    started.append((pool, client, _start_get_multi(client, node_keys)))
-                except BaseException as error:
-                    pool.give_back_after(client, error, self._is_node_failure)
-                    if not isinstance(error, Exception):
-                        raise
-                    first_error = first_error or error
-            while started:
-                # Taken off the list first: a client is handed back once, whatever interrupts.
-                pool, client, read_reply = started.pop(0)
-                try:
-                    found.update(read_reply())
-                except BaseException as error:
-                    pool.give_back_after(client, error, self._is_node_failure)
-                    if not isinstance(error, Exception):
-                        raise
-                    first_error = first_error or error
-                else:
-                    pool.give_back(client)
-        finally:
-            for pool, client, _ in started:
-                pool.discard(client)  # Interrupted: its reply is still on the wire.
-        if first_error is not None:
-            raise first_error
-        return found
+        def read() -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            for batch in self.get_batches(node_keys):
+                found.update(client.get_multi(batch, *args))
+            return found
+
+        return read
 
     def get_batches(self, keys: list[str]) -> Iterator[list[str]]:
         """
@@ -261,49 +236,80 @@ class ClusterClient:
         the keys the nodes did not store.
         """
         self._invalidate_former_owners(mapping)
-        failed: list[str] = []
 
-        def store(client: Any, node_keys: list[str]) -> None:
-            failed.extend(
-                getattr(client, method)({key: mapping[key] for key in node_keys}, *args, **kwargs)
-            )
+        def store(client: Any, node_keys: list[str]) -> Callable[[], list[str]]:
+            part = {key: mapping[key] for key in node_keys}
+            return start_call(client, method, part, *args, **kwargs)
 
-        self._on_every_node(self.by_pool(mapping), store)
-        return failed
+        results = self._on_every_node(self.by_pool(mapping), store)
+        return [key for node_failed in results for key in node_failed]
 
     def delete_multi(self, keys: Iterable[str], *args: Any) -> bool:
         keys = list(keys)
         self._invalidate_former_owners(keys)
-        outcomes: list[bool] = []
-
-        def delete(client: Any, node_keys: list[str]) -> None:
-            outcomes.append(bool(client.delete_multi(node_keys, *args)))
-
-        self._on_every_node(self.by_pool(keys), delete)
-        return all(outcomes)
+        results = self._on_every_node(
+            self.by_pool(keys),
+            lambda client, node_keys: start_call(client, "delete_multi", node_keys, *args),
+        )
+        return all(bool(deleted) for deleted in results)
 
     def flush_all(self, *args: Any) -> None:
-        self._on_every_node(
-            {pool: [] for pool in self._pools}, lambda client, _: client.flush_all(*args)
-        )
+        self.on_every_node(lambda client: client.flush_all(*args))
 
     def _on_every_node(
-        self, groups: Mapping[NodePool, list[str]], call: Callable[[Any, list[str]], None]
-    ) -> None:
+        self,
+        groups: Mapping[NodePool, list[str]],
+        start: Callable[[Any, list[str]], Callable[[], Any]],
+    ) -> list[Any]:
         """
-        ``call(client, keys)`` for each node's keys. A node that fails does not stop the others
-        (the keys of a write not tried would keep their old values); the first error is raised
-        once every node was tried.
+        One call for each node's keys, over every node at once, as libmemcached's
+        multi-server calls do: ``start(client, keys)`` sends the node's requests where its
+        client can split the call (``start_call``) and returns the function that reads the
+        replies. Every node's requests are sent before any reply is read, so the nodes
+        answer in parallel and the call waits for one round trip, not one per node. Each
+        node's result is returned, in the order of ``groups``.
+
+        A node that fails does not stop the others (the keys of a write not tried would
+        keep their old values): every other node's reply is still read, so its connection
+        stays in step and is pooled again, and the first error is raised once every node was
+        tried. An interruption that is not an ``Exception`` is raised at once, and every
+        client whose reply was not read is closed (see ``pool``).
         """
-        first_error: BaseException | None = None
-        for pool, node_keys in groups.items():
-            try:
-                with pool.client(self._is_node_failure) as client:
-                    call(client, node_keys)
-            except Exception as error:
-                first_error = first_error or error
+        first_error: Exception | None = None
+        started: list[tuple[NodePool, Any, Callable[[], Any]]] = []
+        results: list[Any] = []
+        try:
+            for pool, node_keys in groups.items():
+                try:
+                    client = pool.borrow()
+                except Exception as error:
+                    first_error = first_error or error
+                    continue
+                try:
+                    started.append((pool, client, start(client, node_keys)))
+                except BaseException as error:
+                    pool.give_back_after(client, error, self._is_node_failure)
+                    if not isinstance(error, Exception):
+                        raise
+                    first_error = first_error or error
+            while started:
+                # Taken off the list first: a client is handed back once, whatever interrupts.
+                pool, client, read_replies = started.pop(0)
+                try:
+                    results.append(read_replies())
+                except BaseException as error:
+                    pool.give_back_after(client, error, self._is_node_failure)
+                    if not isinstance(error, Exception):
+                        raise
+                    first_error = first_error or error
+                else:
+                    pool.give_back(client)
+        finally:
+            for pool, client, _ in started:
+                pool.discard(client)  # Interrupted: its replies are still on the wire.
         if first_error is not None:
             raise first_error
+        return results
 
     # The rest of the library clients' surface (each backend's subclass shapes it)
 
@@ -318,9 +324,8 @@ class ClusterClient:
         its call returned. As ``flush_all``, every node is tried before the first error is
         raised.
         """
-        results: list[Any] = []
-        self._on_every_node(
-            {pool: [] for pool in self._pools}, lambda client, _: results.append(call(client))
+        results = self._on_every_node(
+            {pool: [] for pool in self._pools}, lambda client, _: functools.partial(call, client)
         )
         # _on_every_node returned, so every node answered, in the order of self._pools.
         return list(zip(self._pools, results, strict=True))

@@ -3,10 +3,12 @@ machine's IPv6 loopback, what a local cluster advertises."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +194,14 @@ def parse_config_reply(reply: bytes) -> tuple[int, list[NodeTuple]]:
         hostname, ip, node_port = entry.split("|")
         nodes.append((hostname, ip, int(node_port)))
     return int(version), nodes
+
+
+@contextlib.contextmanager
+def stopped(node: Any) -> Iterator[None]:
+    """The node's process stopped: it neither reads nor answers until the block ends."""
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        eventually(lambda: process_state(node.pid) == "T", f"node {node.pid} stopped")
+        yield
+    finally:
+        os.kill(node.pid, signal.SIGCONT)

@@ -11,7 +11,6 @@ direct (no relay), so that a stopped node stops reading at once.
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import signal
 import socket
@@ -20,7 +19,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from support import Interrupted, eventually, process_state
+from support import Interrupted, stopped
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 
@@ -50,17 +49,6 @@ def interrupted_after(seconds: float, interruption: type[BaseException]) -> Iter
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def stopped(node) -> Iterator[None]:
-    """The node's process stopped: it neither reads nor answers until the block ends."""
-    os.kill(node.pid, signal.SIGSTOP)
-    try:
-        eventually(lambda: process_state(node.pid) == "T", f"node {node.pid} stopped")
-        yield
-    finally:
-        os.kill(node.pid, signal.SIGCONT)
 
 
 def assert_no_slot_lost(cache) -> None:

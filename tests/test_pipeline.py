@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import pylibmc
 import pytest
@@ -11,6 +12,7 @@ from django.core.cache.backends.memcached import PyLibMCCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymemcache.exceptions import MemcacheServerError
+from support import DEADLINE, eventually, stopped
 
 from django_elasticache import memcached, pipeline
 
@@ -160,3 +162,52 @@ def test_bulk_key_validation_matches_djangos(keys: list, version, key_prefix: st
         except InvalidCacheKey as exc:
             outcomes.append(str(exc))
     assert outcomes[0] == outcomes[1]
+
+
+def long_reply_timeout(cache_class: type) -> dict[str, object]:
+    """Options under which a call waits 20 s for a node's reply, however loaded the machine."""
+    if issubclass(cache_class, memcached.ElastiCache):
+        return {"behaviors": {"_poll_timeout": 20_000}}
+    return {"timeout": 20}
+
+
+@pytest.mark.parametrize("operation", ["set_many", "delete_many"])
+def test_a_batch_reaches_every_node_before_any_reply_is_read(
+    elasticache_cluster_factory, make_cache, operation
+) -> None:
+    """
+    While the first node of a batch holds its reply, the others have already received and
+    run their part: a set_many or delete_many over several nodes waits for one round trip
+    over all of them, as get_many does, not for one per node in turn.
+    """
+    cluster = elasticache_cluster_factory(nodes=3, relay=False)
+    probe = make_cache(cluster.location)
+    cache = make_cache(cluster.location, **long_reply_timeout(type(probe)))
+    keys = [f"fan-{index}" for index in range(60)]
+    cache.set_many(dict.fromkeys(keys, "old"))
+    first_pool = cache._cache.pools[0]
+    first_node = next(node for node in cluster.nodes if node.address == first_pool.node.address)
+    others = [key for key in keys if cache._cache.pool_for(cache.make_key(key)) is not first_pool]
+    assert others and len(others) < len(keys)
+    expected = None if operation == "delete_many" else "new"
+    reader = make_cache(cluster.location)
+    finished = threading.Event()
+
+    def run_batch() -> None:
+        if operation == "set_many":
+            cache.set_many(dict.fromkeys(keys, "new"))
+        else:
+            cache.delete_many(keys)
+        finished.set()
+
+    with stopped(first_node):
+        batch = threading.Thread(target=run_batch)
+        batch.start()
+        eventually(
+            lambda: all(reader.get(key) == expected for key in others),
+            f"the other nodes' part of {operation} done while the first node is stopped",
+        )
+        assert not finished.is_set()
+    batch.join(DEADLINE)
+    assert finished.is_set()
+    assert {cache.get(key) for key in keys} == {expected}
