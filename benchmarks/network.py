@@ -85,8 +85,7 @@ LABELS = {
 }
 DISCOVERY_NOTE = (
     "django-elastipymemcache discovers the cluster in every new backend instance, so in "
-    "every ASGI request; 50 discoveries at once overflow the emulated endpoint's listen "
-    "backlog (5), and a connection retried after a second weighs on its waves."
+    "every ASGI request: each of its requests waits for a discovery round trip too."
 )
 NEAR = " without latency"
 """Suffix of a contender's name on the twin cluster."""
