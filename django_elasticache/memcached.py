@@ -33,7 +33,7 @@ from .cluster_utils import (
     ClusterNode,
     format_address,
 )
-from .compression import compressed, decompressed
+from .compression import ZLIB_FLAG, compressed, decompressed
 from .options import BackendRules
 from .pool import NodeError
 from .protocol import (
@@ -199,9 +199,15 @@ class PipelinedClient(pylibmc.Client):
             (found,) = self._exchange(request, parse_values, sent_on_reused)
             if isinstance(found, ErrorReply):
                 raise pylibmc_error(found, f"{self._host}:{self._port}")
+            # Uncompressed values skip decompressed(): a call per value costs more than the
+            # call to deserialize itself.
             deserialize = self.deserialize
             return {
-                originals[key]: deserialize(*decompressed(data, flags))
+                originals[key]: (
+                    deserialize(*decompressed(data, flags))
+                    if flags & ZLIB_FLAG
+                    else deserialize(data, flags)
+                )
                 for key, (flags, data) in found.items()
             }
 
