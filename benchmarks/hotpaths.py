@@ -44,7 +44,7 @@ from stats import paired
 from tables import Table
 from wire import connect
 
-from django_elasticache import memcached, protocol
+from django_elasticache import memcached, protocol, pymemcache
 from django_elasticache.pipeline import receive
 from django_elasticache.protocol import parse_values, parse_values_in_python, retrieval_request
 from django_elasticache.testing import LocalCluster
@@ -59,6 +59,7 @@ MIXED_BATCH = 20
 SET_MANY = "set_many(100) x 100 B"
 GET_MANY = "get_many(100) x 100 B"
 GET_MANY_20 = f"get_many({MIXED_BATCH}) x 100 B"
+PYMEMCACHE_GET_MANY = "pymemcache get_many(100) x 100 B"
 TLS_SET_MANY = "TLS set_many(100) x 100 B"
 MIXED = f"mixed: set + get + get_many({MIXED_BATCH}), 100 B"
 SINGLE_GET = "get 100 B"
@@ -74,6 +75,7 @@ RAW_GET_MULTI = "raw pylibmc get_multi, ready keys"
 SOCKET_FLOOR = "Python floor: sockets + protocol.parse_values"
 OURS_TLS = "ours (pymemcache), TLS"
 OURS_CLEAR = "ours (pymemcache), clear text"
+OURS_CLEAR_PURE = "ours (pymemcache), clear text, pure-Python reader"
 ELASTI_TLS = "django-elastipymemcache, TLS"
 
 Call = Callable[[], Any]
@@ -108,16 +110,16 @@ def socket_floor(cache: Any) -> Call:
 
 def reading_with(reader: Callable[..., Any], call: Call) -> Call:
     """
-    ``call`` with the pylibmc backend reading ``get`` replies with ``reader``: the compiled
-    and the pure-Python reader side by side in one process (both contenders pay the swap).
+    ``call`` with both backends reading ``get`` replies with ``reader``: the compiled and
+    the pure-Python reader side by side in one process (both contenders pay the swap).
     """
 
     def run() -> Any:
-        memcached.parse_values = reader
+        memcached.parse_values = pymemcache.parse_values = reader
         try:
             return call()
         finally:
-            memcached.parse_values = parse_values
+            memcached.parse_values = pymemcache.parse_values = parse_values
 
     return run
 
@@ -145,7 +147,7 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
     ours_tls = build_ours_pymemcache(tls, {})
     ours_clear_pymemcache = build_ours_pymemcache(clear, {})
     elastipymemcache_tls = build_elastipymemcache(tls, {})
-    for cache in (ours, ours_tls, elastipymemcache_tls):
+    for cache in (ours, ours_tls, elastipymemcache_tls, ours_clear_pymemcache):
         cache.set_many(DATA)
     raw.set_multi(READY_DATA, time=DJANGO_TIMEOUT)
     batches = [KEYS[start : start + MIXED_BATCH] for start in range(0, len(KEYS), MIXED_BATCH)]
@@ -173,6 +175,14 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
             OURS_PURE: reading_with(parse_values_in_python, cycling(ours.get_many, batches)),
             RAW_GET_MULTI: cycling(raw.get_multi, ready_batches),
             STOCK: cycling(stock.get_many, batches),
+        },
+        PYMEMCACHE_GET_MANY: {
+            OURS_CLEAR: reading_with(
+                parse_values, functools.partial(ours_clear_pymemcache.get_many, KEYS)
+            ),
+            OURS_CLEAR_PURE: reading_with(
+                parse_values_in_python, functools.partial(ours_clear_pymemcache.get_many, KEYS)
+            ),
         },
         TLS_SET_MANY: {
             OURS_TLS: functools.partial(ours_tls.set_many, DATA),
