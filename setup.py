@@ -1,5 +1,20 @@
-"""Kept for tools that still call setup.py; all metadata lives in pyproject.toml."""
+"""
+The build of the optional compiled reader, ``django_elasticache._speedups``; all metadata
+lives in pyproject.toml.
 
-from setuptools import setup
+The extension is optional: where it cannot be built (no C compiler, no Python headers) the
+build warns and installs the package without it, and ``django_elasticache.protocol`` uses
+its pure-Python reader.
+"""
 
-setup()
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "django_elasticache._speedups",
+            sources=["django_elasticache/_speedups.c"],
+            optional=True,
+        )
+    ]
+)

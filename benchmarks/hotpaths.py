@@ -37,14 +37,16 @@ from backends import (
     build_elastipymemcache,
     build_ours,
     build_ours_pymemcache,
+    build_stock,
     our_behaviors,
 )
 from stats import paired
 from tables import Table
 from wire import connect
 
+from django_elasticache import memcached, protocol, pymemcache
 from django_elasticache.pipeline import receive
-from django_elasticache.protocol import parse_values, retrieval_request
+from django_elasticache.protocol import parse_values, parse_values_in_python, retrieval_request
 from django_elasticache.testing import LocalCluster
 
 KEYS = [f"hot-{index}" for index in range(100)]
@@ -56,12 +58,16 @@ MIXED_BATCH = 20
 
 SET_MANY = "set_many(100) x 100 B"
 GET_MANY = "get_many(100) x 100 B"
+GET_MANY_20 = f"get_many({MIXED_BATCH}) x 100 B"
+PYMEMCACHE_GET_MANY = "pymemcache get_many(100) x 100 B"
 TLS_SET_MANY = "TLS set_many(100) x 100 B"
 MIXED = f"mixed: set + get + get_many({MIXED_BATCH}), 100 B"
 SINGLE_GET = "get 100 B"
 SINGLE_SET = "set 100 B"
 
 OURS = "ours (pylibmc)"
+OURS_PURE = "ours (pylibmc), pure-Python reader"
+STOCK = "stock PyLibMCCache"
 RAW = "raw pylibmc"
 RAW_SET_MULTI = "raw pylibmc set_multi"
 RAW_NOREPLY = "raw pylibmc, _noreply"
@@ -69,6 +75,7 @@ RAW_GET_MULTI = "raw pylibmc get_multi, ready keys"
 SOCKET_FLOOR = "Python floor: sockets + protocol.parse_values"
 OURS_TLS = "ours (pymemcache), TLS"
 OURS_CLEAR = "ours (pymemcache), clear text"
+OURS_CLEAR_PURE = "ours (pymemcache), clear text, pure-Python reader"
 ELASTI_TLS = "django-elastipymemcache, TLS"
 
 Call = Callable[[], Any]
@@ -101,6 +108,22 @@ def socket_floor(cache: Any) -> Call:
     return get_many
 
 
+def reading_with(reader: Callable[..., Any], call: Call) -> Call:
+    """
+    ``call`` with both backends reading ``get`` replies with ``reader``: the compiled and
+    the pure-Python reader side by side in one process (both contenders pay the swap).
+    """
+
+    def run() -> Any:
+        memcached.parse_values = pymemcache.parse_values = reader
+        try:
+            return call()
+        finally:
+            memcached.parse_values = pymemcache.parse_values = parse_values
+
+    return run
+
+
 def cycling(call: Callable[..., Any], arguments: Sequence[Any]) -> Call:
     """``call`` with each of ``arguments`` in turn, one per call."""
     each = itertools.cycle(arguments)
@@ -118,17 +141,19 @@ def mixed(*steps: Call) -> Call:
 def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, Call]]:
     """Each comparison's contenders, the first being ours."""
     ours = build_ours(clear, {})
+    stock = build_stock(clear, our_behaviors())
     raw = raw_client(clear)
     raw_noreply = raw_client(clear, _noreply=True)
     ours_tls = build_ours_pymemcache(tls, {})
     ours_clear_pymemcache = build_ours_pymemcache(clear, {})
     elastipymemcache_tls = build_elastipymemcache(tls, {})
-    for cache in (ours, ours_tls, elastipymemcache_tls):
+    for cache in (ours, ours_tls, elastipymemcache_tls, ours_clear_pymemcache):
         cache.set_many(DATA)
     raw.set_multi(READY_DATA, time=DJANGO_TIMEOUT)
     batches = [KEYS[start : start + MIXED_BATCH] for start in range(0, len(KEYS), MIXED_BATCH)]
     ready_batches = [[DJANGO_KEY_PREFIX + key for key in batch] for batch in batches]
     ours_set = cycling(functools.partial(ours.set, value=VALUE), KEYS)
+    ours_mixed = mixed(ours_set, cycling(ours.get, KEYS), cycling(ours.get_many, batches))
     raw_set = cycling(functools.partial(raw.set, val=VALUE, time=DJANGO_TIMEOUT), READY_KEYS)
     return {
         SET_MANY: {
@@ -137,9 +162,27 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
             RAW_NOREPLY: functools.partial(raw_noreply.set_multi, READY_DATA, DJANGO_TIMEOUT),
         },
         GET_MANY: {
-            OURS: functools.partial(ours.get_many, KEYS),
+            OURS: reading_with(parse_values, functools.partial(ours.get_many, KEYS)),
+            OURS_PURE: reading_with(
+                parse_values_in_python, functools.partial(ours.get_many, KEYS)
+            ),
             RAW_GET_MULTI: functools.partial(raw.get_multi, READY_KEYS),
+            STOCK: functools.partial(stock.get_many, KEYS),
             SOCKET_FLOOR: socket_floor(ours),
+        },
+        GET_MANY_20: {
+            OURS: reading_with(parse_values, cycling(ours.get_many, batches)),
+            OURS_PURE: reading_with(parse_values_in_python, cycling(ours.get_many, batches)),
+            RAW_GET_MULTI: cycling(raw.get_multi, ready_batches),
+            STOCK: cycling(stock.get_many, batches),
+        },
+        PYMEMCACHE_GET_MANY: {
+            OURS_CLEAR: reading_with(
+                parse_values, functools.partial(ours_clear_pymemcache.get_many, KEYS)
+            ),
+            OURS_CLEAR_PURE: reading_with(
+                parse_values_in_python, functools.partial(ours_clear_pymemcache.get_many, KEYS)
+            ),
         },
         TLS_SET_MANY: {
             OURS_TLS: functools.partial(ours_tls.set_many, DATA),
@@ -147,9 +190,15 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
             ELASTI_TLS: functools.partial(elastipymemcache_tls.set_many, DATA),
         },
         MIXED: {
-            OURS: mixed(ours_set, cycling(ours.get, KEYS), cycling(ours.get_many, batches)),
+            OURS: reading_with(parse_values, ours_mixed),
+            OURS_PURE: reading_with(parse_values_in_python, ours_mixed),
             RAW: mixed(
                 raw_set, cycling(raw.get, READY_KEYS), cycling(raw.get_multi, ready_batches)
+            ),
+            STOCK: mixed(
+                cycling(functools.partial(stock.set, value=VALUE), KEYS),
+                cycling(stock.get, KEYS),
+                cycling(stock.get_many, batches),
             ),
         },
         SINGLE_GET: {OURS: cycling(ours.get, KEYS), RAW: cycling(raw.get, READY_KEYS)},
@@ -225,6 +274,7 @@ def main() -> None:
     from targets import hotpath_targets, target_table  # It imports this module's names.
 
     figures = run(arguments.rounds, arguments.calls)
+    print(f"compiled reader built and in use: {protocol.ACCELERATED}")
     print(Table.of(HEADER, rows(figures)).text())
     print()
     print(target_table(hotpath_targets(figures)).text())

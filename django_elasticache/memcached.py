@@ -33,7 +33,7 @@ from .cluster_utils import (
     ClusterNode,
     format_address,
 )
-from .compression import compressed, decompressed
+from .compression import ZLIB_FLAG, compressed, decompressed
 from .options import BackendRules
 from .pool import NodeError
 from .protocol import (
@@ -275,10 +275,16 @@ class PipelinedClient(pylibmc.Client):
             (found,) = read_replies()
             if isinstance(found, ErrorReply):
                 raise pylibmc_error(found, self._node_name)
+            # Uncompressed values skip decompressed(): a call per value costs more than the
+            # call to deserialize itself.
             deserialize = self.deserialize
             try:
                 return {
-                    originals[key]: deserialize(*decompressed(data, flags))
+                    originals[key]: (
+                        deserialize(*decompressed(data, flags))
+                        if flags & ZLIB_FLAG
+                        else deserialize(data, flags)
+                    )
                     for key, (flags, data) in found.items()
                 }
             except KeyError:

@@ -16,11 +16,14 @@ connection can no longer be trusted and must be closed.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "ACCELERATED",
     "MAX_KEY_LENGTH",
     "VALUE_TOO_LARGE",
     "ClientErrorReply",
@@ -42,6 +45,7 @@ __all__ = [
     "parse_stored",
     "parse_touched",
     "parse_values",
+    "parse_values_in_python",
     "retrieval_request",
     "stats_request",
     "storage_request",
@@ -245,12 +249,15 @@ _VALUE_LINE = re.compile(rb"VALUE ([^ \r\n]+) (\d+) (\d+)(?: \d+)?\r\n")
 """A well-formed ``VALUE`` line, the common case read without splitting it in Python."""
 
 
-def parse_values(buffer: bytes | bytearray, start: int) -> Parsed | None:
+def parse_values_in_python(buffer: bytes | bytearray, start: int) -> Parsed | None:
     """
     The reply to ``get``: ``{key: (flags, data)}`` for the keys found, up to ``END``.
     Each value's byte count is checked against its data block's terminator. The common
     reply, complete and last in the buffer, is read at once (``_values_at_once``), any
     other value by value (``_values_one_by_one``), with the same result.
+
+    ``parse_values`` is this function, or where it is built, its compiled twin (see
+    ``ACCELERATED``).
     """
     return _values_at_once(buffer, start) or _values_one_by_one(buffer, start)
 
@@ -354,3 +361,42 @@ def _other_values_line(
     if length < 0 or flags < 0:
         raise MalformedReply(f"bad VALUE line {line!r}")
     return (fields[1], flags, length), position
+
+
+# The compiled reader
+
+
+PURE_PYTHON_VARIABLE = "DJANGO_ELASTICACHE_PURE_PYTHON"
+"""Set to 1, the pure-Python reader is used even where the compiled one is built."""
+
+REQUIRE_ACCELERATED_VARIABLE = "DJANGO_ELASTICACHE_REQUIRE_ACCELERATED"
+"""Set to 1, importing this module fails unless the compiled reader is used (for CI)."""
+
+
+def _compiled_parse_values() -> Parser | None:
+    """
+    ``parse_values`` of the optional C extension ``_speedups``, bound to this module's
+    reading of the lines it leaves to Python; ``None`` where it is not built or is turned off.
+    """
+    if os.environ.get(PURE_PYTHON_VARIABLE, "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return functools.partial(_speedups.parse_values, _other_values_line, MalformedReply)
+
+
+parse_values: Parser = _compiled_parse_values() or parse_values_in_python
+"""Reads the reply to ``get``; see ``parse_values_in_python`` for what it returns."""
+
+ACCELERATED = parse_values is not parse_values_in_python
+"""Whether the compiled reader is in use."""
+
+if os.environ.get(REQUIRE_ACCELERATED_VARIABLE, "") not in ("", "0") and not ACCELERATED:
+    raise ImportError(
+        f"{REQUIRE_ACCELERATED_VARIABLE} is set but the compiled reader "
+        "django_elasticache._speedups is not in use: it was not built (see the warning of "
+        f"the package's build: a C compiler and Python's headers are needed) or "
+        f"{PURE_PYTHON_VARIABLE} turns it off"
+    )

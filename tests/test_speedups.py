@@ -1,0 +1,239 @@
+"""
+The compiled reader (``django_elasticache._speedups``) means exactly what the Python reader
+means, whatever the bytes; and it is the one in use unless turned off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import django_elasticache
+from django_elasticache import protocol
+from django_elasticache.protocol import (
+    MAX_LINE_LENGTH,
+    PURE_PYTHON_VARIABLE,
+    REQUIRE_ACCELERATED_VARIABLE,
+    ErrorReply,
+    MalformedReply,
+    parse_values_in_python,
+)
+
+_speedups = pytest.importorskip("django_elasticache._speedups")
+compiled_parse_values = functools.partial(
+    _speedups.parse_values, protocol._other_values_line, MalformedReply
+)
+
+
+def outcome(parse: protocol.Parser, buffer: bytes | bytearray, start: int) -> object:
+    """What a reader returns, or the class and text of what it raises, comparably."""
+    try:
+        parsed = parse(buffer, start)
+    except MalformedReply as error:
+        return ("raises", type(error), str(error))
+    if parsed is not None and isinstance(parsed[0], ErrorReply):
+        return ("refusal", type(parsed[0]), str(parsed[0]), parsed[1])
+    return parsed
+
+
+def assert_same(buffer: bytes, start: int) -> None:
+    expected = outcome(parse_values_in_python, buffer, start)
+    assert outcome(compiled_parse_values, buffer, start) == expected
+    assert outcome(compiled_parse_values, bytearray(buffer), start) == expected
+
+
+_NUMBERS = st.one_of(
+    st.integers(0, 2**32 - 1).map(b"%d".__mod__),
+    st.sampled_from(
+        [b"0", b"007", b"-1", b"+1", b"1_0", b"x", b"", b"\t1", b"1\r", b"9" * 19, b"9" * 40]
+        + [b"%d" % number for number in (2**63 - 1, 2**63, 2**64, 10**30)]
+    ),
+)
+_KEYS = st.one_of(
+    st.sampled_from([b"k", b":1:key", b"VALUE", b"END", b"a b", b"a\rb", b"a\nb", b""]),
+    st.binary(min_size=1, max_size=12),
+    st.just(b"k" * (MAX_LINE_LENGTH + 1)),
+)
+_DATA = st.lists(
+    st.sampled_from(
+        [
+            b"x",
+            b"\r\n",
+            b"END",
+            b"END\r\n",
+            b"VALUE k 0 1",
+            b"VALUE k 0 3\r\nabc",
+            b" ",
+            b"\r",
+            b"\n",
+            b"\x00",
+            b"\xff",
+            b"SERVER_ERROR x\r\n",
+        ]
+    ),
+    max_size=6,
+).map(b"".join)
+_VALUES = st.tuples(
+    _KEYS,
+    _NUMBERS,
+    _DATA,
+    st.one_of(st.integers(-3, 3), _NUMBERS),  # the byte count: off by a little, or any field
+    st.sampled_from([b"", b" 7", b" x", b" 1 2", b" " + b"9" * 30, b"  "]),
+)
+_LINES = st.sampled_from(
+    [
+        b"",
+        b"END\r\n",
+        b"ERROR\r\n",
+        b"CLIENT_ERROR bad\r\n",
+        b"SERVER_ERROR out of memory\r\n",
+        b"STORED\r\n",
+        b"VALUE z 0 1\r\nz\r\nEND\r\n",
+        b"garbage\r\n",
+        b"END",
+        b"\r\n",
+        b"END\rEND\r\n",
+        b"END \r\n",
+        b"ENDED\r\n",
+        b"VALUE\r\n",
+    ]
+)
+
+
+def hostile_reply(values: list[tuple[bytes, bytes, bytes, int | bytes, bytes]]) -> bytes:
+    """A ``get`` reply whose byte counts are the data's length moved by an int, or a field."""
+    blocks = []
+    for key, flags, data, count, cas in values:
+        length = b"%d" % (len(data) + count) if isinstance(count, int) else count
+        blocks.append(b"VALUE %s %s %s%s\r\n%s\r\n" % (key, flags, length, cas, data))
+    return b"".join(blocks)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_VALUES, max_size=5),
+    _LINES,
+    _LINES,
+    _LINES,
+    st.integers(0, 60),
+    st.integers(0, 10),
+    st.data(),
+)
+def test_the_compiled_reader_means_what_the_python_reader_means(
+    values: list[tuple[bytes, bytes, bytes, int | bytes, bytes]],
+    before: bytes,
+    end: bytes,
+    after: bytes,
+    cut: int,
+    start_shift: int,
+    data: st.DataObject,
+) -> None:
+    """
+    Any reply, hostile ones included (values holding CRLF, ``END`` or fake VALUE lines,
+    cas fields, replies before and after, wrong, huge, negative or non-numeric byte counts
+    and flags, keys with odd bytes, over-long lines, cuts, any one byte replaced), read from
+    any offset: the same
+    reply and offset, ``None``, refusal or ``MalformedReply`` with the same text.
+    """
+    buffer = before + hostile_reply(values) + end + after
+    buffer = buffer[: max(0, len(buffer) - cut)]
+    if buffer and data.draw(st.booleans(), "replace a byte"):
+        offset = data.draw(st.integers(0, len(buffer) - 1), "at")
+        buffer = (
+            buffer[:offset] + data.draw(st.binary(min_size=1, max_size=1)) + buffer[offset + 1 :]
+        )
+    assert_same(buffer, min(len(before) + start_shift, len(buffer) + 1))
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"VALUE a 1 5\r\nEND\r\n\r\nVALUE b 2 3 44\r\n\r\nx\r\nEND\r\n",
+        b"VALUE a 1 3 x\r\nabc\r\nVALUE a 2 1\r\nz\r\nEND\r\n",
+        b"VALUE a 1 3\r\nabcd\r\nEND\r\n",
+        b"VALUE a 99999999999999999999 3\r\nabc\r\nEND\r\n",
+        b"VALUE a 0 99999999999999999999\r\nabc\r\nEND\r\n",
+        b"VALUE a 1 3\r\nabc\r\nSERVER_ERROR late\r\n",
+        b"SERVER_ERROR out of memory\r\nEND\r\n",
+    ],
+)
+def test_the_readers_agree_at_every_cut(reply: bytes) -> None:
+    for cut in range(len(reply) + 1):
+        assert_same(reply[:cut], 0)
+        assert_same(b"STORED\r\n" + reply[:cut], 8)
+
+
+def test_the_readers_agree_on_over_long_lines() -> None:
+    for size in range(MAX_LINE_LENGTH - 8, MAX_LINE_LENGTH + 4):
+        line = b"VALUE " + b"k" * (size - len(b"VALUE  0 1")) + b" 0 1"
+        assert_same(line, 0)
+        assert_same(line + b"\r\nx\r\nEND\r\n", 0)
+        assert_same(b"x" * size + b"\r\n", 0)
+
+
+def test_the_compiled_reader_refuses_a_negative_offset() -> None:
+    with pytest.raises(ValueError, match="-1"):
+        compiled_parse_values(b"END\r\n", -1)
+
+
+# Which reader is in use
+
+
+def imported_in_a_child(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess[str]:
+    """
+    ``protocol.ACCELERATED`` as a fresh interpreter sees it, with these variables, importing
+    the package this run imports (not one in the working directory).
+    """
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in (PURE_PYTHON_VARIABLE, REQUIRE_ACCELERATED_VARIABLE)
+    }
+    env["PYTHONPATH"] = str(Path(django_elasticache.__file__).resolve().parent.parent)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from django_elasticache import protocol; print(protocol.ACCELERATED)",
+        ],
+        env={**env, **environment},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_compiled_reader_is_used_where_built_unless_turned_off(tmp_path: Path) -> None:
+    assert imported_in_a_child(tmp_path).stdout.strip() == "True"
+    assert imported_in_a_child(tmp_path, **{PURE_PYTHON_VARIABLE: "0"}).stdout.strip() == "True"
+    assert imported_in_a_child(tmp_path, **{PURE_PYTHON_VARIABLE: "1"}).stdout.strip() == "False"
+
+
+def test_requiring_the_compiled_reader_fails_the_import_without_it(tmp_path: Path) -> None:
+    required = {REQUIRE_ACCELERATED_VARIABLE: "1"}
+    assert imported_in_a_child(tmp_path, **required).returncode == 0
+    turned_off = imported_in_a_child(tmp_path, **required, **{PURE_PYTHON_VARIABLE: "1"})
+    assert turned_off.returncode != 0
+    assert f"{REQUIRE_ACCELERATED_VARIABLE} is set" in turned_off.stderr
+
+
+def test_this_run_uses_the_reader_it_was_asked_for() -> None:
+    """
+    tox's environments set the requirement, those with the ``pure`` factor turn the
+    compiled reader off: neither may silently run the other reader.
+    """
+    if os.environ.get(PURE_PYTHON_VARIABLE, "") not in ("", "0"):
+        assert not protocol.ACCELERATED
+    elif os.environ.get(REQUIRE_ACCELERATED_VARIABLE, "") not in ("", "0"):
+        assert protocol.ACCELERATED
+    else:
+        assert protocol.ACCELERATED  # It is built: this module imported it.
