@@ -160,14 +160,18 @@ class NodePool:
 
     def give_back(self, client: Client) -> None:
         """The call succeeded: the node is healthy and the client ready for the next call."""
-        self.record_success()
-        with self._lock:
-            if not self._retired:
-                self._idle.append(client)
-                if self._waiting:
-                    self._ring()
-                return
-        self.discard(client)
+        try:
+            self.record_success()
+            with self._lock:
+                if not self._retired:
+                    self._idle.append(client)
+                    if self._waiting:
+                        self._ring()
+                    return
+            self.discard(client)
+        except BaseException:
+            self._settle_interrupted(client)
+            raise
 
     def give_back_after(
         self,
@@ -183,24 +187,32 @@ class NodePool:
         interruption that is not an ``Exception`` (``KeyboardInterrupt``, ``gevent.Timeout``,
         ``SystemExit``) may have come between a request and its reply: the client is closed.
         """
-        if not isinstance(error, Exception):
-            self.discard(client)
-        elif is_node_failure(error):
-            self.record_failure()
-            self.discard(client)
-        else:
-            self.give_back(client)
+        try:
+            if self._is_pooled(client):
+                return  # Given back before the error landed: its call had completed.
+            if not isinstance(error, Exception):
+                self.discard(client)
+            elif is_node_failure(error):
+                self.record_failure()
+                self.discard(client)
+            else:
+                self.give_back(client)
+        except BaseException:
+            self._settle_interrupted(client)
+            raise
 
     @contextlib.contextmanager
     def client(self, is_node_failure: Callable[[BaseException], bool]) -> Iterator[Client]:
         """``borrow`` and the matching hand-back around a block, for calls off the hot path."""
-        client = self.borrow()
+        client = None
         try:
+            client = self.borrow()
             yield client
+            self.give_back(client)
         except BaseException as error:
-            self.give_back_after(client, error, is_node_failure)
+            if client is not None:
+                self.give_back_after(client, error, is_node_failure)
             raise
-        self.give_back(client)
 
     # The node's health, shared by every path that talks to the node (the pooled clients
     # here, the event loops' connections in ``async_client``).
@@ -278,10 +290,19 @@ class NodePool:
             finally:
                 with self._lock:
                     self._waiting -= 1
-        client = self._make_client(self.node)
-        with self._lock:
-            self._alive.add(client)
-            self._alive.discard(placeholder)
+        client = None
+        try:
+            client = self._make_client(self.node)
+            with self._lock:
+                self._alive.add(client)
+                self._alive.discard(placeholder)
+        except BaseException:
+            # The frame, and the placeholder in it, may outlive the call in a traceback.
+            with self._lock:
+                self._alive.discard(placeholder)
+            if client is not None:
+                self.discard(client)
+            raise
         return client
 
     def discard(self, client: Client) -> None:
@@ -291,6 +312,19 @@ class NodePool:
             if self._waiting:
                 self._ring()
         self._close_client(client)
+
+    def _settle_interrupted(self, client: Client) -> None:
+        """
+        A hand-back was interrupted: unless the client made it into the pool, close it and
+        free its slot now. Its caller's frame may outlive the call in a traceback someone
+        keeps, and the client with it, so its collection cannot be counted on.
+        """
+        if not self._is_pooled(client):
+            self.discard(client)
+
+    def _is_pooled(self, client: Client) -> bool:
+        with self._lock:
+            return any(idle is client for idle in self._idle)
 
     def _ring(self) -> None:
         """Wake one waiting borrower (or the next to wait, if none sleeps yet)."""

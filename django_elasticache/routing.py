@@ -131,13 +131,17 @@ class ClusterClient:
 
     def _call(self, key: str, method: str, *args: Any) -> Any:
         pool = self.pool_for(key)
-        client = pool.borrow()
+        client = None
         try:
+            # Borrowed and given back inside the try: an interruption just after borrow or
+            # at give_back's first bytecode still hands the client back.
+            client = pool.borrow()
             result = getattr(client, method)(key, *args)
+            pool.give_back(client)
         except BaseException as error:
-            pool.give_back_after(client, error, self._is_node_failure)
+            if client is not None:
+                pool.give_back_after(client, error, self._is_node_failure)
             raise
-        pool.give_back(client)
         return result
 
     def get(self, key: str, *args: Any) -> Any:

@@ -175,13 +175,15 @@ def test_interruptions_landing_anywhere_in_borrow_and_give_back_lose_no_slot(
         """Calls as ``routing`` makes them, until one is interrupted."""
         armed[0] = True
         while True:
-            client = pool.borrow()
+            client = None
             try:
+                client = pool.borrow()
                 assert not client.closed
+                pool.give_back(client)
             except BaseException as error:
-                pool.give_back_after(client, error, never_a_node_failure)
+                if client is not None:
+                    pool.give_back_after(client, error, never_a_node_failure)
                 raise
-            pool.give_back(client)
 
     deadline = time.monotonic() + 2
     try:
