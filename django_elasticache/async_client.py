@@ -198,6 +198,9 @@ class NodeConnection(asyncio.Protocol):
             future = self._pending.popleft().future
             if not future.done():
                 future.set_exception(error)
+                # Marked retrieved: the caller may be gone (cancelled, or it raised on an
+                # earlier request of its call), and asyncio would log each such future.
+                future.exception()
 
     def close_socket(self) -> None:
         """Release the socket of a loop that is closed (its transport can no longer run)."""
@@ -536,8 +539,20 @@ class AsyncClusterClient:
 
     async def store(
         self, cluster: ClusterClient, command: bytes, data: dict[str, Any], exptime: int
-    ) -> list[str]:
-        """Store each key (``set`` or ``add``); the keys that were not stored."""
+    ) -> tuple[list[str], Exception | None]:
+        """
+        Store each key (``set`` or ``add``): the keys not stored, and the first failure of a
+        node (``None`` if every node answered).
+
+        With ``IGNORE_EXCEPTIONS``, ``aset_many`` returns these keys instead of raising, so
+        they must be the keys a caller cannot count on: every node's part has ended before
+        this returns (none writes after), a node that answered names the keys it refused,
+        and a node whose part failed (connection lost, timeout) counts all of its keys as
+        not stored. Which of those it applied before failing is unknowable (a request sent
+        but unanswered may or may not have been); reporting them all is the only answer
+        that never calls a key stored that is not. Keys on nodes that answered are never
+        reported for another node's failure.
+        """
         requests = {}
         for key, value in data.items():
             wire_key = self._wire_key(key)
@@ -551,8 +566,16 @@ class AsyncClusterClient:
             return [key for key, ok in zip(node_keys, stored, strict=True) if not ok]
 
         by_pool = cluster.by_pool(requests)
-        results = await _each(store_on(pool, node_keys) for pool, node_keys in by_pool.items())
-        return [key for failed in results for key in failed]
+        outcomes = await _settle(store_on(pool, node_keys) for pool, node_keys in by_pool.items())
+        not_stored: list[str] = []
+        first_failure = None
+        for node_keys, outcome in zip(by_pool.values(), outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                not_stored += node_keys
+                first_failure = first_failure or outcome
+            else:
+                not_stored += outcome
+        return not_stored, first_failure
 
     async def delete(self, cluster: ClusterClient, keys: Sequence[str]) -> list[bool]:
         """Delete each key; whether each existed, in order."""
@@ -573,16 +596,10 @@ class AsyncClusterClient:
 
     async def flush_all(self, cluster: ClusterClient) -> None:
         """Flush every node, even after one failed; then raise the first failure."""
-        outcomes = await asyncio.gather(
-            *(
-                self._call(cluster, pool, [flush_all_request()], parse_flushed)
-                for pool in cluster.pools
-            ),
-            return_exceptions=True,
+        await _each(
+            self._call(cluster, pool, [flush_all_request()], parse_flushed)
+            for pool in cluster.pools
         )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
 
     # Internals
 
@@ -649,9 +666,35 @@ class AsyncClusterClient:
                 log_invalidation_failure(pool, len(node_keys), error)
 
 
-async def _each(calls: Iterable[Awaitable[Any]]) -> list[Any]:
-    """Run one call per node: at once when there are several."""
+async def _settle(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    """
+    Run one call per node, at once when there are several; each one's result or the
+    ``Exception`` it raised, in order.
+
+    Every call has ended when this returns or raises, so that none writes to a node after
+    the caller was told the outcome: a failed call leaves the others to finish (each is
+    bounded by the timeouts), and when the caller is cancelled (``Task.cancel``,
+    ``wait_for``) the calls are cancelled and waited for before the cancellation goes on
+    (``gather``'s cancellation waits for its children). A request already written keeps its
+    place on its connection, whose reply is still read.
+    """
     calls = list(calls)
     if len(calls) == 1:
-        return [await calls[0]]
-    return list(await asyncio.gather(*calls))
+        try:
+            return [await calls[0]]
+        except Exception as error:
+            return [error]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # A part cancelled on its own: the batch was not done.
+    return outcomes
+
+
+async def _each(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    """As ``_settle``, for calls that all must succeed: the first failure is raised."""
+    outcomes = await _settle(calls)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+    return outcomes

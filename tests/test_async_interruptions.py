@@ -1,0 +1,115 @@
+"""
+The async path interrupted the way production interrupts it: a node that fails while its
+siblings are mid-batch, a caller cancelled or timed out by ``wait_for``, a stalled node.
+What a user sees must not depend on work left running after a call returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+from typing import Any
+
+import pytest
+from support import timeout_rules
+from test_async_backend import key_routed_to
+
+# Enough keys that the healthy node's part is still being written when the dead node's part
+# fails: over TLS one request per round trip, in clear text several pipeline-depth chunks.
+BATCH_KEYS = {"tls": 300, "clear": 3000}
+SETTLE = 0.3
+"""Seconds the loop runs on after a call, for writes a call left behind to land."""
+
+
+def keys_for(cache: Any, node: Any, count: int, tag: str) -> list[str]:
+    keys = (f"{tag}:{index}" for index in range(count * 10))
+    on_node = [k for k in keys if cache._cache.pool_for(cache.make_key(k)).node.port == node.port]
+    return on_node[:count]
+
+
+@pytest.mark.parametrize(
+    ("backend", "transport"),
+    [("pymemcache", "tls"), ("pymemcache", "clear"), ("pylibmc", "clear")],
+)
+def test_a_failed_batch_writes_nothing_after_it_returns(
+    elasticache_cluster_factory, make_pylibmc_cache, make_pymemcache_cache, backend, transport
+) -> None:
+    """
+    One node's part fails at once (refused), the other's is still writing: ``aset_many``
+    returns only when that part is done, reports exactly the keys not stored, and a delete
+    that follows is not undone by writes of the earlier call.
+    """
+    tls = transport == "tls"
+    cluster = elasticache_cluster_factory(nodes=2, tls=tls)
+    make = make_pymemcache_cache if backend == "pymemcache" else make_pylibmc_cache
+    options: dict[str, Any] = {"IGNORE_EXCEPTIONS": True}
+    if tls:
+        options |= {"TLS": cluster.client_tls_context(), "POOL_SIZE": 1}
+    cache = make(cluster.location, **options)
+    dead, alive = cluster.nodes
+    count = BATCH_KEYS[transport]
+    alive_keys = keys_for(cache, alive, count, "alive")
+    dead_keys = keys_for(cache, dead, 5, "dead")
+    cluster.kill_node(dead)
+
+    async def scenario() -> tuple[list[str], set[str], set[str], set[str]]:
+        failed = await cache.aset_many(dict.fromkeys(dead_keys + alive_keys, "v"))
+        present_on_return = set(await cache.aget_many(alive_keys))
+        await asyncio.sleep(SETTLE)
+        present_later = set(await cache.aget_many(alive_keys))
+        await cache.adelete_many(alive_keys)
+        await asyncio.sleep(SETTLE)
+        return failed, present_on_return, present_later, set(await cache.aget_many(alive_keys))
+
+    failed, present_on_return, present_later, present_after_delete = asyncio.run(scenario())
+    assert present_later == present_on_return
+    assert sorted(failed) == sorted(dead_keys + [k for k in alive_keys if k not in present_later])
+    assert present_after_delete == set()
+
+
+def test_a_cancelled_batch_writes_nothing_after_the_cancellation(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    """
+    ``wait_for`` gives up on ``aset_many`` mid-batch: no write of it comes later (every
+    part is cancelled and has ended before the cancellation reaches the caller).
+    """
+    cluster = elasticache_cluster_factory(nodes=2, tls=True)
+    cache = make_pymemcache_cache(cluster.location, TLS=cluster.client_tls_context(), POOL_SIZE=1)
+    keys = [f"cancelled:{index}" for index in range(400)]
+
+    async def scenario() -> tuple[int, int]:
+        await cache.aget(keys[0])  # Connected: the batch itself is what gets interrupted.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(cache.aset_many(dict.fromkeys(keys, "v")), 0.01)
+        present_on_cancel = len(await cache.aget_many(keys))
+        await asyncio.sleep(SETTLE)
+        return present_on_cancel, len(await cache.aget_many(keys))
+
+    present_on_cancel, present_later = asyncio.run(scenario())
+    assert present_on_cancel < len(keys)  # Interrupted mid-batch, as the test intends.
+    assert present_later == present_on_cancel
+
+
+def test_a_stalled_node_leaves_no_unretrieved_future(
+    elasticache_cluster_factory, make_cache, caplog
+) -> None:
+    """One batch to a stopped node times out: asyncio logs no 'never retrieved' error."""
+    cluster = elasticache_cluster_factory(nodes=1)
+    options, _ = timeout_rules(type(make_cache(cluster.location)))
+    cache = make_cache(cluster.location, IGNORE_EXCEPTIONS=True, **options)
+    node = cluster.nodes[0]
+    data = {f"stalled:{index}": "v" for index in range(500)}
+    assert asyncio.run(cache.aget(key_routed_to(cache, node))) is None  # Connected.
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        failed = asyncio.run(cache.aset_many(data))
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    gc.collect()
+    assert sorted(failed) == sorted(data)
+    assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
