@@ -275,7 +275,14 @@ class NodeChannel:
                 return await self._open()
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    # Woken, then cancelled before it ran: the slot it was given goes to
+                    # the next waiter, or that one sleeps until some other reply comes.
+                    self.slots_freed(1)
+                raise
 
     async def _open(self) -> NodeConnection:
         self._opening += 1

@@ -113,3 +113,36 @@ def test_a_stalled_node_leaves_no_unretrieved_future(
     gc.collect()
     assert sorted(failed) == sorted(data)
     assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
+
+
+def test_a_waiter_cancelled_as_it_is_woken_passes_the_slot_on(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    """
+    One TLS connection, one request in flight: the first call's reply frees the slot and
+    wakes the second, which its caller cancels in that same loop iteration. The third must
+    get the slot, not sleep until some unrelated call completes.
+    """
+    cluster = elasticache_cluster_factory(nodes=1, tls=True)
+    cache = make_pymemcache_cache(cluster.location, TLS=cluster.client_tls_context(), POOL_SIZE=1)
+    cache.set("key", "value")
+
+    async def scenario() -> Any:
+        assert await cache.aget("key") == "value"  # Connected.
+        second: asyncio.Task[Any] | None = None
+
+        async def first() -> None:
+            await cache.aget("key")
+            # Resumed by the reply that also woke the second: cancel it before it runs.
+            assert second is not None
+            second.cancel()
+
+        first_task = asyncio.ensure_future(first())
+        second = asyncio.ensure_future(cache.aget("key"))
+        third = asyncio.ensure_future(asyncio.wait_for(cache.aget("key"), 5.0))
+        await first_task
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        return await third
+
+    assert asyncio.run(scenario()) == "value"
