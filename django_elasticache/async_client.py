@@ -192,7 +192,7 @@ class NodeConnection(asyncio.Protocol):
                 self._watchdog.cancel()
             if self._transport is not None:
                 self._transport.abort()
-            self._sock.close()
+            self._channel.release_socket(self._sock)
             self._channel.forget(self)
         while self._pending:
             future = self._pending.popleft().future
@@ -205,7 +205,7 @@ class NodeConnection(asyncio.Protocol):
     def close_socket(self) -> None:
         """Release the socket of a loop that is closed (its transport can no longer run)."""
         self.closed = True
-        self._sock.close()
+        self._channel.release_socket(self._sock)
 
     def _check_deadline(self, after_reading: bool = False) -> None:
         self._watchdog = None
@@ -238,8 +238,10 @@ class NodeChannel:
         timeout: float | None,
         max_connections: int,
         max_in_flight: int,
+        sockets: set[socket.socket],
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._sockets = sockets
         self.node = node
         self.name = format_address(node.hostname or node.ip, node.port)
         self.timeout = timeout
@@ -342,6 +344,7 @@ class NodeChannel:
             )
         family, kind, proto, _, address = addresses[0]
         sock = socket.socket(family, kind, proto)
+        self._sockets.add(sock)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -354,9 +357,13 @@ class NodeChannel:
                 lambda: NodeConnection(self, sock), sock=sock, **tls
             )
         except BaseException:
-            sock.close()
+            self.release_socket(sock)
             raise
         return connection
+
+    def release_socket(self, sock: socket.socket) -> None:
+        sock.close()
+        self._sockets.discard(sock)
 
     def slots_freed(self, count: int) -> None:
         """Replies came in: as many waiting callers may send."""
@@ -391,12 +398,21 @@ class NodeChannel:
 
 
 class LoopConnections:
-    """Every channel of one event loop, keyed by the node's ``NodePool``."""
+    """
+    Every channel of one event loop, keyed by the node's ``NodePool``.
+
+    The loop owns this (an attribute of the loop) and the module knows it only weakly:
+    a loop dropped without ``close()`` is collected with its connections, and a finalizer
+    on the loop, which holds nothing but their sockets, closes those.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)
         self.channels: dict[NodePool, NodeChannel] = {}
+        self.sockets: set[socket.socket] = set()
         self._close_at_shutdown = self._until_shutdown()
+        self._close_sockets_when_collected = weakref.finalize(loop, _close_all, self.sockets)
+        self._close_sockets_when_collected.atexit = False
 
     def watch_shutdown(self) -> None:
         """
@@ -435,23 +451,40 @@ class LoopConnections:
         with contextlib.suppress(StopIteration):
             self._close_at_shutdown.aclose().send(None)
 
+    def detach(self) -> None:
+        """No longer the loop's: its next use of the cache starts afresh."""
+        self._close_sockets_when_collected.detach()
+        loop = self.loop_ref()
+        if loop is not None and getattr(loop, _LOOP_ATTRIBUTE, None) is self:
+            delattr(loop, _LOOP_ATTRIBUTE)
 
-_by_loop: dict[int, LoopConnections] = {}
-_by_loop_lock = threading.Lock()
+
+def _close_all(sockets: set[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+    sockets.clear()
+
+
+_LOOP_ATTRIBUTE = "_django_elasticache_connections"
+_live: weakref.WeakSet[LoopConnections] = weakref.WeakSet()
+_live_lock = threading.Lock()
 _inherited_across_fork: list[LoopConnections] = []
 
 
 def loop_connections() -> LoopConnections:
     """The running loop's connections, made on first use."""
     loop = asyncio.get_running_loop()
-    state = _by_loop.get(id(loop))
-    if state is not None and state.loop_ref() is loop:
+    state: LoopConnections | None = getattr(loop, _LOOP_ATTRIBUTE, None)
+    if state is not None:
         return state
-    with _by_loop_lock:
+    with _live_lock:
         closed = _closed_loops()
-        state = _by_loop[id(loop)] = LoopConnections(loop)
+        state = LoopConnections(loop)
+        setattr(loop, _LOOP_ATTRIBUTE, state)
+        _live.add(state)
     for stale in closed:
         stale.release_closed()
+        stale.detach()
     state.watch_shutdown()
     return state
 
@@ -459,27 +492,28 @@ def loop_connections() -> LoopConnections:
 def _closed_loops() -> list[LoopConnections]:
     """Forget the loops closed without shutting down their async generators."""
     closed = []
-    for key, state in list(_by_loop.items()):
+    for state in list(_live):
         loop = state.loop_ref()
         if loop is None or loop.is_closed():
-            del _by_loop[key]
+            _live.discard(state)
             closed.append(state)
     return closed
 
 
 def _forget(state: LoopConnections) -> None:
-    with _by_loop_lock:
-        for key, known in list(_by_loop.items()):
-            if known is state:
-                del _by_loop[key]
+    with _live_lock:
+        _live.discard(state)
+    state.detach()
 
 
 def _after_fork_in_child() -> None:
-    global _by_loop_lock
-    _by_loop_lock = threading.Lock()
+    global _live_lock
+    _live_lock = threading.Lock()
     # The parent still uses these sockets: keep them referenced, never close them here.
-    _inherited_across_fork.extend(_by_loop.values())
-    _by_loop.clear()
+    for state in _live:
+        state.detach()
+    _inherited_across_fork.extend(_live)
+    _live.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -651,6 +685,7 @@ class AsyncClusterClient:
                 self._adapter.timeout,
                 max_connections=1 if self._tls is None else self._max_connections,
                 max_in_flight=1 if self._tls is not None else PIPELINE_DEPTH,
+                sockets=connections.sockets,
             )
         return channel
 

@@ -7,14 +7,16 @@ What a user sees must not depend on work left running after a call returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
+import weakref
 from typing import Any
 
 import pytest
-from support import timeout_rules
+from support import eventually, timeout_rules
 from test_async_backend import key_routed_to
 
 # Enough keys that the healthy node's part is still being written when the dead node's part
@@ -146,3 +148,36 @@ def test_a_waiter_cancelled_as_it_is_woken_passes_the_slot_on(
         return await third
 
     assert asyncio.run(scenario()) == "value"
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_a_loop_dropped_without_closing_is_not_kept_alive(elasticache_cluster, make_cache) -> None:
+    """
+    Loops created and dropped without ``close()`` after one call each: the cache keeps
+    neither the loops nor their sockets (nor their selectors) alive.
+    """
+    cache = make_cache(elasticache_cluster.location)
+    cache.set("key", "value")
+    gc.collect()
+    fds_before = open_fds()
+    loops = []
+    for _ in range(50):
+        loop = asyncio.new_event_loop()
+        assert loop.run_until_complete(cache.aget("key")) == "value"
+        loops.append(weakref.ref(loop))
+        del loop
+    gc.collect()
+    assert sum(ref() is not None for ref in loops) == 0
+    # Four descriptors a loop (selector, wake-up pair, node socket) if kept. Other threads
+    # of the process (discovery, the local cluster's relay) open and close a few of their
+    # own at any moment: wait for those to settle.
+    eventually(lambda: len(open_fds() - fds_before) < 25, "the dropped loops' descriptors closed")
+
+
+def open_fds() -> set[str]:
+    """What this process's file descriptors point at: sockets, pipes, files."""
+    targets = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            targets.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return targets
