@@ -306,7 +306,8 @@ class NodeChannel:
         Connect within ``connect_timeout``. As for replies, a loop too busy to notice the
         connection on time gets one more look after polling its sockets before giving up.
         """
-        attempt = self.loop.create_task(self._connect_unbounded())
+        made: list[NodeConnection] = []
+        attempt = self.loop.create_task(self._connect_unbounded(made))
         expired = False
 
         def expire(after_polling: bool) -> None:
@@ -323,8 +324,12 @@ class NodeChannel:
         timer = None if timeout is None else self.loop.call_later(timeout, expire, False)
         try:
             return await attempt
-        except asyncio.CancelledError:
-            if expired:
+        except BaseException as error:
+            # The attempt has ended (a task's cancellation waits for it), maybe with a
+            # connection made just as the caller gave up: nobody will use it.
+            for connection in made:
+                connection.close(ConnectionClosed(f"connection to {self.name} abandoned"))
+            if expired and isinstance(error, asyncio.CancelledError):
                 message = f"could not connect to {self.name} within {timeout} s"
                 raise TimeoutError(message) from None
             raise
@@ -332,7 +337,12 @@ class NodeChannel:
             if timer is not None:
                 timer.cancel()
 
-    async def _connect_unbounded(self) -> NodeConnection:
+    async def _connect_unbounded(self, made: list[NodeConnection]) -> NodeConnection:
+        """
+        Connect, then (over TLS) shake hands. Once a transport holds the socket, only the
+        transport closes it: a socket closed under a live transport leaves its descriptor
+        registered with the loop, and the next socket to get that number is refused.
+        """
         node = self.node
         if node.ip:  # Numeric: no resolver, no thread.
             addresses = socket.getaddrinfo(
@@ -349,16 +359,20 @@ class NodeChannel:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self.loop.sock_connect(sock, address)
-            tls: dict[str, Any] = {}
-            if self._tls is not None:
-                # Verified against the name the certificate carries, at the listed address.
-                tls = {"ssl": self._tls, "server_hostname": node.hostname or node.ip}
-            _, connection = await self.loop.create_connection(
-                lambda: NodeConnection(self, sock), sock=sock, **tls
-            )
         except BaseException:
             self.release_socket(sock)
             raise
+        connection = NodeConnection(self, sock)
+        made.append(connection)
+        transport, _ = await self.loop.create_connection(lambda: connection, sock=sock)
+        if self._tls is not None:
+            # Verified against the name the certificate carries, at the listed address.
+            secured = await self.loop.start_tls(
+                transport, connection, self._tls, server_hostname=node.hostname or node.ip
+            )
+            if secured is None:  # The transport closed during the handshake.
+                raise ConnectionClosed(f"{self.name} closed the connection during the handshake")
+            connection.connection_made(secured)
         return connection
 
     def release_socket(self, sock: socket.socket) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from support import eventually, timeout_rules
-from test_async_backend import key_routed_to
+from test_async_backend import key_routed_to, open_connections
 
 # Enough keys that the healthy node's part is still being written when the dead node's part
 # fails: over TLS one request per round trip, in clear text several pipeline-depth chunks.
@@ -181,3 +181,35 @@ def open_fds() -> set[str]:
         with contextlib.suppress(FileNotFoundError):
             targets.add(os.readlink(f"/proc/self/fd/{fd}"))
     return targets
+
+
+def test_a_call_cancelled_while_connecting_leaves_no_connection_behind(
+    elasticache_cluster, make_cache
+) -> None:
+    """
+    A call is cancelled at every step of opening its connection in turn: whatever the
+    cancelled attempt opened is closed, and the loop goes on with the one connection it uses.
+    """
+    cluster = elasticache_cluster
+    cache = make_cache(cluster.location)
+    cache.set("key", "value")
+
+    baseline = open_connections(cluster)
+
+    def opened_by_this_loop() -> bool:
+        # The node counts a connection until it has read its end: poll for it to settle.
+        return open_connections(cluster) == baseline + 1
+
+    async def cancelled_after(steps: int) -> None:
+        call = asyncio.ensure_future(cache.aget("key"))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        call.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        assert await cache.aget("key") == "value"
+        eventually(opened_by_this_loop, f"one connection after a cancel at step {steps}")
+
+    for steps in range(40):
+        asyncio.run(cancelled_after(steps))
+        eventually(lambda: open_connections(cluster) == baseline, "the loop's connection closed")
