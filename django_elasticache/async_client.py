@@ -46,6 +46,7 @@ from .protocol import (
     ConnectionClosed,
     ErrorReply,
     IllegalKey,
+    MalformedReply,
     Parser,
     ProtocolError,
     check_key,
@@ -392,9 +393,11 @@ class NodeChannel:
             self._connections.remove(connection)
         self._wake_all()
 
-    def close(self) -> None:
+    def close(self, error: Exception | None = None) -> None:
+        """Close every connection; requests waiting on them fail with ``error``."""
+        error = error or ConnectionClosed(f"connection to {self.name} closed")
         for connection in list(self._connections):
-            connection.close(ConnectionClosed(f"connection to {self.name} closed"))
+            connection.close(error)
 
     def close_sockets(self) -> None:
         for connection in self._connections:
@@ -561,10 +564,11 @@ class AsyncClusterClient:
     async def get(self, cluster: ClusterClient, key: str) -> Any:
         """The key's value, or ``MISSING``."""
         wire_key = self._wire_key(key)
-        (found,) = await self._call(
-            cluster, cluster.pool_for(key), [retrieval_request((wire_key,))], parse_values
-        )
+        pool = cluster.pool_for(key)
+        (found,) = await self._call(cluster, pool, [retrieval_request((wire_key,))], parse_values)
         if wire_key not in found:
+            if found:
+                raise self._out_of_step(cluster, pool, found, {wire_key: key})
             return MISSING
         flags, data = found[wire_key]
         return self._adapter.deserialize(wire_key, data, flags)
@@ -585,11 +589,17 @@ class AsyncClusterClient:
         by_pool = cluster.by_pool(wire_keys)
         keys_by_wire = {wire_key: key for key, wire_key in wire_keys.items()}
         values = {}
-        for found in await _each(get_from(pool, node_keys) for pool, node_keys in by_pool.items()):
-            for wire_key, (flags, data) in found.items():
-                if wire_key in keys_by_wire:
-                    value = self._adapter.deserialize(wire_key, data, flags)
-                    values[keys_by_wire[wire_key]] = value
+        results = await _each(get_from(pool, node_keys) for pool, node_keys in by_pool.items())
+        for pool, found in zip(by_pool, results, strict=True):
+            try:
+                for wire_key, (flags, data) in found.items():
+                    values[keys_by_wire[wire_key]] = self._adapter.deserialize(
+                        wire_key, data, flags
+                    )
+            except KeyError:
+                if _key_not_asked_for(found, keys_by_wire) is None:
+                    raise  # From the deserializer.
+                raise self._out_of_step(cluster, pool, found, keys_by_wire) from None
         return values
 
     async def store(
@@ -682,6 +692,24 @@ class AsyncClusterClient:
                 raise self._adapter.library_error(reply, channel.name)
         return replies
 
+    def _out_of_step(
+        self,
+        cluster: ClusterClient,
+        pool: NodePool,
+        found: dict[bytes, Any],
+        asked: dict[bytes, Any],
+    ) -> Exception:
+        """
+        A reply held a key not asked for: it answered another request, the stream is out of
+        step. Which of the node's connections on this loop read it is not known here: close
+        them all (in clear text there is one), and raise the library's protocol error.
+        """
+        error = _key_not_asked_for(found, asked)
+        assert error is not None
+        channel = self._channel(cluster, pool)
+        channel.close(error)
+        return self._adapter.library_error(error, channel.name)
+
     def _channel(self, cluster: ClusterClient, pool: NodePool) -> NodeChannel:
         connections = loop_connections()
         seen = self._cluster_by_loop.get(connections)
@@ -720,6 +748,14 @@ class AsyncClusterClient:
                 await self._delete(cluster, {pool: node_keys})
             except Exception as error:
                 log_invalidation_failure(pool, len(node_keys), error)
+
+
+def _key_not_asked_for(found: dict[bytes, Any], asked: dict[bytes, Any]) -> Exception | None:
+    """The protocol error for a reply holding a key not asked for, or ``None``."""
+    for key in found:
+        if key not in asked:
+            return MalformedReply(f"reply holds key {key!r}, which was not asked for")
+    return None
 
 
 async def _settle(calls: Iterable[Awaitable[Any]]) -> list[Any]:

@@ -19,6 +19,8 @@ import pytest
 from support import eventually, timeout_rules
 from test_async_backend import key_routed_to, open_connections
 
+from django_elasticache.async_client import loop_connections
+
 # Enough keys that the healthy node's part is still being written when the dead node's part
 # fails: over TLS one request per round trip, in clear text several pipeline-depth chunks.
 BATCH_KEYS = {"tls": 300, "clear": 3000}
@@ -213,3 +215,47 @@ def test_a_call_cancelled_while_connecting_leaves_no_connection_behind(
     for steps in range(40):
         asyncio.run(cancelled_after(steps))
         eventually(lambda: open_connections(cluster) == baseline, "the loop's connection closed")
+
+
+@pytest.mark.parametrize("call", ["aget", "aget_many"])
+def test_a_reply_holding_a_key_not_asked_for_is_the_librarys_protocol_error(
+    elasticache_cluster_factory, make_cache, call
+) -> None:
+    """
+    A stray request goes out on the loop's connection ahead of a get: its reply, read as
+    the get's, holds a key not asked for. The connection is out of step: closed, and the
+    library's protocol error (naming the key) raised; the next call reads the right value.
+    """
+    cluster = elasticache_cluster_factory(nodes=1)
+    cache = make_cache(cluster.location)
+    cache.set("key", "value")
+    cache.set("stray", "not asked for")
+    stray = cache.make_key("stray")
+    node = cluster.nodes[0]
+
+    async def scenario() -> tuple[Exception, Any]:
+        assert await cache.aget("key") == "value"  # Connected.
+        (channel,) = loop_connections().channels.values()
+        (connection,) = channel._connections
+        os.kill(node.pid, signal.SIGSTOP)  # Both requests wait, in order, for the node.
+        try:
+            connection._transport.write(f"get {stray}\r\n".encode())
+            getting = asyncio.ensure_future(
+                cache.aget("key") if call == "aget" else cache.aget_many(["key"])
+            )
+            await asyncio.sleep(0.05)
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+        error = None
+        try:
+            await asyncio.wait_for(getting, 5.0)
+        except Exception as raised:
+            error = raised
+        assert error is not None, "the stray reply was taken for the get's"
+        return error, await cache.aget("key")
+
+    error, after = asyncio.run(scenario())
+    assert isinstance(error, cache.server_errors)
+    assert type(error).__name__ in ("ProtocolError", "MemcacheUnknownError")
+    assert repr(stray.encode()) in str(error)
+    assert after == "value"
