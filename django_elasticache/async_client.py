@@ -43,6 +43,7 @@ from typing import Any, Protocol
 from .cluster_utils import ClusterNode, format_address
 from .pool import NodePool
 from .protocol import (
+    ClientErrorReply,
     ConnectionClosed,
     ErrorReply,
     IllegalKey,
@@ -655,7 +656,13 @@ class AsyncClusterClient:
     async def counter(self, cluster: ClusterClient, key: str, delta: int) -> int | None:
         """Add ``delta`` (negative: subtract) to a counter; ``None`` for a missing key."""
         command, amount = (b"decr", -delta) if delta < 0 else (b"incr", delta)
-        request = counter_request(command, self._wire_key(key), amount)
+        wire_key = self._wire_key(key)
+        try:
+            request = counter_request(command, wire_key, amount)
+        except ValueError as error:
+            # What memcached answers for such a delta, raised before sending it.
+            refused = ClientErrorReply(f"invalid numeric delta argument: {error}")
+            raise self._adapter.library_error(refused, "") from None
         (value,) = await self._call(cluster, cluster.pool_for(key), [request], parse_counter)
         return value
 

@@ -259,3 +259,29 @@ def test_a_reply_holding_a_key_not_asked_for_is_the_librarys_protocol_error(
     assert type(error).__name__ in ("ProtocolError", "MemcacheUnknownError")
     assert repr(stray.encode()) in str(error)
     assert after == "value"
+
+
+def test_aincr_takes_deltas_up_to_2_64_minus_1_and_refuses_larger_ones(
+    elasticache_cluster, make_cache
+) -> None:
+    """memcached's delta is unsigned 64-bit: 2**64-1 wraps, 2**64 is the library's client error."""
+    cache = make_cache(elasticache_cluster.location)
+
+    async def scenario() -> tuple[int, Exception, Exception]:
+        await cache.aset("counter", 1)
+        wrapped = await cache.aincr("counter", 2**64 - 1)
+        errors = []
+        for delta in (2**64, -(2**64)):
+            try:
+                await cache.aincr("counter", delta)
+            except Exception as error:
+                errors.append(error)
+        assert len(errors) == 2, errors
+        return wrapped, errors[0], errors[1]
+
+    wrapped, too_large, too_small = asyncio.run(scenario())
+    assert wrapped == 0
+    for error in (too_large, too_small):
+        assert type(error).__name__ in ("ClientError", "MemcacheClientError")
+        assert cache._is_caller_error(error)
+    assert cache.get("counter") == 0
