@@ -94,7 +94,11 @@ class AsyncCacheMixin:
     ) -> None:
         key = self.make_and_validate_key(key, version=version)
         cluster, client = self._cache, self._async_client
-        if await client.store(cluster, b"set", {key: value}, self.get_backend_timeout(timeout)):
+        exptime = self.get_backend_timeout(timeout)
+        not_stored, failure = await client.store(cluster, b"set", {key: value}, exptime)
+        if failure is not None:
+            raise failure
+        if not_stored:
             # As the sync path: a value memcached refused must not leave the old one behind.
             await client.delete(cluster, [key])
 
@@ -104,7 +108,12 @@ class AsyncCacheMixin:
     ) -> bool:
         key = self.make_and_validate_key(key, version=version)
         exptime = self.get_backend_timeout(timeout)
-        return not await self._async_client.store(self._cache, b"add", {key: value}, exptime)
+        not_stored, failure = await self._async_client.store(
+            self._cache, b"add", {key: value}, exptime
+        )
+        if failure is not None:
+            raise failure
+        return not not_stored
 
     @_miss_on_server_error(_constant(False))
     async def atouch(self, key: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> bool:
@@ -133,8 +142,14 @@ class AsyncCacheMixin:
         original_keys = {self.make_and_validate_key(key, version=version): key for key in data}
         safe_data = {safe_key: data[key] for safe_key, key in original_keys.items()}
         exptime = self.get_backend_timeout(timeout)
-        failed = await self._async_client.store(self._cache, b"set", safe_data, exptime)
-        return [original_keys[key] for key in failed]
+        not_stored, failure = await self._async_client.store(
+            self._cache, b"set", safe_data, exptime
+        )
+        # A failure the policy absorbs (IGNORE_EXCEPTIONS) still reports exactly the keys
+        # not stored (see ``AsyncClusterClient.store``), not every key of the call.
+        if failure is not None and not self._absorb(failure, "aset_many"):
+            raise failure
+        return [original_keys[key] for key in not_stored]
 
     @_miss_on_server_error(_constant(None))
     async def adelete_many(self, keys: Any, version: Any = None) -> None:

@@ -43,9 +43,11 @@ from typing import Any, Protocol
 from .cluster_utils import ClusterNode, format_address
 from .pool import NodePool
 from .protocol import (
+    ClientErrorReply,
     ConnectionClosed,
     ErrorReply,
     IllegalKey,
+    MalformedReply,
     Parser,
     ProtocolError,
     check_key,
@@ -192,17 +194,20 @@ class NodeConnection(asyncio.Protocol):
                 self._watchdog.cancel()
             if self._transport is not None:
                 self._transport.abort()
-            self._sock.close()
+            self._channel.release_socket(self._sock)
             self._channel.forget(self)
         while self._pending:
             future = self._pending.popleft().future
             if not future.done():
                 future.set_exception(error)
+                # Marked retrieved: the caller may be gone (cancelled, or it raised on an
+                # earlier request of its call), and asyncio would log each such future.
+                future.exception()
 
     def close_socket(self) -> None:
         """Release the socket of a loop that is closed (its transport can no longer run)."""
         self.closed = True
-        self._sock.close()
+        self._channel.release_socket(self._sock)
 
     def _check_deadline(self, after_reading: bool = False) -> None:
         self._watchdog = None
@@ -235,8 +240,10 @@ class NodeChannel:
         timeout: float | None,
         max_connections: int,
         max_in_flight: int,
+        sockets: set[socket.socket],
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._sockets = sockets
         self.node = node
         self.name = format_address(node.hostname or node.ip, node.port)
         self.timeout = timeout
@@ -272,7 +279,14 @@ class NodeChannel:
                 return await self._open()
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    # Woken, then cancelled before it ran: the slot it was given goes to
+                    # the next waiter, or that one sleeps until some other reply comes.
+                    self.slots_freed(1)
+                raise
 
     async def _open(self) -> NodeConnection:
         self._opening += 1
@@ -294,7 +308,8 @@ class NodeChannel:
         Connect within ``connect_timeout``. As for replies, a loop too busy to notice the
         connection on time gets one more look after polling its sockets before giving up.
         """
-        attempt = self.loop.create_task(self._connect_unbounded())
+        made: list[NodeConnection] = []
+        attempt = self.loop.create_task(self._connect_unbounded(made))
         expired = False
 
         def expire(after_polling: bool) -> None:
@@ -311,8 +326,12 @@ class NodeChannel:
         timer = None if timeout is None else self.loop.call_later(timeout, expire, False)
         try:
             return await attempt
-        except asyncio.CancelledError:
-            if expired:
+        except BaseException as error:
+            # The attempt has ended (a task's cancellation waits for it), maybe with a
+            # connection made just as the caller gave up: nobody will use it.
+            for connection in made:
+                connection.close(ConnectionClosed(f"connection to {self.name} abandoned"))
+            if expired and isinstance(error, asyncio.CancelledError):
                 message = f"could not connect to {self.name} within {timeout} s"
                 raise TimeoutError(message) from None
             raise
@@ -320,7 +339,12 @@ class NodeChannel:
             if timer is not None:
                 timer.cancel()
 
-    async def _connect_unbounded(self) -> NodeConnection:
+    async def _connect_unbounded(self, made: list[NodeConnection]) -> NodeConnection:
+        """
+        Connect, then (over TLS) shake hands. Once a transport holds the socket, only the
+        transport closes it: a socket closed under a live transport leaves its descriptor
+        registered with the loop, and the next socket to get that number is refused.
+        """
         node = self.node
         if node.ip:  # Numeric: no resolver, no thread.
             addresses = socket.getaddrinfo(
@@ -332,21 +356,30 @@ class NodeChannel:
             )
         family, kind, proto, _, address = addresses[0]
         sock = socket.socket(family, kind, proto)
+        self._sockets.add(sock)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await self.loop.sock_connect(sock, address)
-            tls: dict[str, Any] = {}
-            if self._tls is not None:
-                # Verified against the name the certificate carries, at the listed address.
-                tls = {"ssl": self._tls, "server_hostname": node.hostname or node.ip}
-            _, connection = await self.loop.create_connection(
-                lambda: NodeConnection(self, sock), sock=sock, **tls
-            )
         except BaseException:
-            sock.close()
+            self.release_socket(sock)
             raise
+        connection = NodeConnection(self, sock)
+        made.append(connection)
+        transport, _ = await self.loop.create_connection(lambda: connection, sock=sock)
+        if self._tls is not None:
+            # Verified against the name the certificate carries, at the listed address.
+            secured = await self.loop.start_tls(
+                transport, connection, self._tls, server_hostname=node.hostname or node.ip
+            )
+            if secured is None:  # The transport closed during the handshake.
+                raise ConnectionClosed(f"{self.name} closed the connection during the handshake")
+            connection.connection_made(secured)
         return connection
+
+    def release_socket(self, sock: socket.socket) -> None:
+        sock.close()
+        self._sockets.discard(sock)
 
     def slots_freed(self, count: int) -> None:
         """Replies came in: as many waiting callers may send."""
@@ -361,9 +394,11 @@ class NodeChannel:
             self._connections.remove(connection)
         self._wake_all()
 
-    def close(self) -> None:
+    def close(self, error: Exception | None = None) -> None:
+        """Close every connection; requests waiting on them fail with ``error``."""
+        error = error or ConnectionClosed(f"connection to {self.name} closed")
         for connection in list(self._connections):
-            connection.close(ConnectionClosed(f"connection to {self.name} closed"))
+            connection.close(error)
 
     def close_sockets(self) -> None:
         for connection in self._connections:
@@ -381,12 +416,21 @@ class NodeChannel:
 
 
 class LoopConnections:
-    """Every channel of one event loop, keyed by the node's ``NodePool``."""
+    """
+    Every channel of one event loop, keyed by the node's ``NodePool``.
+
+    The loop owns this (an attribute of the loop) and the module knows it only weakly:
+    a loop dropped without ``close()`` is collected with its connections, and a finalizer
+    on the loop, which holds nothing but their sockets, closes those.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop_ref = weakref.ref(loop)
         self.channels: dict[NodePool, NodeChannel] = {}
+        self.sockets: set[socket.socket] = set()
         self._close_at_shutdown = self._until_shutdown()
+        self._close_sockets_when_collected = weakref.finalize(loop, _close_all, self.sockets)
+        self._close_sockets_when_collected.atexit = False
 
     def watch_shutdown(self) -> None:
         """
@@ -425,23 +469,40 @@ class LoopConnections:
         with contextlib.suppress(StopIteration):
             self._close_at_shutdown.aclose().send(None)
 
+    def detach(self) -> None:
+        """No longer the loop's: its next use of the cache starts afresh."""
+        self._close_sockets_when_collected.detach()
+        loop = self.loop_ref()
+        if loop is not None and getattr(loop, _LOOP_ATTRIBUTE, None) is self:
+            delattr(loop, _LOOP_ATTRIBUTE)
 
-_by_loop: dict[int, LoopConnections] = {}
-_by_loop_lock = threading.Lock()
+
+def _close_all(sockets: set[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+    sockets.clear()
+
+
+_LOOP_ATTRIBUTE = "_django_elasticache_connections"
+_live: weakref.WeakSet[LoopConnections] = weakref.WeakSet()
+_live_lock = threading.Lock()
 _inherited_across_fork: list[LoopConnections] = []
 
 
 def loop_connections() -> LoopConnections:
     """The running loop's connections, made on first use."""
     loop = asyncio.get_running_loop()
-    state = _by_loop.get(id(loop))
-    if state is not None and state.loop_ref() is loop:
+    state: LoopConnections | None = getattr(loop, _LOOP_ATTRIBUTE, None)
+    if state is not None:
         return state
-    with _by_loop_lock:
+    with _live_lock:
         closed = _closed_loops()
-        state = _by_loop[id(loop)] = LoopConnections(loop)
+        state = LoopConnections(loop)
+        setattr(loop, _LOOP_ATTRIBUTE, state)
+        _live.add(state)
     for stale in closed:
         stale.release_closed()
+        stale.detach()
     state.watch_shutdown()
     return state
 
@@ -449,27 +510,28 @@ def loop_connections() -> LoopConnections:
 def _closed_loops() -> list[LoopConnections]:
     """Forget the loops closed without shutting down their async generators."""
     closed = []
-    for key, state in list(_by_loop.items()):
+    for state in list(_live):
         loop = state.loop_ref()
         if loop is None or loop.is_closed():
-            del _by_loop[key]
+            _live.discard(state)
             closed.append(state)
     return closed
 
 
 def _forget(state: LoopConnections) -> None:
-    with _by_loop_lock:
-        for key, known in list(_by_loop.items()):
-            if known is state:
-                del _by_loop[key]
+    with _live_lock:
+        _live.discard(state)
+    state.detach()
 
 
 def _after_fork_in_child() -> None:
-    global _by_loop_lock
-    _by_loop_lock = threading.Lock()
+    global _live_lock
+    _live_lock = threading.Lock()
     # The parent still uses these sockets: keep them referenced, never close them here.
-    _inherited_across_fork.extend(_by_loop.values())
-    _by_loop.clear()
+    for state in _live:
+        state.detach()
+    _inherited_across_fork.extend(_live)
+    _live.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -503,10 +565,11 @@ class AsyncClusterClient:
     async def get(self, cluster: ClusterClient, key: str) -> Any:
         """The key's value, or ``MISSING``."""
         wire_key = self._wire_key(key)
-        (found,) = await self._call(
-            cluster, cluster.pool_for(key), [retrieval_request((wire_key,))], parse_values
-        )
+        pool = cluster.pool_for(key)
+        (found,) = await self._call(cluster, pool, [retrieval_request((wire_key,))], parse_values)
         if wire_key not in found:
+            if found:
+                raise self._out_of_step(cluster, pool, found, {wire_key: key})
             return MISSING
         flags, data = found[wire_key]
         return self._adapter.deserialize(wire_key, data, flags)
@@ -527,17 +590,35 @@ class AsyncClusterClient:
         by_pool = cluster.by_pool(wire_keys)
         keys_by_wire = {wire_key: key for key, wire_key in wire_keys.items()}
         values = {}
-        for found in await _each(get_from(pool, node_keys) for pool, node_keys in by_pool.items()):
-            for wire_key, (flags, data) in found.items():
-                if wire_key in keys_by_wire:
-                    value = self._adapter.deserialize(wire_key, data, flags)
-                    values[keys_by_wire[wire_key]] = value
+        results = await _each(get_from(pool, node_keys) for pool, node_keys in by_pool.items())
+        for pool, found in zip(by_pool, results, strict=True):
+            try:
+                for wire_key, (flags, data) in found.items():
+                    values[keys_by_wire[wire_key]] = self._adapter.deserialize(
+                        wire_key, data, flags
+                    )
+            except KeyError:
+                if _key_not_asked_for(found, keys_by_wire) is None:
+                    raise  # From the deserializer.
+                raise self._out_of_step(cluster, pool, found, keys_by_wire) from None
         return values
 
     async def store(
         self, cluster: ClusterClient, command: bytes, data: dict[str, Any], exptime: int
-    ) -> list[str]:
-        """Store each key (``set`` or ``add``); the keys that were not stored."""
+    ) -> tuple[list[str], Exception | None]:
+        """
+        Store each key (``set`` or ``add``): the keys not stored, and the first failure of a
+        node (``None`` if every node answered).
+
+        With ``IGNORE_EXCEPTIONS``, ``aset_many`` returns these keys instead of raising, so
+        they must be the keys a caller cannot count on: every node's part has ended before
+        this returns (none writes after), a node that answered names the keys it refused,
+        and a node whose part failed (connection lost, timeout) counts all of its keys as
+        not stored. Which of those it applied before failing is unknowable (a request sent
+        but unanswered may or may not have been); reporting them all is the only answer
+        that never calls a key stored that is not. Keys on nodes that answered are never
+        reported for another node's failure.
+        """
         requests = {}
         for key, value in data.items():
             wire_key = self._wire_key(key)
@@ -551,8 +632,16 @@ class AsyncClusterClient:
             return [key for key, ok in zip(node_keys, stored, strict=True) if not ok]
 
         by_pool = cluster.by_pool(requests)
-        results = await _each(store_on(pool, node_keys) for pool, node_keys in by_pool.items())
-        return [key for failed in results for key in failed]
+        outcomes = await _settle(store_on(pool, node_keys) for pool, node_keys in by_pool.items())
+        not_stored: list[str] = []
+        first_failure = None
+        for node_keys, outcome in zip(by_pool.values(), outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                not_stored += node_keys
+                first_failure = first_failure or outcome
+            else:
+                not_stored += outcome
+        return not_stored, first_failure
 
     async def delete(self, cluster: ClusterClient, keys: Sequence[str]) -> list[bool]:
         """Delete each key; whether each existed, in order."""
@@ -567,22 +656,22 @@ class AsyncClusterClient:
     async def counter(self, cluster: ClusterClient, key: str, delta: int) -> int | None:
         """Add ``delta`` (negative: subtract) to a counter; ``None`` for a missing key."""
         command, amount = (b"decr", -delta) if delta < 0 else (b"incr", delta)
-        request = counter_request(command, self._wire_key(key), amount)
+        wire_key = self._wire_key(key)
+        try:
+            request = counter_request(command, wire_key, amount)
+        except ValueError as error:
+            # What memcached answers for such a delta, raised before sending it.
+            refused = ClientErrorReply(f"invalid numeric delta argument: {error}")
+            raise self._adapter.library_error(refused, "") from None
         (value,) = await self._call(cluster, cluster.pool_for(key), [request], parse_counter)
         return value
 
     async def flush_all(self, cluster: ClusterClient) -> None:
         """Flush every node, even after one failed; then raise the first failure."""
-        outcomes = await asyncio.gather(
-            *(
-                self._call(cluster, pool, [flush_all_request()], parse_flushed)
-                for pool in cluster.pools
-            ),
-            return_exceptions=True,
+        await _each(
+            self._call(cluster, pool, [flush_all_request()], parse_flushed)
+            for pool in cluster.pools
         )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
 
     # Internals
 
@@ -610,6 +699,24 @@ class AsyncClusterClient:
                 raise self._adapter.library_error(reply, channel.name)
         return replies
 
+    def _out_of_step(
+        self,
+        cluster: ClusterClient,
+        pool: NodePool,
+        found: dict[bytes, Any],
+        asked: dict[bytes, Any],
+    ) -> Exception:
+        """
+        A reply held a key not asked for: it answered another request, the stream is out of
+        step. Which of the node's connections on this loop read it is not known here: close
+        them all (in clear text there is one), and raise the library's protocol error.
+        """
+        error = _key_not_asked_for(found, asked)
+        assert error is not None
+        channel = self._channel(cluster, pool)
+        channel.close(error)
+        return self._adapter.library_error(error, channel.name)
+
     def _channel(self, cluster: ClusterClient, pool: NodePool) -> NodeChannel:
         connections = loop_connections()
         seen = self._cluster_by_loop.get(connections)
@@ -627,6 +734,7 @@ class AsyncClusterClient:
                 self._adapter.timeout,
                 max_connections=1 if self._tls is None else self._max_connections,
                 max_in_flight=1 if self._tls is not None else PIPELINE_DEPTH,
+                sockets=connections.sockets,
             )
         return channel
 
@@ -649,9 +757,43 @@ class AsyncClusterClient:
                 log_invalidation_failure(pool, len(node_keys), error)
 
 
-async def _each(calls: Iterable[Awaitable[Any]]) -> list[Any]:
-    """Run one call per node: at once when there are several."""
+def _key_not_asked_for(found: dict[bytes, Any], asked: dict[bytes, Any]) -> Exception | None:
+    """The protocol error for a reply holding a key not asked for, or ``None``."""
+    for key in found:
+        if key not in asked:
+            return MalformedReply(f"reply holds key {key!r}, which was not asked for")
+    return None
+
+
+async def _settle(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    """
+    Run one call per node, at once when there are several; each one's result or the
+    ``Exception`` it raised, in order.
+
+    Every call has ended when this returns or raises, so that none writes to a node after
+    the caller was told the outcome: a failed call leaves the others to finish (each is
+    bounded by the timeouts), and when the caller is cancelled (``Task.cancel``,
+    ``wait_for``) the calls are cancelled and waited for before the cancellation goes on
+    (``gather``'s cancellation waits for its children). A request already written keeps its
+    place on its connection, whose reply is still read.
+    """
     calls = list(calls)
     if len(calls) == 1:
-        return [await calls[0]]
-    return list(await asyncio.gather(*calls))
+        try:
+            return [await calls[0]]
+        except Exception as error:
+            return [error]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # A part cancelled on its own: the batch was not done.
+    return outcomes
+
+
+async def _each(calls: Iterable[Awaitable[Any]]) -> list[Any]:
+    """As ``_settle``, for calls that all must succeed: the first failure is raised."""
+    outcomes = await _settle(calls)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+    return outcomes
