@@ -47,13 +47,13 @@ from .protocol import (
     ConnectionClosed,
     ErrorReply,
     IllegalKey,
-    MalformedReply,
     Parser,
     ProtocolError,
     check_key,
     counter_request,
     delete_request,
     flush_all_request,
+    key_not_asked_for,
     parse_counter,
     parse_deleted,
     parse_flushed,
@@ -598,7 +598,7 @@ class AsyncClusterClient:
                         wire_key, data, flags
                     )
             except KeyError:
-                if _key_not_asked_for(found, keys_by_wire) is None:
+                if key_not_asked_for(found, keys_by_wire) is None:
                     raise  # From the deserializer.
                 raise self._out_of_step(cluster, pool, found, keys_by_wire) from None
         return values
@@ -711,7 +711,7 @@ class AsyncClusterClient:
         step. Which of the node's connections on this loop read it is not known here: close
         them all (in clear text there is one), and raise the library's protocol error.
         """
-        error = _key_not_asked_for(found, asked)
+        error = key_not_asked_for(found, asked)
         assert error is not None
         channel = self._channel(cluster, pool)
         channel.close(error)
@@ -755,14 +755,6 @@ class AsyncClusterClient:
                 await self._delete(cluster, {pool: node_keys})
             except Exception as error:
                 log_invalidation_failure(pool, len(node_keys), error)
-
-
-def _key_not_asked_for(found: dict[bytes, Any], asked: dict[bytes, Any]) -> Exception | None:
-    """The protocol error for a reply holding a key not asked for, or ``None``."""
-    for key in found:
-        if key not in asked:
-            return MalformedReply(f"reply holds key {key!r}, which was not asked for")
-    return None
 
 
 async def _settle(calls: Iterable[Awaitable[Any]]) -> list[Any]:

@@ -41,11 +41,13 @@ from .protocol import (
     ClientErrorReply,
     ErrorReply,
     IllegalKey,
+    KeyTooLong,
     Parser,
     ProtocolError,
     ServerErrorReply,
     counter_request,
     delete_request,
+    key_not_asked_for,
     parse_counter,
     parse_deleted,
     parse_stored,
@@ -288,7 +290,7 @@ class PipelinedClient(pylibmc.Client):
                     for key, (flags, data) in found.items()
                 }
             except KeyError:
-                out_of_step = pipeline.key_not_asked_for(found, originals)
+                out_of_step = key_not_asked_for(found, originals)
                 if out_of_step is None:
                     raise
                 self._close_pipeline()
@@ -419,6 +421,9 @@ def pylibmc_error(error: BaseException, node_name: str) -> Exception:
         return (pylibmc.TooBig if too_big else pylibmc.ServerError)(message)
     if isinstance(error, ClientErrorReply):
         return pylibmc.ClientError(message)
+    if isinstance(error, KeyTooLong):
+        # pylibmc checks the length itself, before libmemcached, and raises a ValueError.
+        return ValueError(f"key length {error.length} too long, max is {MAX_KEY_BYTES}")
     if isinstance(error, IllegalKey):
         return pylibmc.BadKeyProvided(message)
     if isinstance(error, ProtocolError):

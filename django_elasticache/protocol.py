@@ -30,6 +30,7 @@ __all__ = [
     "ConnectionClosed",
     "ErrorReply",
     "IllegalKey",
+    "KeyTooLong",
     "MalformedReply",
     "Parser",
     "ServerErrorReply",
@@ -38,6 +39,7 @@ __all__ = [
     "counter_request",
     "delete_request",
     "flush_all_request",
+    "key_not_asked_for",
     "parse_counter",
     "parse_deleted",
     "parse_flushed",
@@ -84,6 +86,14 @@ class IllegalKey(ProtocolError, ValueError):
     """
 
 
+class KeyTooLong(IllegalKey):
+    """A key over memcached's 250 bytes (a key of 250 characters may be longer in UTF-8)."""
+
+    def __init__(self, key: bytes) -> None:
+        self.length = len(key)
+        super().__init__(f"key length {self.length} too long, max is {MAX_KEY_LENGTH}: {key!r}")
+
+
 class MalformedReply(ProtocolError):
     """The server sent something that is not the reply the request expects."""
 
@@ -111,12 +121,27 @@ Parser = Callable[[bytes | bytearray, int], Parsed | None]
 
 def check_key(key: bytes) -> bytes:
     """Refuse a key that memcached would not read as one key of at most 250 bytes."""
-    if not key or len(key) > MAX_KEY_LENGTH or _NOT_IN_A_KEY.search(key):
+    if len(key) > MAX_KEY_LENGTH:
+        raise KeyTooLong(key)
+    if not key or _NOT_IN_A_KEY.search(key):
         raise IllegalKey(
             f"memcached keys are 1 to {MAX_KEY_LENGTH} bytes without spaces or control "
             f"characters, got {key!r}"
         )
     return key
+
+
+def key_not_asked_for(found: Mapping[bytes, Any], asked: Mapping[bytes, Any]) -> Exception | None:
+    """
+    For a ``KeyError`` raised while a ``get`` reply's keys are mapped back to the keys asked
+    for: the error to raise if the reply holds a key not asked for (the stream is out of
+    step, the reply is another request's: close the connection), None if the ``KeyError``
+    came from elsewhere. Checked only then, so that a reply in step costs nothing more.
+    """
+    for key in found:
+        if key not in asked:
+            return MalformedReply(f"reply holds key {key!r}, which was not asked for")
+    return None
 
 
 # Requests

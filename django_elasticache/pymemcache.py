@@ -47,6 +47,7 @@ from .protocol import (
     ServerErrorReply,
     UnknownCommandReply,
     delete_request,
+    key_not_asked_for,
     parse_deleted,
     parse_stats,
     parse_stored,
@@ -262,7 +263,7 @@ class _NodeClient(pymemcache.Client):
                     for key, (flags, data) in found.items()
                 }
             except KeyError:
-                out_of_step = pipeline.key_not_asked_for(found, originals)
+                out_of_step = key_not_asked_for(found, originals)
                 if out_of_step is None:
                     raise
                 self.close()

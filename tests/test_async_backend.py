@@ -507,3 +507,28 @@ def test_hung_tls_node_times_out_while_connecting_as_on_the_sync_path(
         os.kill(node.pid, signal.SIGCONT)
     assert type(async_error) is type(sync_error)
     assert isinstance(async_error, TimeoutError)
+
+
+def test_both_paths_refuse_the_same_input_with_the_same_exception(
+    elasticache_cluster, make_cache
+) -> None:
+    """
+    A key of 200 characters is 400 bytes in UTF-8: Django's 250-character check lets it
+    through and the library refuses it; a delta of 2**64 is memcached's CLIENT_ERROR. The
+    async methods raise what the sync ones raise for each.
+    """
+    cache = make_cache(elasticache_cluster.location)
+    cache.set("n", 1)
+    long_key = "é" * 200
+    cases = {
+        "get": (lambda: cache.get(long_key), lambda: cache.aget(long_key)),
+        "set": (lambda: cache.set(long_key, 1), lambda: cache.aset(long_key, 1)),
+        "get_many": (lambda: cache.get_many([long_key]), lambda: cache.aget_many([long_key])),
+        "incr": (lambda: cache.incr("n", 2**64), lambda: cache.aincr("n", 2**64)),
+    }
+    for name, (sync_call, async_call) in cases.items():
+        with pytest.raises(Exception) as sync_error:
+            sync_call()
+        with pytest.raises(Exception) as async_error:
+            asyncio.run(async_call())
+        assert type(async_error.value) is type(sync_error.value), name
