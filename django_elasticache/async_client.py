@@ -753,7 +753,7 @@ class AsyncClusterClient:
         for pool, node_keys in stale.items():
             try:
                 await self._delete(cluster, {pool: node_keys})
-            except Exception as error:
+            except cluster.server_errors as error:  # As the sync path: only the node's failure.
                 log_invalidation_failure(pool, len(node_keys), error)
 
 

@@ -175,6 +175,7 @@ class ClusterCacheMixin:
             is_node_failure=self._is_node_failure,
             pool_size=self.backend_options.pool_size,
             invalidation_window=self.default_timeout,
+            server_errors=self.server_errors,
             client_class=self._cluster_client_class(),
         )
 

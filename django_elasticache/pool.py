@@ -29,7 +29,10 @@ keep such an interruption from ever giving a later call a wrong value or a lost 
   dropped without being given back, wherever an exception landed in ``borrow``,
   ``give_back`` or between them, is freed by the garbage collector (at once, by CPython's
   reference counting, unless a reference cycle holds it), its socket closed with it, and its
-  slot is free again.
+  slot is free again. A caller that keeps the exception keeps the call's frames, and the
+  client in them, alive: the next time the same thread (or greenlet) waits for a client of
+  that node, the clients still lent to it are closed and their slots taken back, since no
+  call borrows two clients of one node at once.
 
 A forked child never touches the parent's sockets: its pools start empty, and the clients it
 inherited are kept referenced, never closed, because closing sends ``quit`` on a connection the
@@ -155,7 +158,9 @@ class NodePool:
         self.check_available()
         with self._lock:
             if self._idle:
-                return self._idle.pop()
+                client = self._idle.pop()
+                client._lent_to = threading.get_ident()
+                return client
         return self._take_when_none_idle()
 
     def give_back(self, client: Client) -> None:
@@ -265,17 +270,24 @@ class NodePool:
         release (``_ring``), rather than on a ``threading.Condition``, whose ``wait`` an
         exception landing at the wrong bytecode leaves with its lock released twice.
         """
+        borrower = threading.get_ident()
         placeholder = _Placeholder()
+        placeholder._lent_to = borrower
         deadline = time.monotonic() + BORROW_TIMEOUT
         collected = False
         while True:
             with self._lock:
                 if self._idle:
-                    return self._idle.pop()
+                    client = self._idle.pop()
+                    client._lent_to = borrower
+                    return client
+                lost = self._forget_lost_to(borrower) if len(self._alive) >= self._size else []
                 if len(self._alive) < self._size:
                     self._alive.add(placeholder)
                     break
                 self._waiting += 1
+            for client in lost:
+                self._close_client(client)
             try:
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
@@ -290,9 +302,12 @@ class NodePool:
             finally:
                 with self._lock:
                     self._waiting -= 1
+        for client in lost:
+            self._close_client(client)
         client = None
         try:
             client = self._make_client(self.node)
+            client._lent_to = borrower
             with self._lock:
                 self._alive.add(client)
                 self._alive.discard(placeholder)
@@ -312,6 +327,24 @@ class NodePool:
             if self._waiting:
                 self._ring()
         self._close_client(client)
+
+    def _forget_lost_to(self, borrower: int) -> list[Client]:
+        """
+        The clients lent to ``borrower`` and never handed back, forgotten (with the lock
+        held) so that their slots are free; the caller closes them. No call borrows two
+        clients of one node at once, so a thread (or greenlet) that waits for a client of
+        this node uses none: any still lent to it was lost by an interrupted call, its
+        reply perhaps still on the wire, and kept alive by a traceback its caller keeps.
+        """
+        lost = [
+            client
+            for client in self._alive
+            if getattr(client, "_lent_to", None) == borrower
+            and not any(idle is client for idle in self._idle)
+        ]
+        for client in lost:
+            self._alive.discard(client)
+        return [client for client in lost if not isinstance(client, _Placeholder)]
 
     def _settle_interrupted(self, client: Client) -> None:
         """
@@ -358,6 +391,8 @@ def _new_bell() -> threading.Lock:
 
 class _Placeholder:
     """The slot of a client being made, counted among the alive until the client is."""
+
+    _lent_to: int
 
 
 _live_pools: weakref.WeakSet[NodePool] = weakref.WeakSet()

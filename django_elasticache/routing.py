@@ -99,8 +99,12 @@ class ClusterClient:
         is_node_failure: Callable[[BaseException], bool],
         previous: ClusterClient | None = None,
         invalidation_window: float | None = None,
+        *,
+        server_errors: tuple[type[Exception], ...],
     ) -> None:
         self.config = config
+        self.server_errors = server_errors
+        """What the library raises when a node fails or refuses: nothing else is absorbed."""
         self._pools = list(pools)
         self._placement = placement
         self._is_node_failure = is_node_failure
@@ -367,7 +371,9 @@ class ClusterClient:
             try:
                 with pool.client(self._is_node_failure) as client:
                     client.delete_multi(node_keys)
-            except Exception as error:
+            except self.server_errors as error:
+                # Only the node's failure: anything else (an interruption raised as an
+                # Exception, a request timeout) ends the write, which must not pass for done.
                 log_invalidation_failure(pool, len(node_keys), error)
 
 
@@ -429,9 +435,11 @@ class ClusterClients:
         is_node_failure: Callable[[BaseException], bool],
         pool_size: int,
         invalidation_window: float | None,
+        server_errors: tuple[type[Exception], ...],
         client_class: Callable[..., ClusterClient] = ClusterClient,
     ) -> None:
         self._client_class = client_class
+        self._server_errors = server_errors
         self._make_client = make_client
         self._close_client = close_client
         self._placement_for = placement_for
@@ -467,6 +475,7 @@ class ClusterClients:
             self._is_node_failure,
             previous,
             self._invalidation_window,
+            server_errors=self._server_errors,
         )
 
     def _new_pool(self, node: ClusterNode) -> NodePool:

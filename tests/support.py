@@ -205,3 +205,10 @@ def stopped(node: Any) -> Iterator[None]:
         yield
     finally:
         os.kill(node.pid, signal.SIGCONT)
+
+
+def long_reply_timeout(cache_class: type) -> dict[str, object]:
+    """Options under which a call waits 20 s for a node's reply, however loaded the machine."""
+    if issubclass(cache_class, memcached.ElastiCache):
+        return {"behaviors": {"_poll_timeout": 20_000}}
+    return {"timeout": 20}

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from support import Interrupted, stopped
+from support import Interrupted, eventually, long_reply_timeout, stopped
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 
@@ -276,3 +276,32 @@ def test_a_pipelined_call_on_a_silent_node_fails_after_one_timeout(
     assert total_connections(node) == before + 1
     assert not cache.set_many(data)
     assert cache.get_many(list(data)) == data
+
+
+def test_an_interruption_while_a_moved_keys_old_copy_is_deleted_ends_the_write(
+    elasticache_cluster_factory, make_cache
+) -> None:
+    """
+    After a node-list change, a write of a key that moved first deletes its old copy on its
+    former owner. A request timeout raised there (an ``Exception``, not the library's) ends
+    the write: it was taken for the former owner's failure, logged and swallowed, and the
+    write then passed for done.
+    """
+    cluster = elasticache_cluster_factory(nodes=3, relay=False)
+    probe = make_cache(cluster.location)
+    cache = make_cache(cluster.location, REFRESH_INTERVAL=0.2, **long_reply_timeout(type(probe)))
+    keys = [cache.make_key(f"moved-{index}") for index in range(200)]
+    before = cache._cache
+    cluster.add_node()
+    eventually(lambda: len(cache._cache.pools) == 4, "the fourth node in the list")
+    after = cache._cache
+    moved = next(key for key in keys if before.pool_for(key).node != after.pool_for(key).node)
+    former = before.pool_for(moved).node
+    former_node = next(node for node in cluster.nodes if node.address == former.address)
+    key = moved.removeprefix(cache.make_key(""))
+    with (
+        stopped(former_node),
+        pytest.raises(RequestTimedOut),
+        interrupted_after(0.3, RequestTimedOut),
+    ):
+        cache.set(key, "new")

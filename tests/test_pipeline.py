@@ -12,7 +12,7 @@ from django.core.cache.backends.memcached import PyLibMCCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymemcache.exceptions import MemcacheServerError
-from support import DEADLINE, eventually, stopped
+from support import DEADLINE, eventually, long_reply_timeout, stopped
 
 from django_elasticache import memcached, pipeline
 
@@ -162,13 +162,6 @@ def test_bulk_key_validation_matches_djangos(keys: list, version, key_prefix: st
         except InvalidCacheKey as exc:
             outcomes.append(str(exc))
     assert outcomes[0] == outcomes[1]
-
-
-def long_reply_timeout(cache_class: type) -> dict[str, object]:
-    """Options under which a call waits 20 s for a node's reply, however loaded the machine."""
-    if issubclass(cache_class, memcached.ElastiCache):
-        return {"behaviors": {"_poll_timeout": 20_000}}
-    return {"timeout": 20}
 
 
 @pytest.mark.parametrize("operation", ["set_many", "delete_many"])

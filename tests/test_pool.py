@@ -59,11 +59,14 @@ def test_clients_are_reused_one_borrower_at_a_time() -> None:
 
 def test_a_full_pool_makes_a_borrower_wait_then_raise(short_waits) -> None:
     pool = NodePool(NODE, Connection, close, size=1)
-    held = pool.borrow()
+    lent: list[Connection] = []
+    borrower = threading.Thread(target=lambda: lent.append(pool.borrow()))
+    borrower.start()
+    borrower.join()
     with pytest.raises(PoolExhausted, match=r"node-1\.example:11211.*POOL_SIZE"):
         pool.borrow()
-    threading.Timer(0.05, pool.give_back, args=(held,)).start()
-    assert pool.borrow() is held  # a client given back wakes the waiting borrower
+    threading.Timer(0.05, pool.give_back, args=(lent[0],)).start()
+    assert pool.borrow() is lent[0]  # a client given back wakes the waiting borrower
     assert pool.open_count == 1
 
 
@@ -151,13 +154,41 @@ def test_a_lost_client_held_by_a_reference_cycle_is_collected_before_giving_up(
         gc.enable()
 
 
-@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
-def test_interruptions_landing_anywhere_in_borrow_and_give_back_lose_no_slot(
+def test_a_lost_client_its_caller_keeps_alive_frees_its_slot_for_the_same_thread(
     short_waits,
 ) -> None:
     """
+    A caller that keeps the exception of an interrupted call keeps its frames, and the lost
+    client in them, alive: the next borrow by the same thread closes it and takes its slot
+    (no call borrows two clients of one node, so that thread cannot be using it).
+    """
+    pool = NodePool(NODE, Connection, close, size=1)
+    kept = pool.borrow()  # lent, never handed back, still referenced
+    client = pool.borrow()
+    assert kept.closed and not client.closed
+    assert pool.open_count == 1
+
+
+def test_a_client_lent_to_another_thread_is_never_taken_from_it(short_waits) -> None:
+    pool = NodePool(NODE, Connection, close, size=1)
+    lent: list[Connection] = []
+    borrower = threading.Thread(target=lambda: lent.append(pool.borrow()))
+    borrower.start()
+    borrower.join()
+    with pytest.raises(PoolExhausted):
+        pool.borrow()
+    assert not lent[0].closed and pool.open_count == 1
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+@pytest.mark.parametrize("keep_errors", [False, True], ids=["dropped", "kept"])
+def test_interruptions_landing_anywhere_in_borrow_and_give_back_lose_no_slot(
+    short_waits, keep_errors
+) -> None:
+    """
     A timer's signal raises every 50 us while calls borrow and give back clients, so that
-    interruptions land all over ``borrow``, ``give_back`` and the code between them.
+    interruptions land all over ``borrow``, ``give_back`` and the code between them. A caller
+    may keep the exceptions, and with them every frame and client they reference.
     """
     pool = NodePool(NODE, Connection, close, size=1)
     interruptions = 0
@@ -185,16 +216,25 @@ def test_interruptions_landing_anywhere_in_borrow_and_give_back_lose_no_slot(
                     pool.give_back_after(client, error, never_a_node_failure)
                 raise
 
+    kept: list[Interrupted] = []
     deadline = time.monotonic() + 2
     try:
         while interruptions < 3000 and time.monotonic() < deadline:
             try:
                 calls()
-            except Interrupted:
+            except Interrupted as error:
                 interruptions += 1
+                if keep_errors:
+                    kept.append(error)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert interruptions > 100
-    assert pool.open_count == len(pool._idle) <= 1
-    assert not pool.borrow().closed
+    if not keep_errors:
+        assert pool.open_count == len(pool._idle) <= 1
+    # A client kept alive by a kept exception is this thread's to reclaim: the next borrow
+    # gets a working client, and the pool is back to one idle client, whatever was kept.
+    client = pool.borrow()
+    assert not client.closed
+    pool.give_back(client)
+    assert pool.open_count == len(pool._idle) == 1
