@@ -33,6 +33,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import pylibmc
+from pymemcache.exceptions import MemcacheError
+
+from django_elasticache.cluster_utils import ClusterDiscoveryError
+from django_elasticache.pool import NodeError
+
 SCALE = float(os.environ.get("FAULT_INJECTION_SCALE", "1"))
 """How many more operations (so interrupts) each scenario runs: 20 for a closing report."""
 
@@ -47,14 +53,23 @@ OPERATION_TIMEOUT = 0.5
 LATE_MARGIN = 3.0
 """How far past its own bound a call may end on a loaded machine before it counts as late."""
 
-DELETED = "deleted"
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    pylibmc.Error,
+    MemcacheError,
+    OSError,
+    NodeError,
+    ClusterDiscoveryError,
+)
+"""What a failing call may raise: the library's errors, socket errors and the pools' own.
+Anything else (a RuntimeError from a lock, a KeyError from a reply matched to the wrong
+request) is a failure of the suite."""
 
 
-class Interrupted(Exception):  # noqa: N818 - the thing it models is an interrupt
+class Interrupted(Exception):
     """An interrupt an application turns into an ordinary exception (a request timeout)."""
 
 
-class Aborted(BaseException):  # noqa: N818
+class Aborted(BaseException):
     """An interrupt outside ``Exception``, as KeyboardInterrupt or gevent.Timeout are."""
 
 
@@ -132,8 +147,10 @@ class Tally:
     leaked_clients: int = 0
     late_waiters: int = 0
     never_retrieved: int = 0
+    unexpected_errors: int = 0
     stalls: int = 0
     examples: list[str] = dataclasses.field(default_factory=list)
+    first_errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def record(self, kind: str, detail: str) -> None:
         if kind == "resurrected":
@@ -143,6 +160,15 @@ class Tally:
         else:
             self.wrong_values += 1
         self.note(f"{kind}: {detail}")
+
+    def count_error(self, operation: str, error: BaseException) -> None:
+        name = type(error).__name__
+        self.errors[name] += 1
+        if not isinstance(error, EXPECTED_ERRORS) and not (
+            operation == "incr" and isinstance(error, ValueError)  # counted as a wrong value
+        ):
+            self.unexpected_errors += 1
+        self.first_errors.setdefault(name, f"{operation}: {error}"[:200])
 
     def note(self, example: str) -> None:
         if len(self.examples) < 8:
@@ -155,6 +181,7 @@ class Tally:
             "leaked clients": self.leaked_clients,
             "late waiters": self.late_waiters,
             "never-retrieved records": self.never_retrieved,
+            "unexpected errors": self.unexpected_errors,
         }
         return {name: count for name, count in counts.items() if count}
 
@@ -167,10 +194,12 @@ class Tally:
             "leaked_clients",
             "late_waiters",
             "never_retrieved",
+            "unexpected_errors",
             "stalls",
         ):
             setattr(self, name, getattr(self, name) + other[name])
         self.errors.update(other["errors"])
+        self.first_errors = {**other["first_errors"], **self.first_errors}
         self.examples += other["examples"][: max(0, 8 - len(self.examples))]
 
     def as_dict(self) -> dict[str, Any]:
@@ -183,10 +212,12 @@ class Tally:
             f"{self.interrupts} interrupts delivered, {self.stalls} stalls; "
             f"wrong values {self.wrong_values}, resurrected keys {self.resurrected}, "
             f"leaked clients {self.leaked_clients}, late waiters {self.late_waiters}, "
-            f"never-retrieved records {self.never_retrieved}",
+            f"never-retrieved records {self.never_retrieved}, "
+            f"unexpected errors {self.unexpected_errors}",
             f"  errors raised: {errors or 'none'}",
         ]
         lines += [f"  {example}" for example in self.examples]
+        lines += [f"  first {name}: {text}" for name, text in self.first_errors.items()]
         return "\n".join(lines)
 
 
@@ -227,19 +258,23 @@ class Model:
             return
         decoded = decode(value)
         if decoded is None:
-            self.tally.record("wrong", f"{operation} {key}: not a value of this test: {value!r:.80}")
+            self.tally.record(
+                "wrong", f"{operation} {key}: not a value of this test: {value!r:.80}"
+            )
             return
         owner, version = decoded
         if owner != key:
-            self.tally.record("wrong", f"{operation} {key}: got {owner}'s value, version {version}")
+            self.tally.record(
+                "wrong", f"{operation} {key}: got {owner}'s value, version {version}"
+            )
             return
         verdict = self.keys[key].verdict(version)
         if verdict is not None:
             floor = self.keys[key].floor
+            last = f"{floor.value or 'delete'} v{floor.version}" if floor else "none"
             self.tally.record(
                 "resurrected" if verdict == "resurrected" else "wrong",
-                f"{operation} {key}: version {version} is {verdict} "
-                f"(last known write: {floor and (floor.value or 'delete')} v{floor and floor.version})",
+                f"{operation} {key}: version {version} is {verdict} (last known write: {last})",
             )
 
     def check_many(self, asked: Iterable[str], found: dict[str, Any], operation: str) -> None:
@@ -397,9 +432,7 @@ class SetMany(Operation):
         return cache.set_many({key: value for key, (_, value) in self.writes.items()}, None)
 
     async def acall(self, cache: Any) -> Any:
-        return await cache.aset_many(
-            {key: value for key, (_, value) in self.writes.items()}, None
-        )
+        return await cache.aset_many({key: value for key, (_, value) in self.writes.items()}, None)
 
     def completed(self, result: Any) -> None:
         for key, (write, _) in self.writes.items():
@@ -526,12 +559,18 @@ def check_pools(cache: Any, tally: Tally, where: str) -> None:
             tally.note(f"leak: {where}: {pool.node.hostname}: {pool.open_count} open, {idle} idle")
 
 
+POOL_SIZE = 4
+"""Clients (sync) or TLS connections (async) per node: few, so that callers wait for one."""
+
+
 def cache_options(backend: str, tls_context: Any) -> dict[str, Any]:
-    """Short timeouts, so that stalled nodes cost little time; TLS when given."""
+    """Short timeouts, so that stalled nodes cost little time; small pools; TLS when given."""
     milliseconds = int(OPERATION_TIMEOUT * 1000)
+    options: dict[str, Any] = {"POOL_SIZE": POOL_SIZE}
     if backend == "pylibmc":
-        return {"behaviors": {"connect_timeout": milliseconds, "_poll_timeout": milliseconds}}
-    options: dict[str, Any] = {"connect_timeout": OPERATION_TIMEOUT, "timeout": OPERATION_TIMEOUT}
+        options["behaviors"] = {"connect_timeout": milliseconds, "_poll_timeout": milliseconds}
+        return options
+    options.update(connect_timeout=OPERATION_TIMEOUT, timeout=OPERATION_TIMEOUT)
     if tls_context is not None:
         options["TLS"] = tls_context
     return options
@@ -578,7 +617,7 @@ def perform(
         tally.interrupts += count_interrupts
         operation.unknown()
     except Exception as error:
-        tally.errors[type(error).__name__] += 1
+        tally.count_error(operation.name, error)
         operation.failed(error)
     else:
         operation.completed(result)
