@@ -44,7 +44,9 @@ from .protocol import (
     Parser,
     ProtocolError,
     ServerErrorReply,
+    counter_request,
     delete_request,
+    parse_counter,
     parse_deleted,
     parse_stored,
     parse_values,
@@ -80,7 +82,15 @@ DEFAULT_BEHAVIORS: dict[str, Any] = {
 MAX_KEY_BYTES = 250
 """memcached's key length limit, in bytes."""
 
-OPTION_RULES = BackendRules(library="pylibmc", speaks_tls=False)
+LIBMEMCACHED_MAX_DELTA = 2**31 - 1
+"""The largest ``incr``/``decr`` delta pylibmc hands libmemcached (a C int)."""
+
+MEMCACHED_DELTA_LIMIT = 2**64
+"""memcached's deltas are unsigned 64-bit: this one and larger get ``CLIENT_ERROR``."""
+
+OPTION_RULES = BackendRules(
+    library="pylibmc", speaks_tls=False, reply_dropping_options=(("behaviors", "_noreply"),)
+)
 """What this backend refuses besides the shared rules: TLS, so serverless caches too."""
 
 _FAILED_HOST = re.compile(r"host: (\S+?)(?: ->|$)")
@@ -128,6 +138,16 @@ class PipelinedClient(pylibmc.Client):
     ``min_compress_len`` is pylibmc's argument of that name, given to every ``set``, ``add``
     and ``set_multi``: Django never passes it. The pipelined ``set_multi`` compresses as
     pylibmc does (``compression.compressed``).
+
+    After any ``Exception`` the client is in step with the node, so the pool takes it back
+    (see ``pool``): libmemcached keeps its own connection's state, and a Python exception
+    (a signal handler's) can only land before or after one of its calls, never inside; and
+    an exception of any class raised while this client's own socket is sending or reading
+    closes that socket, so no reply is ever left on it for the next call to read.
+
+    ``incr`` and ``decr`` take memcached's whole range of deltas, 0 to 2**64 - 1: pylibmc
+    passes the delta to libmemcached as a 32-bit int, so a larger one goes over the
+    client's own socket (text protocol only).
     """
 
     def __init__(self, node: ClusterNode, min_compress_len: int = 0, **options: Any) -> None:
@@ -135,6 +155,7 @@ class PipelinedClient(pylibmc.Client):
         self._min_compress_len = min_compress_len
         self._host = node.ip or node.hostname
         self._port = node.port
+        self._node_name = f"{self._host}:{self._port}"
         self._pipelines = not options.get("binary") and options.get("username") is None
         self._sock: socket.socket | None = None
 
@@ -143,6 +164,30 @@ class PipelinedClient(pylibmc.Client):
 
     def add(self, key: Any, value: Any, time: int = 0, **extra: Any) -> bool:
         return super().add(key, value, time, **self._compressing(extra))
+
+    def incr(self, key: Any, delta: int = 1) -> int:
+        return self._count(b"incr", key, delta)
+
+    def decr(self, key: Any, delta: int = 1) -> int:
+        return self._count(b"decr", key, delta)
+
+    def _count(self, command: bytes, key: Any, delta: int) -> int:
+        """``incr``/``decr`` by libmemcached, or over the own socket for a delta it cannot take."""
+        encoded = self._encoded([key], {}) if delta > LIBMEMCACHED_MAX_DELTA else None
+        if encoded is None:
+            return (super().incr if command == b"incr" else super().decr)(key, delta)
+        if delta >= MEMCACHED_DELTA_LIMIT:
+            raise pylibmc.ClientError(
+                f"invalid numeric delta argument {delta}: memcached takes 0 <= delta < 2**64, "
+                f"host: {self._host}:{self._port}"
+            )
+        request = counter_request(command, encoded[0], delta)
+        (value,) = self._exchange([request], parse_counter, repeatable=False)
+        if isinstance(value, ErrorReply):
+            raise pylibmc_error(value, self._node_name)
+        if value is None:
+            raise pylibmc.NotFound(f"NOT FOUND, host: {self._host}:{self._port}")
+        return value
 
     def set_multi(self, mapping: Mapping[Any, Any], time: int = 0, **extra: Any) -> list[Any]:
         keys = list(mapping)
@@ -190,20 +235,30 @@ class PipelinedClient(pylibmc.Client):
             self._connection().sendall(request[0])
         except OSError as error:
             self._close_pipeline()
-            failure = None if sent_on_reused else error
+            failure = None if sent_on_reused and _closed_by_node(error) else error
             sent_on_reused = None  # Not sent: reading the reply sends it again.
+        except BaseException:
+            self._close_pipeline()  # Perhaps sent in part: its reply must never be read.
+            raise
 
         def read_reply() -> dict[Any, Any]:
             if failure is not None:
                 raise self._connection_error(failure) from failure
             (found,) = self._exchange(request, parse_values, sent_on_reused)
             if isinstance(found, ErrorReply):
-                raise pylibmc_error(found, f"{self._host}:{self._port}")
+                raise pylibmc_error(found, self._node_name)
             deserialize = self.deserialize
-            return {
-                originals[key]: deserialize(*decompressed(data, flags))
-                for key, (flags, data) in found.items()
-            }
+            try:
+                return {
+                    originals[key]: deserialize(*decompressed(data, flags))
+                    for key, (flags, data) in found.items()
+                }
+            except KeyError:
+                out_of_step = pipeline.key_not_asked_for(found, originals)
+                if out_of_step is None:
+                    raise
+                self._close_pipeline()
+                raise pylibmc_error(out_of_step, self._node_name) from None
 
         return read_reply
 
@@ -225,16 +280,24 @@ class PipelinedClient(pylibmc.Client):
         return encoded
 
     def _exchange(
-        self, requests: list[bytes], parse: Parser, sent_on_reused: bool | None = None
+        self,
+        requests: list[bytes],
+        parse: Parser,
+        sent_on_reused: bool | None = None,
+        repeatable: bool = True,
     ) -> list[Any]:
         """
         Run the requests, or with ``sent_on_reused`` set, read the replies to the requests
         already sent (on a pooled connection if True). A pooled connection the node closed
-        since is replaced once (every request here can be repeated). Connection errors are
-        pylibmc's, naming the node as libmemcached does; a reply that is not memcached's
-        closes the connection and raises ``pylibmc.ProtocolError``.
+        since (an idle connection it dropped) is replaced once if the requests are
+        ``repeatable`` (an ``incr`` is not: the node may have run it). A timeout is not
+        retried: the node is silent, and the call fails after one timeout, not two.
+        Connection errors are pylibmc's, naming the node as libmemcached does; a reply that
+        is not memcached's closes the connection and raises ``pylibmc.ProtocolError``; any
+        exception closes the connection.
         """
         reused = self._sock is not None if sent_on_reused is None else sent_on_reused
+        reused = reused and repeatable
         while True:
             try:
                 if sent_on_reused is not None and self._sock is not None:
@@ -243,13 +306,13 @@ class PipelinedClient(pylibmc.Client):
                 return pipeline.exchange(self._connection(), requests, parse)
             except OSError as error:
                 self._close_pipeline()
-                if not reused:
+                if not (reused and _closed_by_node(error)):
                     raise self._connection_error(error) from error
                 reused = False
             except BaseException as error:
                 self._close_pipeline()  # Out of step with the node: never reused.
                 if isinstance(error, ProtocolError):
-                    raise pylibmc_error(error, f"{self._host}:{self._port}") from error
+                    raise pylibmc_error(error, self._node_name) from error
                 raise
 
     def _connection_error(self, error: OSError) -> pylibmc.Error:
@@ -272,6 +335,11 @@ class PipelinedClient(pylibmc.Client):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _closed_by_node(error: OSError) -> bool:
+    """Whether the node closed the connection (reset, broken pipe, end of stream)."""
+    return isinstance(error, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
 
 
 def pylibmc_error(error: BaseException, node_name: str) -> Exception:
@@ -307,11 +375,6 @@ class PylibmcAdapter:
         options = dict(options)
         self._min_compress_len: int = options.pop("min_compress_len", 0)
         behaviors = options["behaviors"]
-        if behaviors.get("_noreply"):
-            raise InvalidCacheBackendError(
-                "The async cache methods wait for every reply; behaviour _noreply=True "
-                "is only supported by the sync methods"
-            )
         # Never connected: only its codec is used.
         self._codec = pylibmc.Client(["localhost"], **options)
         self.connect_timeout: float | None = _seconds(behaviors["connect_timeout"], 4.0)

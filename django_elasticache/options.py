@@ -148,12 +148,17 @@ class BackendRules:
     ``library`` names the client library in messages; ``speaks_tls`` says whether it can
     encrypt (without TLS neither the ``TLS`` option nor a serverless cache, which accepts
     nothing else, can work); ``managed_client_options`` are client keywords the backend
-    sets for every node itself, so a user's value would be overridden.
+    sets for every node itself, so a user's value would be overridden;
+    ``reply_dropping_options`` are the paths into the client options of settings that make
+    the library skip replies or hide errors, which the async methods cannot honour (they
+    wait for every reply and raise every error): refused when the backend is built rather
+    than at its first async call.
     """
 
     library: str
     speaks_tls: bool
     managed_client_options: frozenset[str] = frozenset()
+    reply_dropping_options: tuple[tuple[str, ...], ...] = ()
 
     def check(
         self, endpoint: Endpoint, options: BackendOptions, client: Mapping[str, Any]
@@ -169,6 +174,16 @@ class BackendRules:
                 f"{endpoint.host!r} is an ElastiCache Serverless endpoint, which accepts only "
                 f"TLS, and {self.library} cannot speak TLS; use BACKEND {TLS_BACKEND!r}"
             )
+        for path in self.reply_dropping_options:
+            value: Any = client
+            for name in path:
+                value = value.get(name) if isinstance(value, Mapping) else None
+            if value:
+                where = "".join(f"[{name!r}]" for name in path)
+                raise InvalidCacheBackendError(
+                    f"OPTIONS{where}={value!r} is not supported: the cache methods, async "
+                    "ones included, wait for every reply and raise every error"
+                )
         managed = sorted(self.managed_client_options.intersection(client))
         if managed:
             raise InvalidCacheBackendError(

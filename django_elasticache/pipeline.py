@@ -29,12 +29,18 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .protocol import CRLF, ConnectionClosed, Parser
+from .protocol import CRLF, ConnectionClosed, MalformedReply, Parser
 
-__all__ = ["MAX_COMMANDS_PER_WRITE", "TLS_WRITE_BYTES", "exchange", "receive"]
+__all__ = [
+    "MAX_COMMANDS_PER_WRITE",
+    "TLS_WRITE_BYTES",
+    "exchange",
+    "key_not_asked_for",
+    "receive",
+]
 
 MAX_COMMANDS_PER_WRITE = 256
 """At most 256 replies (each under 48 bytes) are outstanding: 12 KB, under any socket buffer."""
@@ -87,6 +93,19 @@ def receive(sock: socket.socket, parse: Parser, count: int = 1) -> list[Any]:
         unexpected = buffer[position:][:80]
         raise ConnectionClosed(f"unexpected bytes after the last reply: {unexpected!r}")
     return replies
+
+
+def key_not_asked_for(found: Mapping[bytes, Any], asked: Mapping[bytes, Any]) -> Exception | None:
+    """
+    For a ``KeyError`` raised while a ``get`` reply's keys are mapped back to the keys asked
+    for: the error to raise if the reply holds a key not asked for (the stream is out of
+    step, the reply is another request's: close the connection), None if the ``KeyError``
+    came from elsewhere. Checked only then, so that a reply in step costs nothing more.
+    """
+    for key in found:
+        if key not in asked:
+            return MalformedReply(f"reply holds key {key!r}, which was not asked for")
+    return None
 
 
 def _read(sock: socket.socket, buffer: bytearray) -> None:

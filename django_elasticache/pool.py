@@ -12,6 +12,25 @@ connection failures in a row the node is marked down for ``RETRY_AFTER`` seconds
 its keys fail at once with ``NodeUnavailable`` instead of each thread waiting on it or writing
 the key elsewhere.
 
+A call may be interrupted at any point: by an error of the client library, but also by an
+exception raised from outside the call (Ctrl-C's ``KeyboardInterrupt``, a ``gevent.Timeout`` or
+``Greenlet.kill`` in a gevent worker, a signal handler raising for a request timeout). Two rules
+keep such an interruption from ever giving a later call a wrong value or a lost slot:
+
+- **A client is pooled again only if its connection is known to be in step**: its call
+  completed, or raised an ``Exception`` after which the next request's reply is the next thing
+  on the wire. Both backends' clients make every ``Exception`` such an exception, each for its
+  own reason (see ``memcached.PipelinedClient`` and ``pymemcache._NodeClient``): a failure
+  while sending or reading closes the socket it happened on, and a refusal is read in full.
+  Anything else (a ``BaseException`` that is not an ``Exception``) may have left a request
+  sent and its reply unread, so the client is closed (``NodePool.give_back_after``).
+- **A slot is never lost**: the number of a node's clients is not a counter that a lost client
+  would never decrement, but the number of clients alive (``NodePool.open_count``). A client
+  dropped without being given back, wherever an exception landed in ``borrow``,
+  ``give_back`` or between them, is freed by the garbage collector (at once, by CPython's
+  reference counting, unless a reference cycle holds it), its socket closed with it, and its
+  slot is free again.
+
 A forked child never touches the parent's sockets: its pools start empty, and the clients it
 inherited are kept referenced, never closed, because closing sends ``quit`` on a connection the
 parent still uses.
@@ -20,6 +39,7 @@ parent still uses.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -47,6 +67,14 @@ RETRY_AFTER = 2.0
 
 BORROW_TIMEOUT = 1.0
 """Seconds a call waits for a client of a node whose every client is in use."""
+
+FREED_SLOT_POLL = 0.02
+"""
+Seconds between two looks at the pool by a waiting borrower. A client given back wakes it at
+once; a slot freed by a client collected without being given back wakes nobody (a collector
+callback may run in a thread that holds the pool's lock), nor does a wake-up lost to an
+interrupted waiter, so a waiter also looks this often.
+"""
 
 Client = Any
 """A client of the backend's library connected to one node."""
@@ -108,10 +136,12 @@ class NodePool:
         self._close_client = close_client
         self._size = size
         self._idle: list[Client] = []
-        self._open = 0
-        self._waiting = 0
+        # Every client of the node that is still alive, idle or lent: a lent client dropped
+        # without being given back leaves it when collected (see the module docstring).
+        self._alive: weakref.WeakSet[Client] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
+        self._bell = _new_bell()
         self._retired = False
         self._failures = 0
         self._down_until = 0.0
@@ -135,7 +165,7 @@ class NodePool:
             if not self._retired:
                 self._idle.append(client)
                 if self._waiting:
-                    self._changed.notify()
+                    self._ring()
                 return
         self.discard(client)
 
@@ -146,10 +176,16 @@ class NodePool:
         is_node_failure: Callable[[BaseException], bool],
     ) -> None:
         """
-        The call raised ``error``. A connection failure counts against the node's health and
-        the client is closed rather than pooled, since its connection state is unknown.
+        The call raised ``error``: the one place that decides whether its client is pooled
+        again. A connection failure counts against the node's health and closes the client.
+        Any other ``Exception`` leaves the client in step (the backends' clients close a
+        socket an error interrupted, see the module docstring), so it is pooled again. An
+        interruption that is not an ``Exception`` (``KeyboardInterrupt``, ``gevent.Timeout``,
+        ``SystemExit``) may have come between a request and its reply: the client is closed.
         """
-        if is_node_failure(error):
+        if not isinstance(error, Exception):
+            self.discard(client)
+        elif is_node_failure(error):
             self.record_failure()
             self.discard(client)
         else:
@@ -187,48 +223,71 @@ class NodePool:
     @property
     def open_count(self) -> int:
         """Clients of this node that exist now, idle or lent."""
-        return self._open
+        return len(self._alive)
 
     def retire(self) -> None:
         """The node left the node list: close idle clients now, lent ones when given back."""
         with self._lock:
             self._retired = True
             idle, self._idle = self._idle, []
-            self._open -= len(idle)
         for client in idle:
-            self._close_client(client)
+            self.discard(client)
 
     def _take_when_none_idle(self) -> Client:
-        with self._changed:
-            deadline = time.monotonic() + BORROW_TIMEOUT
-            while not self._idle and self._open >= self._size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise PoolExhausted(self.node, self._size)
+        """
+        An idle client given back meanwhile, or a new one while fewer than ``size`` are
+        alive, or ``PoolExhausted`` after ``BORROW_TIMEOUT``. The slot of a new client is
+        held from the moment it is counted: the placeholder object stands for it while the
+        connection is made outside the lock, and frees the slot by being dropped, however
+        the making ends.
+
+        A waiter sleeps on the pool's bell, a lock that ``give_back`` and ``discard``
+        release (``_ring``), rather than on a ``threading.Condition``, whose ``wait`` an
+        exception landing at the wrong bytecode leaves with its lock released twice.
+        """
+        placeholder = _Placeholder()
+        deadline = time.monotonic() + BORROW_TIMEOUT
+        collected = False
+        while True:
+            with self._lock:
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._alive) < self._size:
+                    self._alive.add(placeholder)
+                    break
                 self._waiting += 1
-                try:
-                    self._changed.wait(remaining)
-                finally:
+            try:
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._bell.acquire(timeout=min(remaining, FREED_SLOT_POLL))
+                elif not collected:
+                    # A client lost by an interrupted call may be held by a reference cycle
+                    # (a traceback and its frames): collect it before calling the pool full.
+                    collected = True
+                    gc.collect()
+                else:
+                    raise PoolExhausted(self.node, self._size)
+            finally:
+                with self._lock:
                     self._waiting -= 1
-            if self._idle:
-                return self._idle.pop()
-            self._open += 1
-        try:
-            return self._make_client(self.node)
-        except BaseException:
-            self._forget_one()
-            raise
+        client = self._make_client(self.node)
+        with self._lock:
+            self._alive.add(client)
+            self._alive.discard(placeholder)
+        return client
 
     def discard(self, client: Client) -> None:
         """Close a borrowed client whose connection is out of step, without judging the node."""
-        self._forget_one()
+        with self._lock:
+            self._alive.discard(client)
+            if self._waiting:
+                self._ring()
         self._close_client(client)
 
-    def _forget_one(self) -> None:
-        with self._lock:
-            self._open -= 1
-            if self._waiting:
-                self._changed.notify()
+    def _ring(self) -> None:
+        """Wake one waiting borrower (or the next to wait, if none sleeps yet)."""
+        with contextlib.suppress(RuntimeError):  # Rung already, not yet heard.
+            self._bell.release()
 
     def _refuse_while_down(self) -> None:
         remaining = self._down_until - time.monotonic()
@@ -239,13 +298,24 @@ class NodePool:
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self._waiting = 0
+        self._bell = _new_bell()
         _clients_inherited_across_fork.extend(self._idle)
         self._idle = []
-        self._open = 0
+        self._alive = weakref.WeakSet()
         self._failures = 0
         self._down_until = 0.0
+
+
+def _new_bell() -> threading.Lock:
+    """A lock held from the start: released, it lets one ``acquire`` through."""
+    bell = threading.Lock()
+    bell.acquire()
+    return bell
+
+
+class _Placeholder:
+    """The slot of a client being made, counted among the alive until the client is."""
 
 
 _live_pools: weakref.WeakSet[NodePool] = weakref.WeakSet()

@@ -9,14 +9,12 @@ verified against the node's hostname from the cluster config while connecting to
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import socket
 from collections.abc import Callable
 from typing import Any
 
 import pymemcache
-from django.core.cache.backends.base import InvalidCacheBackendError
 from django.core.cache.backends.memcached import PyMemcacheCache
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import (
@@ -86,6 +84,7 @@ OPTION_RULES = BackendRules(
     library="pymemcache",
     speaks_tls=True,
     managed_client_options=frozenset(MANAGED_BY_THE_BACKEND),
+    reply_dropping_options=(("default_noreply",), ("ignore_exc",)),
 )
 """What this backend refuses besides the shared rules: the client options it sets itself."""
 
@@ -164,6 +163,12 @@ class _NodeClient(pymemcache.Client):
     """
     A ``pymemcache.Client`` whose ``set_many`` works over TLS, and whose ``get_many`` can be
     sent before its reply is read (``start_get_multi``).
+
+    After any ``Exception`` the client is in step with the node, so the pool takes it back
+    (see ``pool``): pymemcache closes its socket on any ``Exception`` raised while a command
+    is sent or its reply read (only on an ``Exception``: a ``KeyboardInterrupt`` leaves the
+    reply on the socket, which is why the pool closes the client then), and this class's own
+    exchanges close it on an exception of any class.
     """
 
     def set_many(
@@ -201,11 +206,10 @@ class _NodeClient(pymemcache.Client):
         """
         ``get_many(keys)`` in two steps: the request is sent now (pymemcache's own key checks
         raise here), and the returned function reads the reply, so the caller can send to
-        other nodes in between. Errors are pymemcache's, raised by the returned function;
-        with ``ignore_exc`` pymemcache's own ``get_many`` does the call.
+        other nodes in between. Errors are pymemcache's, raised by the returned function.
+        A reply holding a key not asked for means the stream is out of step: the
+        connection is closed and ``MemcacheUnknownError`` raised.
         """
-        if self.ignore_exc:
-            return functools.partial(self.get_many, keys)
         prefixed = [self.check_key(key, self.key_prefix) for key in keys]
         originals = dict(zip(prefixed, keys, strict=True))
         try:
@@ -223,10 +227,18 @@ class _NodeClient(pymemcache.Client):
             if isinstance(found, ErrorReply):
                 raise pymemcache_error(found)
             deserialize = self.serde.deserialize
-            return {
-                originals[key]: deserialize(key, data, flags)
-                for key, (flags, data) in found.items()
-            }
+            try:
+                return {
+                    originals[key]: deserialize(key, data, flags)
+                    for key, (flags, data) in found.items()
+                }
+            except KeyError:
+                out_of_step = pipeline.key_not_asked_for(found, originals)
+                if out_of_step is None:
+                    raise
+                self.close()
+                host, port = self.server
+                raise MemcacheUnknownError(f"Cache node {host}:{port}: {out_of_step}") from None
 
         return read_reply
 
@@ -260,10 +272,6 @@ class _NodeClient(pymemcache.Client):
             raise
 
 
-SYNC_ONLY_OPTIONS = {"default_noreply": True, "ignore_exc": True}
-"""Client options the async methods cannot honour, with the value they cannot honour."""
-
-
 class PymemcacheAdapter:
     """
     pymemcache's rules for the event-loop path, from a never-connected ``pymemcache.Client``
@@ -273,12 +281,6 @@ class PymemcacheAdapter:
     """
 
     def __init__(self, options: dict[str, Any]) -> None:
-        for name, value in SYNC_ONLY_OPTIONS.items():
-            if options.get(name) == value:
-                raise InvalidCacheBackendError(
-                    f"The async cache methods wait for every reply and raise every error; "
-                    f"OPTIONS[{name!r}]={value!r} is only supported by the sync methods"
-                )
         self._codec = pymemcache.Client(("localhost", 11211), **options)
         self.connect_timeout = self._codec.connect_timeout
         self.timeout = self._codec.timeout

@@ -198,15 +198,17 @@ class ClusterClient:
                         raise
                     first_error = first_error or error
             while started:
-                pool, client, read_reply = started[0]
+                # Taken off the list first: a client is handed back once, whatever interrupts.
+                pool, client, read_reply = started.pop(0)
                 try:
                     found.update(read_reply())
-                except Exception as error:
+                except BaseException as error:
                     pool.give_back_after(client, error, self._is_node_failure)
+                    if not isinstance(error, Exception):
+                        raise
                     first_error = first_error or error
                 else:
                     pool.give_back(client)
-                del started[0]
         finally:
             for pool, client, _ in started:
                 pool.discard(client)  # Interrupted: its reply is still on the wire.

@@ -242,9 +242,16 @@ class ClusterTopology:
             self._attempt_first(attempt)
         else:
             if started_here:
-                self._run_in_background(
-                    lambda: self._attempt_first(attempt), f"discover {self.name}"
-                )
+                try:
+                    self._run_in_background(
+                        lambda: self._attempt_first(attempt), f"discover {self.name}"
+                    )
+                except BaseException:
+                    # Never started: the next request starts another, not waits on this one.
+                    with self._lock:
+                        self._attempt = None
+                    attempt.done.set()
+                    raise
             attempt.done.wait(max(attempt.started + FIRST_DISCOVERY_GRACE - self._clock(), 0))
         return self._first_outcome(attempt)
 
@@ -344,7 +351,17 @@ class ClusterTopology:
                 return
             self._refreshing = True
             self._schedule_refresh(now)
-        self._run_in_background(self._refresh, f"refresh {self.name}")
+        started = False
+        try:
+            self._run_in_background(self._refresh, f"refresh {self.name}")
+            started = True
+        except Exception:
+            # The request that came due does not need the refresh: it is served with the
+            # current list, and the next interval tries again.
+            logger.exception("Could not start refreshing %s; keeping the node list", self.name)
+        finally:
+            if not started:
+                self._refreshing = False  # Else no refresh would ever start again.
 
     def _refresh(self) -> None:
         """One refresh, in the background; whatever happens, the last good list stays."""

@@ -21,6 +21,10 @@ POLL_INTERVAL = 0.02
 REPORT_LIMIT = 4096
 
 
+class Interrupted(BaseException):
+    """Not an ``Exception``, as ``KeyboardInterrupt`` and ``gevent.Timeout`` are not."""
+
+
 def eventually(condition: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:
     """Wait for condition() within timeout, polling; fail naming what did not happen."""
     deadline = time.monotonic() + timeout
@@ -89,6 +93,12 @@ def memcached_children(parent: int | None = None) -> list[int]:
         if stat is not None and stat[0] == "memcached" and stat[1] != "Z" and stat[2] == parent:
             children.append(int(entry.name))
     return children
+
+
+def process_state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, T for stopped, Z...), None if gone."""
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
 
 
 def is_alive(pid: int) -> bool:

@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import pylibmc
 import pytest
 from asgiref.sync import ThreadSensitiveContext
-from django.core.cache.backends.base import InvalidCacheBackendError
 from support import DEADLINE, ForkedChild, eventually
 
 from django_elasticache import memcached
@@ -444,29 +443,6 @@ def test_a_users_serde_is_honoured(elasticache_cluster, make_pymemcache_cache) -
     assert stored(elasticache_cluster, cache.make_key("from_async")).startswith(
         b"VALUE :1:from_async 7 8\r\n"
     )
-
-
-@pytest.mark.parametrize(
-    "options, named",
-    [
-        ({"default_noreply": True}, "default_noreply"),
-        ({"ignore_exc": True}, "ignore_exc"),
-    ],
-)
-def test_pymemcache_options_async_cannot_honour_are_refused(
-    elasticache_cluster, make_pymemcache_cache, options, named
-) -> None:
-    cache = make_pymemcache_cache(elasticache_cluster.location, **options)
-    with pytest.raises(InvalidCacheBackendError, match=named):
-        asyncio.run(cache.aget("key"))
-
-
-def test_pylibmc_noreply_is_refused_by_the_async_path(
-    elasticache_cluster, make_pylibmc_cache
-) -> None:
-    cache = make_pylibmc_cache(elasticache_cluster.location, behaviors={"_noreply": True})
-    with pytest.raises(InvalidCacheBackendError, match="_noreply"):
-        asyncio.run(cache.aget("key"))
 
 
 def test_connections_end_with_their_loop(elasticache_cluster, make_cache) -> None:

@@ -97,6 +97,32 @@ def test_async_methods_across_nodes(elasticache_cluster, make_cache) -> None:
     asyncio.run(scenario())
 
 
+def test_incr_and_decr_take_memcacheds_whole_range_of_deltas(
+    elasticache_cluster, make_cache
+) -> None:
+    """
+    Deltas 0 .. 2**64 - 1, as memcached takes them (wrapping at 2**64), on both backends,
+    though libmemcached takes a 32-bit delta; 2**64 is memcached's CLIENT_ERROR, raised as
+    the caller's mistake even with IGNORE_EXCEPTIONS. Django's rules stay: a missing key is
+    a ValueError, a negative delta a decr.
+    """
+    cache = make_cache(elasticache_cluster.location, IGNORE_EXCEPTIONS=True)
+    cache.set("n", 5)
+    assert cache.incr("n", 2**31) == 5 + 2**31
+    assert cache.incr("n", 2**40) == 5 + 2**31 + 2**40
+    assert cache.decr("n", 2**40) == 5 + 2**31
+    assert cache.incr("n", -(2**31)) == 5
+    assert cache.incr("n", 2**64 - 1) == 4  # wrapped
+    assert cache.decr("n", 2**63) == 0  # memcached's decr stops at 0
+    with pytest.raises(cache.caller_errors, match="delta"):
+        cache.incr("n", 2**64)
+    with pytest.raises(cache.caller_errors, match="delta"):
+        cache.decr("n", 2**64)
+    with pytest.raises(ValueError, match="not found"):
+        cache.incr("missing", 2**40)
+    assert cache.get("n") == 0
+
+
 def test_invalid_keys_raise_as_with_djangos_memcached_backends(
     elasticache_cluster, make_cache
 ) -> None:

@@ -211,6 +211,34 @@ def test_pymemcache_options_the_backend_manages_are_refused(
         make_pymemcache_cache("cfg.example:11211", **{managed: object()})
 
 
+@pytest.mark.parametrize(
+    "backend, options, named, accepted",
+    [
+        (
+            "pymemcache",
+            {"default_noreply": True},
+            r"\['default_noreply'\]",
+            {"default_noreply": False},
+        ),
+        ("pymemcache", {"ignore_exc": True}, r"\['ignore_exc'\]", {"ignore_exc": False}),
+        (
+            "pylibmc",
+            {"behaviors": {"_noreply": 1}},
+            r"\['behaviors'\]\['_noreply'\]",
+            {"behaviors": {"_noreply": 0}},
+        ),
+    ],
+)
+def test_options_that_drop_replies_or_errors_are_refused_when_the_backend_is_built(
+    make_pylibmc_cache, make_pymemcache_cache, backend, options, named, accepted
+) -> None:
+    """Refused at once, not at the first async call: the async methods cannot honour them."""
+    make = make_pylibmc_cache if backend == "pylibmc" else make_pymemcache_cache
+    with pytest.raises(InvalidCacheBackendError, match=named):
+        make("cfg.example:11211", **options)
+    make("cfg.example:11211", **accepted)
+
+
 def test_pylibmc_backend_refuses_tls_and_names_the_pymemcache_backend(
     make_pylibmc_cache,
 ) -> None:

@@ -6,11 +6,13 @@ test_concurrency.py and test_placement.py.
 
 from __future__ import annotations
 
+import gc
+import signal
 import threading
 import time
 
 import pytest
-from support import ForkedChild
+from support import ForkedChild, Interrupted
 
 from django_elasticache import pool as pool_module
 from django_elasticache.cluster_utils import ClusterNode
@@ -109,3 +111,88 @@ def test_forked_child_never_touches_the_parents_clients() -> None:
 
     assert ForkedChild(in_child).report() == "True False"
     assert pool.borrow() is inherited  # the parent's pool is as it was
+
+
+def test_an_interruption_that_is_not_an_exception_closes_the_client() -> None:
+    """A KeyboardInterrupt may come between a request and its reply: never pooled again."""
+    pool = NodePool(NODE, Connection, close, size=4)
+    with pytest.raises(KeyboardInterrupt), pool.client(never_a_node_failure) as client:
+        raise KeyboardInterrupt
+    assert client.closed and pool.open_count == 0
+
+
+def test_a_client_dropped_without_being_given_back_frees_its_slot(short_waits) -> None:
+    """As when an exception lands between ``borrow`` and the call's ``try``."""
+    pool = NodePool(NODE, Connection, close, size=1)
+    pool.borrow()  # and dropped
+    assert pool.open_count == 0
+    assert pool.borrow() is not None
+
+
+def test_a_waiting_borrower_takes_the_slot_of_a_client_dropped_meanwhile() -> None:
+    pool = NodePool(NODE, Connection, close, size=1)
+    held = [pool.borrow()]
+    threading.Timer(0.05, held.clear).start()
+    assert pool.borrow() is not None  # woken by no give_back, well within BORROW_TIMEOUT
+
+
+def test_a_lost_client_held_by_a_reference_cycle_is_collected_before_giving_up(
+    short_waits,
+) -> None:
+    pool = NodePool(NODE, Connection, close, size=1)
+    cycle: list[object] = [pool.borrow()]
+    cycle.append(cycle)
+    del cycle
+    gc.disable()
+    try:
+        assert pool.open_count == 1
+        assert pool.borrow() is not None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_interruptions_landing_anywhere_in_borrow_and_give_back_lose_no_slot(
+    short_waits,
+) -> None:
+    """
+    A timer's signal raises every 50 us while calls borrow and give back clients, so that
+    interruptions land all over ``borrow``, ``give_back`` and the code between them.
+    """
+    pool = NodePool(NODE, Connection, close, size=1)
+    interruptions = 0
+    armed = [False]
+
+    def interrupt(signum: int, frame: object) -> None:
+        if armed[0]:
+            armed[0] = False  # Once, until the loop below arms it again.
+            raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.00005, 0.00005)
+
+    def calls() -> None:
+        """Calls as ``routing`` makes them, until one is interrupted."""
+        armed[0] = True
+        while True:
+            client = pool.borrow()
+            try:
+                assert not client.closed
+            except BaseException as error:
+                pool.give_back_after(client, error, never_a_node_failure)
+                raise
+            pool.give_back(client)
+
+    deadline = time.monotonic() + 2
+    try:
+        while interruptions < 3000 and time.monotonic() < deadline:
+            try:
+                calls()
+            except Interrupted:
+                interruptions += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert interruptions > 100
+    assert pool.open_count == len(pool._idle) <= 1
+    assert not pool.borrow().closed

@@ -23,10 +23,14 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 
 TIMEOUT = 60.0
 CLUSTER_SCRIPT = """
-import faulthandler, sys, threading, time
+import faulthandler, signal, sys, threading, time
 from django_elasticache.testing import LocalCluster
 
 faulthandler.disable()  # a crash below should just end the process
+# The dispositions under test, whatever this process inherited: a background job of a
+# non-interactive shell (or nohup) starts with SIGINT and SIGQUIT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 clusters = [LocalCluster(nodes=2).start()]
 # A cluster started from a thread that has ended keeps its nodes until the process ends.
 starter = threading.Thread(target=lambda: clusters.append(LocalCluster(nodes=1).start()))

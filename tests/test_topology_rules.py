@@ -443,3 +443,68 @@ def test_error_without_tls_still_needs_ignore_cluster_errors(make, servers) -> N
         make().current()
     lenient = make(ignore_cluster_errors=True).current()
     assert not lenient.serverless and lenient.addresses == ("cfg.example:11211",)
+
+
+class UnstartableThread(threading.Thread):
+    """A thread the process cannot start, as when it has run out of threads."""
+
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+def test_a_refresh_thread_that_cannot_start_does_not_stop_later_refreshes(
+    clock, servers, caplog
+) -> None:
+    unstartable = [False]
+
+    def run_in_a_thread(work: Callable[[], None], name: str) -> None:
+        kind = UnstartableThread if unstartable.pop() else threading.Thread
+        unstartable.append(False)
+        thread = kind(target=work, name=name, daemon=True)
+        thread.start()
+        thread.join(30)
+
+    cluster = ClusterTopology(
+        ENDPOINT,
+        BackendOptions(refresh_interval=INTERVAL).discovery_settings,
+        clock=clock,
+        discover=servers,
+        run_in_background=run_in_a_thread,
+    )
+    assert cluster.current().nodes == THREE
+    servers.endpoint_answers(ClusterConfig(6, FOUR))
+    unstartable[0] = True
+    with caplog.at_level(logging.ERROR, logger="django_elasticache"):
+        assert due(cluster, clock).nodes == THREE  # the request itself is served
+    assert "can't start new thread" in caplog.text
+    assert due(cluster, clock).nodes == FOUR  # the next interval's refresh runs
+
+
+def test_a_retried_first_discovery_whose_thread_cannot_start_is_started_again(
+    clock, servers
+) -> None:
+    unstartable = [True]
+
+    def run_in_a_thread(work: Callable[[], None], name: str) -> None:
+        thread = (UnstartableThread if unstartable[0] else threading.Thread)(
+            target=work, name=name, daemon=True
+        )
+        thread.start()
+        thread.join(30)
+
+    cluster = ClusterTopology(
+        ENDPOINT,
+        BackendOptions().discovery_settings,
+        clock=clock,
+        discover=servers,
+        run_in_background=run_in_a_thread,
+    )
+    servers.endpoint_answers(EndpointUnreachable(ENDPOINT.host, "refused"))
+    with pytest.raises(EndpointUnreachable):
+        cluster.current()  # the very first discovery runs in the request
+    servers.endpoint_answers(ClusterConfig(5, THREE))
+    clock.advance(topology.FIRST_DISCOVERY_RETRY)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        cluster.current()
+    unstartable[0] = False
+    assert cluster.current().nodes == THREE
