@@ -383,6 +383,7 @@ def main() -> None:
     start_watchdog(arguments["limit"], tally, mode == "gevent")
     settings.configure(CACHES={}, INSTALLED_APPS=[], USE_TZ=True)
     django.setup()
+    import django_elasticache
     from django_elasticache import memcached, pymemcache
 
     backend_class = {"pylibmc": memcached.ElastiCache, "pymemcache": pymemcache.ElastiCache}
@@ -394,6 +395,7 @@ def main() -> None:
     finally:
         for pid in arguments["node_pids"]:
             os.kill(pid, signal.SIGCONT)
+    tally.package = django_elasticache.__file__
     print(json.dumps(tally.as_dict()), flush=True)
 
 

@@ -139,6 +139,7 @@ class Tally:
     """What a run saw. ``problems()`` must be empty."""
 
     seed: int = 0
+    package: str = ""
     operations: int = 0
     interrupts: int = 0
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
@@ -198,6 +199,7 @@ class Tally:
             "stalls",
         ):
             setattr(self, name, getattr(self, name) + other[name])
+        self.package = other["package"]
         self.errors.update(other["errors"])
         self.first_errors = {**other["first_errors"], **self.first_errors}
         self.examples += other["examples"][: max(0, 8 - len(self.examples))]
@@ -208,7 +210,7 @@ class Tally:
     def summary(self, scenario: str) -> str:
         errors = ", ".join(f"{name} {count}" for name, count in self.errors.most_common(6))
         lines = [
-            f"{scenario} (seed {self.seed}): {self.operations} operations, "
+            f"{scenario} (seed {self.seed}, {self.package}): {self.operations} operations, "
             f"{self.interrupts} interrupts delivered, {self.stalls} stalls; "
             f"wrong values {self.wrong_values}, resurrected keys {self.resurrected}, "
             f"leaked clients {self.leaked_clients}, late waiters {self.late_waiters}, "

@@ -34,6 +34,7 @@ import faults
 import pytest
 from faults import SCALE, Model, Tally
 
+import django_elasticache
 from django_elasticache.testing.processes import spawn
 
 CONFIGURATIONS = [
@@ -82,10 +83,14 @@ def run_scenario(mode: str, backend: str, cluster: Any) -> None:
         "node_pids": [node.pid for node in cluster.nodes],
         "limit": LIMIT,
     }
+    # The child imports the package this run tests, wherever it was imported from.
+    package_root = str(Path(django_elasticache.__file__).parent.parent)
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     child = spawn(
         [sys.executable, str(SCENARIOS), mode, json.dumps(arguments)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": path},
     )
     try:
         out, err = child.communicate(timeout=LIMIT + 30)
