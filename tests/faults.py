@@ -226,8 +226,20 @@ class Tally:
 class Model:
     """The keys and counters of one workload, and the checks of every value read."""
 
-    def __init__(self, tally: Tally, prefix: str, keys: int, counters: int, rng: random.Random):
+    def __init__(
+        self,
+        tally: Tally,
+        prefix: str,
+        keys: int,
+        counters: int,
+        rng: random.Random,
+        keys_move: bool = False,
+    ):
         self.tally = tally
+        # The node list changes: a counter moved to a new node starts there afresh, and its
+        # old copy is found again when the node leaves (values are checked as ever: a write
+        # deletes a moved key's old copy).
+        self.keys_move = keys_move
         self.rng = rng
         self.keys = {f"{prefix}k{index}": KeyModel() for index in range(keys)}
         self.counters: dict[str, tuple[int, int] | None] = {
@@ -494,11 +506,13 @@ class Incr(Operation):
             model.tally.record(
                 "wrong", f"incr {self.key} by {self.delta} gave {result}, known {known}"
             )
-        model.counters[self.key] = (result, result) if isinstance(result, int) else None
+        known_now = isinstance(result, int) and not model.keys_move
+        model.counters[self.key] = (result, result) if known_now else None
 
     def failed(self, error: Exception) -> None:
         if isinstance(error, ValueError):  # Django's "not found": counters are never deleted
-            self.model.tally.record("wrong", f"incr {self.key}: {error}")
+            if not self.model.keys_move:
+                self.model.tally.record("wrong", f"incr {self.key}: {error}")
             self.model.lost_counters.add(self.key)
         self.unknown()
 
@@ -541,7 +555,8 @@ def reseed_lost_counters(cache: Any, model: Model) -> None:
         except Exception:
             model.counters[key] = None
         else:
-            model.counters[key] = (model.bands[key], model.bands[key])
+            band = model.bands[key]
+            model.counters[key] = None if model.keys_move else (band, band)
 
 
 def check_everything(cache: Any, model: Model, operation: str) -> None:
@@ -565,10 +580,17 @@ POOL_SIZE = 4
 """Clients (sync) or TLS connections (async) per node: few, so that callers wait for one."""
 
 
-def cache_options(backend: str, tls_context: Any) -> dict[str, Any]:
-    """Short timeouts, so that stalled nodes cost little time; small pools; TLS when given."""
+CHURN_REFRESH = 0.2
+"""Seconds between two discoveries while the node list changes all along."""
+
+
+def cache_options(backend: str, tls_context: Any, churning: bool = False) -> dict[str, Any]:
+    """Short timeouts, so that stalled nodes cost little time; small pools; TLS when given;
+    frequent discoveries while the node list changes."""
     milliseconds = int(OPERATION_TIMEOUT * 1000)
     options: dict[str, Any] = {"POOL_SIZE": POOL_SIZE}
+    if churning:
+        options["REFRESH_INTERVAL"] = CHURN_REFRESH
     if backend == "pylibmc":
         options["behaviors"] = {"connect_timeout": milliseconds, "_poll_timeout": milliseconds}
         return options

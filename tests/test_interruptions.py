@@ -27,6 +27,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +71,22 @@ def cluster(request: pytest.FixtureRequest, elasticache_cluster_factory: Any) ->
     return backend, elasticache_cluster_factory(nodes=3, tls=tls)
 
 
-def run_scenario(mode: str, backend: str, cluster: Any) -> None:
-    """Run one scenario in its child; fail with its counts if it saw any problem."""
-    name = f"{mode} {backend}{' TLS' if cluster.tls else ''}"
+def churn(cluster: Any, stop: threading.Event, rng: random.Random) -> None:
+    """Scale out by a node and back in, again and again, until ``stop`` is set."""
+    while not stop.is_set():
+        node = cluster.add_node()
+        stop.wait(rng.uniform(0.2, 0.8))
+        cluster.remove_node(node)
+        stop.wait(rng.uniform(0.2, 0.8))
+
+
+def run_scenario(mode: str, backend: str, cluster: Any, churning: bool = False) -> None:
+    """
+    Run one scenario in its child; fail with its counts if it saw any problem. Churning, the
+    node list changes all along (a fourth node added and removed), and the child asks for it
+    every ``faults.CHURN_REFRESH`` seconds.
+    """
+    name = f"{mode} {backend}{' TLS' if cluster.tls else ''}{' churning' if churning else ''}"
     seed = scenario_seed(name)
     arguments = {
         "backend": backend,
@@ -82,6 +96,7 @@ def run_scenario(mode: str, backend: str, cluster: Any) -> None:
         "operations": OPERATIONS[mode],
         "node_pids": [node.pid for node in cluster.nodes],
         "limit": LIMIT,
+        "churn": churning,
     }
     # The child imports the package this run tests, wherever it was imported from.
     package_root = str(Path(django_elasticache.__file__).parent.parent)
@@ -92,14 +107,21 @@ def run_scenario(mode: str, backend: str, cluster: Any) -> None:
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": path},
     )
+    stop_churning = threading.Event()
+    churner = threading.Thread(target=churn, args=(cluster, stop_churning, random.Random(seed)))
+    if churning:
+        churner.start()
     try:
         out, err = child.communicate(timeout=LIMIT + 30)
     except subprocess.TimeoutExpired:
         child.kill()
         out, err = child.communicate()
     finally:
-        for node in cluster.nodes:  # The child may have died with a node stopped.
-            os.kill(node.pid, signal.SIGCONT)
+        stop_churning.set()
+        if churning:
+            churner.join()
+        for pid in arguments["node_pids"]:  # The child may have died with a node stopped.
+            os.kill(pid, signal.SIGCONT)
     lines = out.decode().strip().splitlines()
     if child.returncode not in (0, HUNG) or not lines:
         pytest.fail(f"{name} (seed {seed}): the child failed: {err.decode()[-4000:]}")
@@ -116,6 +138,12 @@ def run_scenario(mode: str, backend: str, cluster: Any) -> None:
 def test_interrupted_calls(mode: str, cluster: Any) -> None:
     backend, local_cluster = cluster
     run_scenario(mode, backend, local_cluster)
+
+
+@pytest.mark.parametrize("mode", ["signals", "gevent"])
+def test_interrupted_calls_while_the_node_list_changes(mode: str, cluster: Any) -> None:
+    backend, local_cluster = cluster
+    run_scenario(mode, backend, local_cluster, churning=True)
 
 
 def test_the_model_catches_what_it_must() -> None:
