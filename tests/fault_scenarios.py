@@ -215,7 +215,7 @@ async def async_workload(cache: Any, arguments: dict[str, Any], tally: Tally) ->
             await asyncio.sleep(rng.uniform(0.01, 0.1))
             with stalled(rng.choice(arguments["node_pids"]), tally):
                 stall_flag["on"] = True
-                await asyncio.sleep(rng.uniform(0.05, 2 * OPERATION_TIMEOUT))
+                await asyncio.sleep(rng.uniform(0.2, 2.5 * OPERATION_TIMEOUT))
                 stall_flag["on"] = False
 
     stalls = asyncio.ensure_future(staller())
