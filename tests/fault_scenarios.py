@@ -120,7 +120,7 @@ def signals(cache: Any, arguments: dict[str, Any], tally: Tally) -> None:
     seed_counters(cache, model)
     interrupts = SignalInterrupts(rng, tally)
     for _ in range(0, arguments["operations"], ROUND):
-        stall = rng.random() < STALL_CHANCE
+        stall = not arguments["churn"] and rng.random() < STALL_CHANCE
         pid = rng.choice(arguments["node_pids"])
         with stalled(pid, tally) if stall else contextlib.nullcontext():
             interrupts.stalled = stall
@@ -187,10 +187,7 @@ async def run_async_operation(cache: Any, model: Model, tally: Tally, stalled: b
     else:
         operation.completed(result)
     finally:
-        tally.operations += 1
-        took = time.monotonic() - started
-        if took > bound:
-            tally.record("late", f"{how} {operation.name} took {took:.2f} s (bound {bound:.2f})")
+        tally.finished(f"{how} {operation.name}", started, bound)
 
 
 async def async_workload(cache: Any, arguments: dict[str, Any], tally: Tally) -> list[Model]:
@@ -336,7 +333,7 @@ def gevent_scenario(cache: Any, arguments: dict[str, Any], tally: Tally) -> None
     helpers = [gevent.spawn(killer)]
     # libmemcached waits for a stalled node in C, holding up every greenlet for its poll
     # timeout, one caller after another: that measures libmemcached, not this package.
-    if arguments["backend"] != "pylibmc":
+    if arguments["backend"] != "pylibmc" and not arguments["churn"]:
         helpers.append(gevent.spawn(staller))
     while True:
         alive = [greenlet for greenlet in running.values() if not greenlet.dead]

@@ -171,6 +171,13 @@ class Tally:
             self.unexpected_errors += 1
         self.first_errors.setdefault(name, f"{operation}: {error}"[:200])
 
+    def finished(self, operation: str, started: float, bound: float) -> None:
+        """One more operation; a late one if it ended more than ``bound`` s after ``started``."""
+        self.operations += 1
+        took = time.monotonic() - started
+        if took > bound:
+            self.record("late", f"{operation} took {took:.2f} s (bound {bound:.2f} s)")
+
     def note(self, example: str) -> None:
         if len(self.examples) < 8:
             self.examples.append(example)
@@ -646,10 +653,7 @@ def perform(
     else:
         operation.completed(result)
     finally:
-        tally.operations += 1
-    took = time.monotonic() - started
-    if took > CALL_BOUND:
-        tally.record("late", f"{operation.name} took {took:.2f} s")
+        tally.finished(operation.name, started, CALL_BOUND)
 
 
 def check_when_back(
