@@ -254,6 +254,7 @@ class Model:
         }
         self.bands = {key: (index + 1) * COUNTER_BAND for index, key in enumerate(self.counters)}
         self.lost_counters: set[str] = set()
+        self.unknown_increments: dict[str, list[tuple[float, int]]] = {}
         self._version = 0
 
     # Writes
@@ -497,6 +498,7 @@ class Incr(Operation):
         super().__init__(model)
         self.key = model.rng.choice(list(model.counters))
         self.delta = model.rng.randint(1, 3)
+        self.started = time.monotonic()
 
     def call(self, cache: Any) -> Any:
         return cache.incr(self.key, self.delta)
@@ -513,8 +515,16 @@ class Incr(Operation):
             model.tally.record(
                 "wrong", f"incr {self.key} by {self.delta} gave {result}, known {known}"
             )
+        # Increments whose outcome is unknown may still land after this one (LATE_LANDING).
+        pending = [
+            (started, delta)
+            for started, delta in model.unknown_increments.get(self.key, [])
+            if self.started - started < LATE_LANDING
+        ]
+        model.unknown_increments[self.key] = pending
         known_now = isinstance(result, int) and not model.keys_move
-        model.counters[self.key] = (result, result) if known_now else None
+        late = sum(delta for _, delta in pending)
+        model.counters[self.key] = (result, result + late) if known_now else None
 
     def failed(self, error: Exception) -> None:
         if isinstance(error, ValueError):  # Django's "not found": counters are never deleted
@@ -524,6 +534,7 @@ class Incr(Operation):
         self.unknown()
 
     def unknown(self) -> None:
+        self.model.unknown_increments.setdefault(self.key, []).append((self.started, self.delta))
         known = self.model.counters[self.key]
         if known is not None:
             self.model.counters[self.key] = (known[0], known[1] + self.delta)

@@ -180,3 +180,18 @@ def test_an_unknown_write_may_land_late() -> None:
     model.keys[key].applied(completed)
     model.check(key, interrupted_value, "get")
     assert tally.problems() == {}
+
+
+def test_an_unknown_increment_may_land_late() -> None:
+    """An interrupted incr may be applied after a later one returned."""
+    tally = Tally()
+    model = Model(tally, "m", keys=1, counters=1, rng=random.Random(0))
+    (counter,) = model.counters
+    band = model.bands[counter]
+    model.counters[counter] = (band, band)
+    interrupted, completed = faults.Incr(model), faults.Incr(model)
+    interrupted.unknown()
+    completed.completed(band + completed.delta)
+    model.check(counter, band + completed.delta + interrupted.delta, "get")
+    model.check(counter, band + completed.delta + interrupted.delta + 1, "get")
+    assert tally.wrong_values == 1
