@@ -206,6 +206,24 @@ class NodePool:
             self._settle_interrupted(client)
             raise
 
+    def discard_after(
+        self,
+        client: Client,
+        error: BaseException,
+        is_node_failure: Callable[[BaseException], bool],
+    ) -> None:
+        """
+        The call raised ``error`` at a point where its requests may have gone out unanswered
+        (a multi-node call interrupted after sending, before its reader was kept): the
+        client is closed whatever the error, and a connection failure still counts against
+        the node.
+        """
+        try:
+            if isinstance(error, Exception) and is_node_failure(error):
+                self.record_failure()
+        finally:
+            self.discard(client)
+
     @contextlib.contextmanager
     def client(self, is_node_failure: Callable[[BaseException], bool]) -> Iterator[Client]:
         """``borrow`` and the matching hand-back around a block, for calls off the hot path."""

@@ -296,7 +296,8 @@ class ClusterClient:
                 try:
                     started.append((pool, client, start(client, node_keys)))
                 except BaseException as error:
-                    pool.give_back_after(client, error, self._is_node_failure)
+                    # Perhaps raised after the requests went out: never pooled again.
+                    pool.discard_after(client, error, self._is_node_failure)
                     if not isinstance(error, Exception):
                         raise
                     first_error = first_error or error

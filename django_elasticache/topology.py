@@ -67,6 +67,7 @@ import time
 from collections.abc import Callable
 
 from .cluster_utils import (
+    MAX_NODES_ASKED,
     ClusterConfig,
     ClusterDiscoveryError,
     ClusterNode,
@@ -187,7 +188,9 @@ class ClusterTopology:
     def _reset_machinery(self) -> None:
         self._lock = threading.Lock()
         self._attempt: _FirstAttempt | None = None
-        self._refreshing = False
+        # While a refresh runs, until when: a refresh whose start was interrupted (an
+        # exception landing before its thread started) must not stop every later one.
+        self._refreshing_until = 0.0
         self._next_refresh = math.inf
 
     @property
@@ -347,10 +350,10 @@ class ClusterTopology:
     def _start_refresh(self) -> None:
         with self._lock:
             now = self._clock()
-            if self._refreshing or now < self._next_refresh:
+            if now < self._refreshing_until or now < self._next_refresh:
                 return
-            self._refreshing = True
             self._schedule_refresh(now)
+            self._refreshing_until = now + self._refresh_bound()
         started = False
         try:
             self._run_in_background(self._refresh, f"refresh {self.name}")
@@ -361,7 +364,15 @@ class ClusterTopology:
             logger.exception("Could not start refreshing %s; keeping the node list", self.name)
         finally:
             if not started:
-                self._refreshing = False  # Else no refresh would ever start again.
+                self._refreshing_until = 0.0  # Let the next interval try again.
+
+    def _refresh_bound(self) -> float:
+        """
+        More than a refresh can take (the endpoint, then up to ``MAX_NODES_ASKED`` known
+        nodes, each resolved, connected to and read within DISCOVERY_TIMEOUT): past it, a
+        refresh that never came to run no longer holds the next one back.
+        """
+        return (MAX_NODES_ASKED + 1) * 3 * self.options.discovery_timeout + 1.0
 
     def _refresh(self) -> None:
         """One refresh, in the background; whatever happens, the last good list stays."""
@@ -375,7 +386,7 @@ class ClusterTopology:
         else:
             self._take(config)
         finally:
-            self._refreshing = False
+            self._refreshing_until = 0.0
 
     def _ask_endpoint(self) -> ClusterConfig:
         """Discover once, remembering when the endpoint last answered or failed (wall clock)."""

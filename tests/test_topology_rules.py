@@ -508,3 +508,38 @@ def test_a_retried_first_discovery_whose_thread_cannot_start_is_started_again(
         cluster.current()
     unstartable[0] = False
     assert cluster.current().nodes == THREE
+
+
+def test_a_refresh_that_never_came_to_run_holds_back_the_next_one_for_a_bounded_time(
+    clock, servers
+) -> None:
+    """
+    An exception landing between a refresh's bookkeeping and its thread's start (a signal
+    handler's, a gevent timeout) leaves a refresh counted as running that never runs: once
+    no refresh could still be running, the next interval starts one again.
+    """
+    lost = [False]
+
+    def run_in_a_thread(work: Callable[[], None], name: str) -> None:
+        if lost[0]:
+            lost[0] = False
+            return  # As if interrupted before the thread started: nothing runs.
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        thread.start()
+        thread.join(30)
+
+    options = BackendOptions(refresh_interval=1).discovery_settings
+    cluster = ClusterTopology(
+        ENDPOINT, options, clock=clock, discover=servers, run_in_background=run_in_a_thread
+    )
+    assert cluster.current().nodes == THREE
+    servers.endpoint_answers(ClusterConfig(6, FOUR))
+    lost[0] = True
+    clock.advance(1)
+    cluster.current()  # starts the refresh that never runs
+    clock.advance(1)
+    cluster.current()
+    assert cluster.current().nodes == THREE  # the lost refresh still counts as running
+    clock.advance(cluster._refresh_bound())
+    cluster.current()
+    assert cluster.current().nodes == FOUR
