@@ -142,6 +142,9 @@ class NodePool:
         # Every client of the node that is still alive, idle or lent: a lent client dropped
         # without being given back leaves it when collected (see the module docstring).
         self._alive: weakref.WeakSet[Client] = weakref.WeakSet()
+        # The client last lent to each thread (or greenlet), weakly, to take it back should
+        # the thread borrow again without having handed it back (see ``_take_back``).
+        self._last_lent = threading.local()
         self._lock = threading.Lock()
         self._waiting = 0
         self._bell = _new_bell()
@@ -156,11 +159,13 @@ class NodePool:
         ``NodeUnavailable`` while the node is marked down.
         """
         self.check_available()
+        borrower = threading.get_ident()
+        previous = getattr(self._last_lent, "client", _nothing_lent)()
+        if previous is not None and previous._lent_to == borrower:
+            self._take_back(previous)  # This thread's previous client was never handed back.
         with self._lock:
             if self._idle:
-                client = self._idle.pop()
-                client._lent_to = threading.get_ident()
-                return client
+                return self._lend_idle(borrower)
         return self._take_when_none_idle()
 
     def give_back(self, client: Client) -> None:
@@ -170,6 +175,7 @@ class NodePool:
             with self._lock:
                 if not self._retired:
                     self._idle.append(client)
+                    client._lent_to = None
                     if self._waiting:
                         self._ring()
                     return
@@ -258,7 +264,7 @@ class NodePool:
     @property
     def open_count(self) -> int:
         """Clients of this node that exist now, idle or lent."""
-        return len(self._alive)
+        return self._count_alive()
 
     def retire(self) -> None:
         """The node left the node list: close idle clients now, lent ones when given back."""
@@ -296,11 +302,9 @@ class NodePool:
         while True:
             with self._lock:
                 if self._idle:
-                    client = self._idle.pop()
-                    client._lent_to = borrower
-                    return client
-                lost = self._forget_lost_to(borrower) if len(self._alive) >= self._size else []
-                if len(self._alive) < self._size:
+                    return self._lend_idle(borrower)
+                lost = self._forget_lost_to(borrower) if self._count_alive() >= self._size else []
+                if self._count_alive() < self._size:
                     self._alive.add(placeholder)
                     break
                 self._waiting += 1
@@ -326,6 +330,7 @@ class NodePool:
         try:
             client = self._make_client(self.node)
             client._lent_to = borrower
+            self._last_lent.client = weakref.ref(client)
             with self._lock:
                 self._alive.add(client)
                 self._alive.discard(placeholder)
@@ -342,8 +347,47 @@ class NodePool:
         """Close a borrowed client whose connection is out of step, without judging the node."""
         with self._lock:
             self._alive.discard(client)
+            client._lent_to = None
             if self._waiting:
                 self._ring()
+        self._close_client(client)
+
+    def _count_alive(self) -> int:
+        """
+        The clients alive, counted one by one: ``len`` of a ``WeakSet`` would also count a
+        collected client whose removal was cut short (an exception raised in the weakref
+        callback by a signal handler is dropped by Python, and the dead reference stays).
+        """
+        return sum(1 for _ in self._alive)
+
+    def _lend_idle(self, borrower: int) -> Client:
+        """
+        The last idle client, marked as lent to ``borrower`` before it leaves the idle list,
+        so that wherever an exception lands, it is either still idle or known as lent.
+        Called with the lock held.
+        """
+        client = self._idle[-1]
+        client._lent_to = borrower
+        self._last_lent.client = weakref.ref(client)
+        self._idle.pop()
+        return client
+
+    def _take_back(self, client: Client) -> None:
+        """
+        Close a client lent to this thread and never handed back, and free its slot: no call
+        borrows two clients of one node at once, so a thread borrowing again uses none of
+        them. The call that had it was interrupted, its reply perhaps still on the wire, and
+        a traceback its caller keeps may hold the client alive.
+        """
+        with self._lock:
+            if (
+                client._lent_to != threading.get_ident()
+                or client not in self._alive
+                or self._is_idle(client)
+            ):
+                return
+            self._alive.discard(client)
+            client._lent_to = None
         self._close_client(client)
 
     def _forget_lost_to(self, borrower: int) -> list[Client]:
@@ -357,8 +401,7 @@ class NodePool:
         lost = [
             client
             for client in self._alive
-            if getattr(client, "_lent_to", None) == borrower
-            and not any(idle is client for idle in self._idle)
+            if getattr(client, "_lent_to", None) == borrower and not self._is_idle(client)
         ]
         for client in lost:
             self._alive.discard(client)
@@ -375,7 +418,11 @@ class NodePool:
 
     def _is_pooled(self, client: Client) -> bool:
         with self._lock:
-            return any(idle is client for idle in self._idle)
+            return self._is_idle(client)
+
+    def _is_idle(self, client: Client) -> bool:
+        """Whether the client is among the idle ones; with the lock held."""
+        return any(idle is client for idle in self._idle)
 
     def _ring(self) -> None:
         """Wake one waiting borrower (or the next to wait, if none sleeps yet)."""
@@ -396,8 +443,13 @@ class NodePool:
         _clients_inherited_across_fork.extend(self._idle)
         self._idle = []
         self._alive = weakref.WeakSet()
+        self._last_lent = threading.local()
         self._failures = 0
         self._down_until = 0.0
+
+
+def _nothing_lent() -> None:
+    """What a thread that never borrowed from a pool finds as its last lent client."""
 
 
 def _new_bell() -> threading.Lock:
