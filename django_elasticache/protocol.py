@@ -91,7 +91,9 @@ class KeyTooLong(IllegalKey):
 
     def __init__(self, key: bytes) -> None:
         self.length = len(key)
-        super().__init__(f"key length {self.length} too long, max is {MAX_KEY_LENGTH}: {key!r}")
+        super().__init__(
+            f"memcached keys are 1 to {MAX_KEY_LENGTH} bytes, got {self.length}: {key!r}"
+        )
 
 
 class MalformedReply(ProtocolError):
