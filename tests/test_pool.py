@@ -41,6 +41,15 @@ def always_a_node_failure(error: BaseException) -> bool:
     return True
 
 
+def borrowed_in_another_thread(pool: NodePool) -> Connection:
+    """A client lent to a thread that is over: still lent, and not this thread's."""
+    lent: list[Connection] = []
+    borrower = threading.Thread(target=lambda: lent.append(pool.borrow()))
+    borrower.start()
+    borrower.join()
+    return lent[0]
+
+
 @pytest.fixture
 def short_waits(monkeypatch):
     monkeypatch.setattr(pool_module, "BORROW_TIMEOUT", 0.2)
@@ -49,10 +58,7 @@ def short_waits(monkeypatch):
 
 def test_clients_are_reused_one_borrower_at_a_time() -> None:
     pool = NodePool(NODE, Connection, close, size=4)
-    lent: list[Connection] = []
-    other_thread = threading.Thread(target=lambda: lent.append(pool.borrow()))
-    other_thread.start()
-    other_thread.join()
+    lent = [borrowed_in_another_thread(pool)]
     first = pool.borrow()
     assert first is not lent[0]
     pool.give_back(first)
@@ -62,10 +68,7 @@ def test_clients_are_reused_one_borrower_at_a_time() -> None:
 
 def test_a_full_pool_makes_a_borrower_wait_then_raise(short_waits) -> None:
     pool = NodePool(NODE, Connection, close, size=1)
-    lent: list[Connection] = []
-    borrower = threading.Thread(target=lambda: lent.append(pool.borrow()))
-    borrower.start()
-    borrower.join()
+    lent = [borrowed_in_another_thread(pool)]
     with pytest.raises(PoolExhausted, match=r"node-1\.example:11211.*POOL_SIZE"):
         pool.borrow()
     threading.Timer(0.05, pool.give_back, args=(lent[0],)).start()
@@ -174,10 +177,7 @@ def test_a_lost_client_its_caller_keeps_alive_frees_its_slot_for_the_same_thread
 
 def test_a_client_lent_to_another_thread_is_never_taken_from_it(short_waits) -> None:
     pool = NodePool(NODE, Connection, close, size=1)
-    lent: list[Connection] = []
-    borrower = threading.Thread(target=lambda: lent.append(pool.borrow()))
-    borrower.start()
-    borrower.join()
+    lent = [borrowed_in_another_thread(pool)]
     with pytest.raises(PoolExhausted):
         pool.borrow()
     assert not lent[0].closed and pool.open_count == 1
