@@ -396,9 +396,6 @@ def _other_values_line(
 PURE_PYTHON_VARIABLE = "DJANGO_ELASTICACHE_PURE_PYTHON"
 """Set to 1, the pure-Python reader is used even where the compiled one is built."""
 
-REQUIRE_ACCELERATED_VARIABLE = "DJANGO_ELASTICACHE_REQUIRE_ACCELERATED"
-"""Set to 1, importing this module fails unless the compiled reader is used (for CI)."""
-
 
 def _compiled_parse_values() -> Parser | None:
     """
@@ -419,11 +416,3 @@ parse_values: Parser = _compiled_parse_values() or parse_values_in_python
 
 ACCELERATED = parse_values is not parse_values_in_python
 """Whether the compiled reader is in use."""
-
-if os.environ.get(REQUIRE_ACCELERATED_VARIABLE, "") not in ("", "0") and not ACCELERATED:
-    raise ImportError(
-        f"{REQUIRE_ACCELERATED_VARIABLE} is set but the compiled reader "
-        "django_elasticache._speedups is not in use: it was not built (see the warning of "
-        f"the package's build: a C compiler and Python's headers are needed) or "
-        f"{PURE_PYTHON_VARIABLE} turns it off"
-    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -286,3 +288,15 @@ def test_stats_requests() -> None:
     assert stats_request("items") == b"stats items\r\n"
     with pytest.raises(ValueError, match="one word"):
         stats_request("items\r\nflush_all")
+
+
+REQUIRE_ACCELERATED_VARIABLE = "DJANGO_ELASTICACHE_REQUIRE_ACCELERATED"
+"""Set by tox's environments (all but those with the ``pure`` factor): the run must use the
+compiled reader, so that a build that silently lost it fails here."""
+
+
+def test_this_run_uses_the_reader_it_was_asked_for() -> None:
+    if os.environ.get(protocol.PURE_PYTHON_VARIABLE, "") not in ("", "0"):
+        assert not protocol.ACCELERATED
+    elif os.environ.get(REQUIRE_ACCELERATED_VARIABLE, "") not in ("", "0"):
+        assert protocol.ACCELERATED, "the compiled reader was required but is not in use"

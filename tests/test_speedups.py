@@ -20,7 +20,6 @@ from django_elasticache import protocol
 from django_elasticache.protocol import (
     MAX_LINE_LENGTH,
     PURE_PYTHON_VARIABLE,
-    REQUIRE_ACCELERATED_VARIABLE,
     ErrorReply,
     MalformedReply,
     parse_values_in_python,
@@ -191,11 +190,7 @@ def imported_in_a_child(tmp_path: Path, **environment: str) -> subprocess.Comple
     ``protocol.ACCELERATED`` as a fresh interpreter sees it, with these variables, importing
     the package this run imports (not one in the working directory).
     """
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if name not in (PURE_PYTHON_VARIABLE, REQUIRE_ACCELERATED_VARIABLE)
-    }
+    env = {name: value for name, value in os.environ.items() if name != PURE_PYTHON_VARIABLE}
     env["PYTHONPATH"] = str(Path(django_elasticache.__file__).resolve().parent.parent)
     return subprocess.run(
         [
@@ -216,24 +211,3 @@ def test_the_compiled_reader_is_used_where_built_unless_turned_off(tmp_path: Pat
     assert imported_in_a_child(tmp_path).stdout.strip() == "True"
     assert imported_in_a_child(tmp_path, **{PURE_PYTHON_VARIABLE: "0"}).stdout.strip() == "True"
     assert imported_in_a_child(tmp_path, **{PURE_PYTHON_VARIABLE: "1"}).stdout.strip() == "False"
-
-
-def test_requiring_the_compiled_reader_fails_the_import_without_it(tmp_path: Path) -> None:
-    required = {REQUIRE_ACCELERATED_VARIABLE: "1"}
-    assert imported_in_a_child(tmp_path, **required).returncode == 0
-    turned_off = imported_in_a_child(tmp_path, **required, **{PURE_PYTHON_VARIABLE: "1"})
-    assert turned_off.returncode != 0
-    assert f"{REQUIRE_ACCELERATED_VARIABLE} is set" in turned_off.stderr
-
-
-def test_this_run_uses_the_reader_it_was_asked_for() -> None:
-    """
-    tox's environments set the requirement, those with the ``pure`` factor turn the
-    compiled reader off: neither may silently run the other reader.
-    """
-    if os.environ.get(PURE_PYTHON_VARIABLE, "") not in ("", "0"):
-        assert not protocol.ACCELERATED
-    elif os.environ.get(REQUIRE_ACCELERATED_VARIABLE, "") not in ("", "0"):
-        assert protocol.ACCELERATED
-    else:
-        assert protocol.ACCELERATED  # It is built: this module imported it.
