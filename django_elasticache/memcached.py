@@ -18,7 +18,7 @@ import functools
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import pylibmc
 from django.core.cache.backends.base import InvalidCacheBackendError
@@ -219,6 +219,13 @@ class PipelinedClient(pylibmc.Client):
 
     def delete_multi(self, keys: Iterable[Any], **extra: Any) -> bool:
         return self.start_delete_multi(keys, **extra)()
+
+    two_step_calls: ClassVar[dict[str, Any]] = {
+        "get_multi": pylibmc.Client.get_multi,
+        "set_multi": set_multi,
+        "delete_multi": delete_multi,
+    }
+    """The calls whose ``start_`` form ``routing.start_call`` may use instead."""
 
     def start_set_multi(
         self, mapping: Mapping[Any, Any], time: int = 0, **extra: Any

@@ -14,7 +14,7 @@ import hashlib
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import pymemcache
 from django.core.cache.backends.memcached import PyMemcacheCache
@@ -197,6 +197,13 @@ class _NodeClient(pymemcache.Client):
         return self.start_delete_multi(keys, noreply)()
 
     delete_multi = delete_many
+
+    two_step_calls: ClassVar[dict[str, Any]] = {
+        "get_multi": pymemcache.Client.get_multi,
+        "set_multi": set_many,
+        "delete_multi": delete_many,
+    }
+    """The calls whose ``start_`` form ``routing.start_call`` may use instead."""
 
     def start_set_multi(
         self, values: dict[Any, Any], expire: int = 0, noreply: bool | None = None, **extra: Any
