@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import re
 import socket
 import threading
 import time
@@ -418,6 +419,36 @@ def test_every_advertised_node_is_a_separate_live_memcached(cluster: LocalCluste
     for index, client in enumerate(clients):
         client.set("owner", index)
     assert [client.get("owner") for client in clients] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("relay", [True, False])
+def test_every_node_gets_the_memory_asked_for(
+    elasticache_cluster_factory: ClusterFactory, relay: bool
+) -> None:
+    cluster = elasticache_cluster_factory(nodes=2, memory_mb=48, relay=relay)
+    added = cluster.add_node()
+
+    for address in [*cluster.node_addresses, f"{added.ip}:{added.port}"]:
+        ((_, stats),) = memcached_client(address).get_stats()
+        assert stats["limit_maxbytes"] == str(48 * 1024 * 1024).encode()
+
+
+@pytest.mark.parametrize(
+    ("memory_mb", "error", "message"),
+    [
+        (0, ValueError, "memory_mb must be a whole number of megabytes >= 1, got 0"),
+        (-16, ValueError, "got -16"),
+        (1.5, TypeError, "memory_mb must be a whole number of megabytes, got 1.5"),
+        ("64", TypeError, "got '64'"),
+        (True, TypeError, "got True"),
+        (None, TypeError, "got None"),
+    ],
+)
+def test_a_bad_memory_size_is_refused_before_anything_starts(
+    memory_mb: object, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        LocalCluster(memory_mb=memory_mb)  # type: ignore[arg-type]
 
 
 def test_add_node_advertises_a_new_server(cluster: LocalCluster) -> None:

@@ -88,6 +88,15 @@ def find_memcached(memcached: str = "memcached") -> str:
     return path
 
 
+def check_memory_mb(memory_mb: object) -> int:
+    """memcached's item memory (``-m``) in megabytes: a whole number, at least 1."""
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, int):
+        raise TypeError(f"memory_mb must be a whole number of megabytes, got {memory_mb!r}")
+    if memory_mb < 1:
+        raise ValueError(f"memory_mb must be a whole number of megabytes >= 1, got {memory_mb!r}")
+    return memory_mb
+
+
 def _free_port(host: str) -> int:
     """Ask the kernel for a port that is free on host right now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -202,7 +211,7 @@ class MemcachedNode(Startable):
         self._host = host
         self._port = port
         self._hostname = hostname or host
-        self._memory_mb = memory_mb
+        self._memory_mb = check_memory_mb(memory_mb)
         if tls is not None and any("," in path for path in tls):
             # memcached splits its -o option list at commas.
             raise ValueError(f"memcached cannot take TLS file paths with a comma: {tls!r}")
@@ -549,6 +558,10 @@ class LocalCluster(Startable):
     and reply round trip takes ``latency`` longer. Requests are not delayed, nor are
     connecting and the TLS handshake with a node; the endpoint is then reached through
     the relay too (``location`` points at it), TLS handshake included. It needs the relay.
+
+    ``memory_mb`` (default 16) is each node's item memory. memcached hands memory to each
+    slab size a megabyte page at a time, so values of many sizes need more than their
+    total: a test that stores megabytes of them needs more, or memcached evicts some.
     """
 
     def __init__(
@@ -565,6 +578,7 @@ class LocalCluster(Startable):
         relay: bool = True,
         serverless: bool = False,
         latency: float = 0.0,
+        memory_mb: int = 16,
     ) -> None:
         latency = check_latency(latency)
         if latency and not (relay or serverless):
@@ -579,6 +593,7 @@ class LocalCluster(Startable):
         self._addresses = LoopbackAddresses() if spreads_nodes(host, advertise_ip) else None
         self._cluster_name = cluster_name
         self._memcached = find_memcached(memcached)
+        self._memory_mb = check_memory_mb(memory_mb)
         self._serverless = serverless
         # Made here rather than in start(): the endpoint needs its certificate now, and a
         # missing trustme should fail as early as a missing memcached.
@@ -792,21 +807,22 @@ class LocalCluster(Startable):
             ServerlessRules(),
             self._host,
             hostname=self._host,
+            memory_mb=self._memory_mb,
             memcached=self._memcached,
             tls=certificate,
         )
         return self._launch(node)
 
     def _make_node(self, hostname: str, ip: str, port: int | None, rules: Rules) -> MemcachedNode:
-        certificate = self._certificate(hostname)
+        options = NodeOptions(
+            hostname=hostname,
+            memory_mb=self._memory_mb,
+            memcached=self._memcached,
+            tls=self._certificate(hostname),
+        )
         if self._relay is None:
-            return MemcachedNode(
-                ip, port, hostname=hostname, memcached=self._memcached, tls=certificate
-            )
-        return RelayedNode(
-            self._relay, rules, ip, port, hostname=hostname, memcached=self._memcached,
-            tls=certificate,
-        )  # fmt: skip
+            return MemcachedNode(ip, port, **options)
+        return RelayedNode(self._relay, rules, ip, port, **options)
 
     def _launch(self, node: MemcachedNode) -> MemcachedNode:
         self._started.append(node)
