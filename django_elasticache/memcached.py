@@ -175,7 +175,18 @@ class PipelinedClient(pylibmc.Client):
     ``incr`` and ``decr`` take memcached's whole range of deltas, 0 to 2**64 - 1: pylibmc
     passes the delta to libmemcached as a 32-bit int, so a larger one goes over the
     client's own socket (text protocol only).
+
+    A two-step call (``start_*``) owes the node's replies from its first write until its
+    reader has read them all (``replies_owed``): an exception raised in between, before the
+    reading began, leaves them on the socket, so the pool closes a client that owes replies.
     """
+
+    _replies_owed_on: socket.socket | None = None
+
+    @property
+    def replies_owed(self) -> bool:
+        """Whether requests went out on the open connection whose replies were not all read."""
+        return self._replies_owed_on is not None and self._replies_owed_on is self._sock
 
     def __init__(self, node: ClusterNode, min_compress_len: int = 0, **options: Any) -> None:
         super().__init__([node.address], **options)
@@ -318,7 +329,8 @@ class PipelinedClient(pylibmc.Client):
         sent_on_reused: bool | None = self._sock is not None
         failure: OSError | None = None
         try:
-            self._connection().sendall(requests[0] if first == 1 else b"".join(requests[:first]))
+            self._replies_owed_on = sock = self._connection()
+            sock.sendall(requests[0] if first == 1 else b"".join(requests[:first]))
         except OSError as error:
             self._close_pipeline()
             failure = None if sent_on_reused and _closed_by_node(error) else error
@@ -333,6 +345,7 @@ class PipelinedClient(pylibmc.Client):
             replies = self._exchange(requests[:first], parse, sent_on_reused)
             if first < len(requests):
                 replies += self._exchange(requests[first:], parse)
+            self._replies_owed_on = None
             return replies
 
         return read_replies

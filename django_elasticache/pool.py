@@ -23,7 +23,10 @@ keep such an interruption from ever giving a later call a wrong value or a lost 
   own reason (see ``memcached.PipelinedClient`` and ``pymemcache._NodeClient``): a failure
   while sending or reading closes the socket it happened on, and a refusal is read in full.
   Anything else (a ``BaseException`` that is not an ``Exception``) may have left a request
-  sent and its reply unread, so the client is closed (``NodePool.give_back_after``).
+  sent and its reply unread, so the client is closed (``NodePool.give_back_after``). So is a
+  client that says it owes replies (``replies_owed``): a call that sends to every node
+  before it reads any reply owes them from its first write to the end of its reading, and
+  an exception may land anywhere in between.
 - **A slot is never lost**: the number of a node's clients is not a counter that a lost client
   would never decrement, but the number of clients alive (``NodePool.open_count``). A client
   dropped without being given back, wherever an exception landed in ``borrow``,
@@ -194,7 +197,8 @@ class NodePool:
         The call raised ``error``: the one place that decides whether its client is pooled
         again. A connection failure counts against the node's health and closes the client.
         Any other ``Exception`` leaves the client in step (the backends' clients close a
-        socket an error interrupted, see the module docstring), so it is pooled again. An
+        socket an error interrupted, see the module docstring), so it is pooled again, unless
+        the client owes replies (``replies_owed``). An
         interruption that is not an ``Exception`` (``KeyboardInterrupt``, ``gevent.Timeout``,
         ``SystemExit``) may have come between a request and its reply: the client is closed.
         """
@@ -206,6 +210,8 @@ class NodePool:
             elif is_node_failure(error):
                 self.record_failure()
                 self.discard(client)
+            elif getattr(client, "replies_owed", False):
+                self.discard(client)  # Interrupted between a request and its reply.
             else:
                 self.give_back(client)
         except BaseException:

@@ -183,8 +183,32 @@ class _NodeClient(pymemcache.Client):
     (see ``pool``): pymemcache closes its socket on any ``Exception`` raised while a command
     is sent or its reply read (only on an ``Exception``: a ``KeyboardInterrupt`` leaves the
     reply on the socket, which is why the pool closes the client then), and this class's own
-    exchanges close it on an exception of any class.
+    exchanges close it on an exception of any class. A two-step call (``start_*``) owes the
+    node's replies from its first write until its reader has read them all
+    (``replies_owed``): the pool closes a client that owes replies, whatever the exception.
     """
+
+    _replies_owed_on: socket.socket | None = None
+
+    @property
+    def replies_owed(self) -> bool:
+        """Whether requests went out on the open connection whose replies were not all read."""
+        return self._replies_owed_on is not None and self._replies_owed_on is self.sock
+
+    def _extract_value(self, *args: Any) -> Any:
+        """
+        pymemcache's, except that an exception raised from outside while pymemcache splits a
+        ``VALUE`` line (a signal handler's, for a request timeout) is raised as itself:
+        pymemcache turns any ``Exception`` raised there into ``ValueError("Unable to parse
+        line ...")``, which would hide the interruption from the code that raised it.
+        """
+        try:
+            return super()._extract_value(*args)
+        except ValueError as error:
+            interruption = error.__context__
+            if isinstance(interruption, Exception) and not isinstance(interruption, ValueError):
+                raise interruption from None
+            raise
 
     def set_many(
         self, values: dict[Any, Any], expire: int = 0, noreply: bool | None = None, **extra: Any
@@ -289,8 +313,13 @@ class _NodeClient(pymemcache.Client):
         """
         max_write_bytes = None if self.tls_context is None else pipeline.TLS_WRITE_BYTES
         first = pipeline.first_write(requests, max_write_bytes)
+
+        def send_first_write(sock: socket.socket) -> None:
+            self._replies_owed_on = sock
+            sock.sendall(b"".join(requests[:first]))
+
         try:
-            self._exchange(lambda sock: sock.sendall(b"".join(requests[:first])))
+            self._exchange(send_first_write)
         except OSError as error:
             failure = error
 
@@ -306,6 +335,7 @@ class _NodeClient(pymemcache.Client):
                 replies += self._exchange(
                     lambda sock: pipeline.exchange(sock, rest, parse, max_write_bytes)
                 )
+            self._replies_owed_on = None
             return replies
 
         return read_replies

@@ -30,6 +30,7 @@ import gc
 import os
 import random
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -170,6 +171,9 @@ class Tally:
             operation == "incr" and isinstance(error, ValueError)  # counted as a wrong value
         ):
             self.unexpected_errors += 1
+            if self.unexpected_errors == 1:  # where it came from, to find the cause
+                trace = "".join(traceback.format_exception(error))
+                self.note(f"unexpected {operation}: {trace[-3000:]}")
         self.first_errors.setdefault(name, f"{operation}: {error}"[:200])
 
     def finished(self, operation: str, started: float, bound: float) -> None:
@@ -559,23 +563,29 @@ def random_operation(model: Model) -> Operation:
 
 
 def seed_counters(cache: Any, model: Model) -> None:
-    """Give every counter its band's start, with no interrupt around."""
-    for key, band in model.bands.items():
-        cache.set(key, band, None)
-        model.counters[key] = (band, band)
+    """
+    Give every counter its band's start, with no interrupt around. The node list may be
+    changing already: a counter whose node went away as it was set is left unknown.
+    """
+    for key in model.bands:
+        start_counter(cache, model, key, known=True)
 
 
 def reseed_lost_counters(cache: Any, model: Model) -> None:
     """Counters reported missing (already counted as wrong): start them again."""
     while model.lost_counters:
-        key = model.lost_counters.pop()
-        try:
-            cache.set(key, model.bands[key], None)
-        except Exception:
-            model.counters[key] = None
-        else:
-            band = model.bands[key]
-            model.counters[key] = None if model.keys_move else (band, band)
+        start_counter(cache, model, model.lost_counters.pop(), known=not model.keys_move)
+
+
+def start_counter(cache: Any, model: Model, key: str, known: bool) -> None:
+    """Set a counter to its band's start; its value is then ``known``, unless the set failed."""
+    band = model.bands[key]
+    try:
+        cache.set(key, band, None)
+    except Exception:
+        model.counters[key] = None
+    else:
+        model.counters[key] = (band, band) if known else None
 
 
 def check_everything(cache: Any, model: Model, operation: str) -> None:

@@ -138,6 +138,90 @@ def test_a_get_many_interrupted_while_sending_leaves_nothing_on_the_socket(
     assert_no_slot_lost(cache)
 
 
+@contextlib.contextmanager
+def raised_on_entry(function_name: str, interruption: type[BaseException]) -> Iterator[None]:
+    """
+    Raise ``interruption`` in this thread as the first function called ``function_name``
+    starts, before its first line: where a signal handler's exception lands when the signal
+    comes at that bytecode, made certain rather than lucky.
+    """
+
+    def trace(frame: object, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_name == function_name:  # type: ignore[attr-defined]
+            sys.settrace(None)
+            raise interruption(f"interrupted as {function_name} starts")
+
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+
+
+MULTI_KEY_CALLS = {
+    "get_many": lambda cache: cache.get_many(["a", "b"]),
+    "set_many": lambda cache: cache.set_many({"a": 3, "b": 4}),
+    "delete_many": lambda cache: cache.delete_many(["a", "b"]),
+}
+
+
+@pytest.mark.parametrize("interruption", INTERRUPTIONS)
+@pytest.mark.parametrize("call", MULTI_KEY_CALLS)
+def test_a_call_interrupted_between_its_request_and_its_reply_leaves_no_reply(
+    elasticache_cluster_factory, make_cache, call, interruption
+) -> None:
+    """
+    A multi-key call sends its requests, then reads the replies (``routing.start_call``). An
+    ``Exception`` raised between the two, before the reading began, left the replies on the
+    pooled connection: the next call read them as its own (a get_many returned the values
+    the interrupted one asked for; pymemcache's ``get`` raised ``KeyError`` or read
+    ``DELETED``).
+    """
+    cluster = elasticache_cluster_factory(nodes=1, relay=False)
+    cache = make_cache(cluster.location, POOL_SIZE=1)
+    assert cache.set_many({"a": 1, "b": 2}) == []
+
+    with pytest.raises(interruption), raised_on_entry("read_replies", interruption):
+        MULTI_KEY_CALLS[call](cache)
+
+    cache.set("a", 10)
+    assert cache.get("a") == 10
+    cache.delete("b")
+    assert cache.get_many(["a", "b"]) == {"a": 10}
+    assert_no_slot_lost(cache)
+
+
+def test_an_interruption_while_pymemcache_parses_a_value_line_reaches_its_raiser(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    """
+    pymemcache turns any ``Exception`` raised while it splits a ``VALUE`` line into its own
+    ``ValueError("Unable to parse line ...")``: a request-timeout handler's exception landing
+    there reached the caller as that ``ValueError``. It is raised as itself, and the
+    connection is closed with the reply half read.
+    """
+    cluster = elasticache_cluster_factory(nodes=1, relay=False)
+    cache = make_pymemcache_cache(cluster.location, POOL_SIZE=1)
+    cache.set("a", 1)
+    cache.set("b", 2)
+
+    def interrupt_the_split(frame: object, event: str, arg: object) -> None:
+        splitting = getattr(arg, "__name__", None) == "split"
+        if event == "c_call" and splitting and getattr(arg, "__self__", b"")[:5] == b"VALUE":
+            sys.setprofile(None)
+            raise RequestTimedOut("interrupted while a VALUE line is split")
+
+    sys.setprofile(interrupt_the_split)
+    try:
+        with pytest.raises(RequestTimedOut):
+            cache.get("a")
+    finally:
+        sys.setprofile(None)
+
+    assert (cache.get("b"), cache.get("a")) == (2, 1)
+    assert_no_slot_lost(cache)
+
+
 GEVENT_SCRIPT = """
 from gevent import monkey
 

@@ -135,29 +135,15 @@ def run_scenario(mode: str, backend: str, cluster: Any, churning: bool = False) 
     assert not tally.problems(), summary
 
 
-KNOWN_FINDING = (
-    "Open finding of issue 16: in about one run in twenty, a pymemcache scenario reports an "
-    "unexpected exception (a KeyError or ValueError from pymemcache matching a reply that "
-    "is not its request's) or, once, a node not answering after the churn; no wrong value "
-    "has been returned. Reported when it happens, not yet enforced."
-)
-
-
 @pytest.mark.parametrize("mode", ["signals", "asyncio", "gevent"])
-def test_interrupted_calls(mode: str, cluster: Any, request: pytest.FixtureRequest) -> None:
+def test_interrupted_calls(mode: str, cluster: Any) -> None:
     backend, local_cluster = cluster
-    if backend == "pymemcache":
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_FINDING, strict=False))
     run_scenario(mode, backend, local_cluster)
 
 
 @pytest.mark.parametrize("mode", ["signals", "gevent"])
-def test_interrupted_calls_while_the_node_list_changes(
-    mode: str, cluster: Any, request: pytest.FixtureRequest
-) -> None:
+def test_interrupted_calls_while_the_node_list_changes(mode: str, cluster: Any) -> None:
     backend, local_cluster = cluster
-    if backend == "pymemcache":
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_FINDING, strict=False))
     run_scenario(mode, backend, local_cluster, churning=True)
 
 
