@@ -28,6 +28,7 @@ from django.core.cache.backends.base import (
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .options import BackendRules, read_settings
 from .pool import NodeError
+from .protocol import COMPILED
 from .routing import ClusterClient, ClusterClients, Placement, cluster_clients
 from .topology import topology_for
 
@@ -73,6 +74,16 @@ class _ErrorLog:
 
 _error_log = _ErrorLog()
 os.register_at_fork(after_in_child=_error_log.reset)
+
+
+prefixed_keys: Callable[[str, list[Any]], dict[str, Any] | None] | None = (
+    COMPILED.prefixed_keys if COMPILED is not None else None
+)
+"""
+``{prefix + key: key}`` in one compiled pass, or None unless every key is an ASCII str
+whose made key is 1 to 250 characters from ``!`` to ``~`` (one Django accepts as it is).
+Without the compiled loops, ``_make_and_validate_keys`` does the work.
+"""
 
 
 def _miss_on_server_error(miss: Callable[..., Any]) -> Callable[[Method], Method]:
@@ -289,10 +300,23 @@ class ClusterCacheMixin:
     def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
         return super().get(key, default, version)  # type: ignore[misc]
 
+    def _originals(self, keys: list[Any], version: Any) -> dict[str, Any]:
+        """
+        ``{made key: key}``, the keys made and checked as ``_make_and_validate_keys`` makes
+        them. Where the compiled loops are built, the common case (Django's key function,
+        str keys whose made keys are plain ASCII) is made and checked in one pass.
+        """
+        if prefixed_keys is not None and self.key_func is default_key_func:  # type: ignore[attr-defined]
+            prefix = f"{self.key_prefix}:{self.version if version is None else version}:"  # type: ignore[attr-defined]
+            originals = prefixed_keys(prefix, keys)
+            if originals is not None:
+                return originals
+        return dict(zip(self._make_and_validate_keys(keys, version), keys, strict=True))
+
     @_miss_on_server_error(_constant({}))
     def get_many(self, keys: Any, version: Any = None) -> dict[Any, Any]:
         keys = list(keys)
-        originals = dict(zip(self._make_and_validate_keys(keys, version), keys, strict=True))
+        originals = self._originals(keys, version)
         found = self._cache.get_multi(originals)
         return {originals[key]: value for key, value in found.items()}
 
