@@ -392,6 +392,8 @@ class ClusterClient:
         return stale
 
     def _invalidate_former_owners(self, keys: Iterable[str]) -> None:
+        if self._former_owners is None:
+            return  # No node list change to follow: the common case, on every write.
         for pool, node_keys in self.former_owners(keys).items():
             try:
                 with pool.client(self._is_node_failure) as client:
