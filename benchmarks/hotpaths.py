@@ -44,7 +44,7 @@ from stats import paired
 from tables import Table
 from wire import connect
 
-from django_elasticache import memcached, protocol, pymemcache
+from django_elasticache import backend, memcached, protocol, pymemcache, routing
 from django_elasticache.pipeline import receive
 from django_elasticache.protocol import parse_values, parse_values_in_python, retrieval_request
 from django_elasticache.testing import LocalCluster
@@ -66,7 +66,7 @@ SINGLE_GET = "get 100 B"
 SINGLE_SET = "set 100 B"
 
 OURS = "ours (pylibmc)"
-OURS_PURE = "ours (pylibmc), pure-Python reader"
+OURS_PURE = "ours (pylibmc), pure-Python loops"
 STOCK = "stock PyLibMCCache"
 RAW = "raw pylibmc"
 RAW_SET_MULTI = "raw pylibmc set_multi"
@@ -75,7 +75,7 @@ RAW_GET_MULTI = "raw pylibmc get_multi, ready keys"
 SOCKET_FLOOR = "Python floor: sockets + protocol.parse_values"
 OURS_TLS = "ours (pymemcache), TLS"
 OURS_CLEAR = "ours (pymemcache), clear text"
-OURS_CLEAR_PURE = "ours (pymemcache), clear text, pure-Python reader"
+OURS_CLEAR_PURE = "ours (pymemcache), clear text, pure-Python loops"
 ELASTI_TLS = "django-elastipymemcache, TLS"
 
 Call = Callable[[], Any]
@@ -108,18 +108,35 @@ def socket_floor(cache: Any) -> Call:
     return get_many
 
 
+_COMPILED_LOOPS = {
+    (memcached, "parse_values"): protocol.parse_values_in_python,
+    (pymemcache, "parse_values"): protocol.parse_values_in_python,
+    (memcached, "retrieval_request_for"): protocol.retrieval_request_in_python,
+    (memcached, "decoded_values"): protocol.decoded_values_in_python,
+    (routing, "group_by_node"): routing.group_by_node_in_python,
+    (backend, "prefixed_keys"): None,
+}
+"""Where each module took a compiled loop, and the pure-Python code it takes without."""
+
+
 def reading_with(reader: Callable[..., Any], call: Call) -> Call:
     """
-    ``call`` with both backends reading ``get`` replies with ``reader``: the compiled and
-    the pure-Python reader side by side in one process (both contenders pay the swap).
+    ``call`` with the compiled loops (``reader`` is ``parse_values``) or their pure-Python
+    twins (``reader`` is ``parse_values_in_python``), side by side in one process (both
+    contenders pay the swap).
     """
+    pure = reader is parse_values_in_python
+    loops = {place: getattr(*place) for place in _COMPILED_LOOPS}
 
     def run() -> Any:
-        memcached.parse_values = pymemcache.parse_values = reader
+        if pure:
+            for (module, name), fallback in _COMPILED_LOOPS.items():
+                setattr(module, name, fallback)
         try:
             return call()
         finally:
-            memcached.parse_values = pymemcache.parse_values = parse_values
+            for (module, name), loop in loops.items():
+                setattr(module, name, loop)
 
     return run
 

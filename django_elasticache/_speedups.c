@@ -1,6 +1,14 @@
 /*
- * The reader of memcached's reply to `get`, compiled: `protocol.parse_values` when this
- * module is built (see `protocol`), with exactly the meaning of the Python reader.
+ * The hottest loops of get_many, compiled, each with exactly the meaning of its Python
+ * twin (named at each function), which is used where this module is not built:
+ *
+ * - `prefixed_keys`: Django's keys made and checked at once (`backend`);
+ * - `group_by_node`: keys split by the node that holds them (`routing`);
+ * - `retrieval_request`: a node's `get` request and the keys it asks for (`protocol`);
+ * - `parse_values`: the reader of memcached's reply to `get` (`protocol`);
+ * - `decoded_values`: the values read, decoded, under the keys the caller asked for.
+ *
+ * The reader's notes:
  *
  * A get_many reply is mostly plain lines `VALUE <key> <flags> <bytes>\r\n` and data blocks.
  * Those, and the final `END\r\n`, are read here. Any other line (a `cas` field that is not
@@ -216,6 +224,311 @@ error:
     return NULL;
 }
 
+/* memcached's limit on a key, in bytes. */
+#define MAX_KEY_LENGTH 250
+
+/* Whether `text` is an ASCII str of characters from '!' to '~' only. */
+static int
+is_plain_ascii(PyObject *text)
+{
+    const Py_UCS1 *characters;
+    Py_ssize_t at;
+
+    if (!PyUnicode_CheckExact(text) || !PyUnicode_IS_ASCII(text)) {
+        return 0;
+    }
+    characters = PyUnicode_1BYTE_DATA(text);
+    for (at = 0; at < PyUnicode_GET_LENGTH(text); at++) {
+        if (characters[at] <= ' ' || characters[at] >= 0x7f) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(prefixed_keys_doc,
+             "prefixed_keys(prefix, keys)\n--\n\n"
+             "{prefix + key: key} for a list of str keys, or None unless the prefix and\n"
+             "every key are ASCII and each prefix + key is 1 to 250 characters from '!'\n"
+             "to '~' (a key Django's own checks accept as it is; see backend).");
+
+static PyObject *
+prefixed_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *prefix, *keys, *made, *key, *result;
+    Py_ssize_t length, index;
+
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "prefixed_keys takes 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    prefix = args[0];
+    keys = args[1];
+    if (!is_plain_ascii(prefix) || !PyList_CheckExact(keys)) {
+        Py_RETURN_NONE;
+    }
+    result = PyDict_New();
+    if (result == NULL) {
+        return NULL;
+    }
+    /* Exact str keys: hashing and comparing them runs no Python code. */
+    for (index = 0; index < PyList_GET_SIZE(keys); index++) {
+        key = PyList_GET_ITEM(keys, index);
+        if (!is_plain_ascii(key)) {
+            Py_DECREF(result);
+            Py_RETURN_NONE;
+        }
+        length = PyUnicode_GET_LENGTH(prefix) + PyUnicode_GET_LENGTH(key);
+        if (length < 1 || length > MAX_KEY_LENGTH) {
+            Py_DECREF(result);
+            Py_RETURN_NONE;
+        }
+        Py_INCREF(key); /* Held across the calls below. */
+        made = PyUnicode_Concat(prefix, key);
+        if (made == NULL || PyDict_SetItem(result, made, key) < 0) {
+            Py_XDECREF(made);
+            Py_DECREF(key);
+            Py_DECREF(result);
+            return NULL;
+        }
+        Py_DECREF(made);
+        Py_DECREF(key);
+    }
+    return result;
+}
+
+PyDoc_STRVAR(group_by_node_doc,
+             "group_by_node(keys, node_index, count)\n--\n\n"
+             "The keys in `count` lists, each key in list node_index(key)\n"
+             "(routing.group_by_node_in_python).");
+
+static PyObject *
+group_by_node(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *keys, *node_index, *groups, *key, *index_object;
+    Py_ssize_t count, index, node;
+
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "group_by_node takes 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    keys = args[0];
+    node_index = args[1];
+    count = PyLong_AsSsize_t(args[2]);
+    if (count == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyList_CheckExact(keys) || count < 0) {
+        PyErr_SetString(PyExc_TypeError, "group_by_node takes a list and a count >= 0");
+        return NULL;
+    }
+    groups = PyList_New(count);
+    if (groups == NULL) {
+        return NULL;
+    }
+    for (node = 0; node < count; node++) {
+        PyObject *group = PyList_New(0);
+        if (group == NULL) {
+            goto error;
+        }
+        PyList_SET_ITEM(groups, node, group);
+    }
+    /* By index each time: node_index is Python code that could change the list. */
+    for (index = 0; index < PyList_GET_SIZE(keys); index++) {
+        key = Py_NewRef(PyList_GET_ITEM(keys, index));
+        index_object = PyObject_CallOneArg(node_index, key);
+        if (index_object == NULL) {
+            Py_DECREF(key);
+            goto error;
+        }
+        node = PyNumber_AsSsize_t(index_object, PyExc_IndexError);
+        Py_DECREF(index_object);
+        if (node == -1 && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto error;
+        }
+        if (node < 0) {
+            node += count; /* As a list index, which the Python twin uses. */
+        }
+        if (node < 0 || node >= count) {
+            PyErr_SetString(PyExc_IndexError, "list index out of range");
+            Py_DECREF(key);
+            goto error;
+        }
+        if (PyList_Append(PyList_GET_ITEM(groups, node), key) < 0) {
+            Py_DECREF(key);
+            goto error;
+        }
+        Py_DECREF(key);
+    }
+    return groups;
+error:
+    Py_DECREF(groups);
+    return NULL;
+}
+
+PyDoc_STRVAR(retrieval_request_doc,
+             "retrieval_request(keys)\n--\n\n"
+             "(b'get <key> <key>...\\r\\n', {key as sent: key}) for a list of str or bytes\n"
+             "keys, str keys sent as UTF-8; None if a key is neither or is over 250 bytes\n"
+             "(protocol.retrieval_request_in_python).");
+
+static PyObject *
+retrieval_request(PyObject *module, PyObject *keys)
+{
+    PyObject *asked = NULL, *sent, *key, *request, *result;
+    Py_ssize_t index, count, total, length;
+    const char *bytes;
+    char *out;
+    int refused = 0;
+
+    if (!PyList_CheckExact(keys)) {
+        PyErr_SetString(PyExc_TypeError, "retrieval_request takes a list");
+        return NULL;
+    }
+    count = PyList_GET_SIZE(keys);
+    sent = PyList_New(count);
+    if (sent == NULL) {
+        return NULL;
+    }
+    /* Every str is encoded, even after a key that refuses the request, as in Python. */
+    total = 4 + 2; /* "get " and CRLF, with one space before every key but the first. */
+    for (index = 0; index < count; index++) {
+        key = PyList_GET_ITEM(keys, index);
+        if (PyUnicode_CheckExact(key)) {
+            bytes = PyUnicode_AsUTF8AndSize(key, &length);
+            if (bytes == NULL) {
+                goto error;
+            }
+            key = PyBytes_FromStringAndSize(bytes, length);
+            if (key == NULL) {
+                goto error;
+            }
+        }
+        else if (PyBytes_CheckExact(key)) {
+            length = PyBytes_GET_SIZE(key);
+            Py_INCREF(key);
+        }
+        else {
+            refused = 1;
+            continue;
+        }
+        PyList_SET_ITEM(sent, index, key);
+        refused |= length > MAX_KEY_LENGTH;
+        total += length + (index > 0);
+    }
+    if (refused) {
+        Py_DECREF(sent);
+        Py_RETURN_NONE;
+    }
+    /* Every key sent is an exact bytes object: hashing them runs no Python code. */
+    asked = PyDict_New();
+    if (asked == NULL) {
+        goto error;
+    }
+    for (index = 0; index < count; index++) {
+        if (PyDict_SetItem(asked, PyList_GET_ITEM(sent, index), PyList_GET_ITEM(keys, index)) <
+            0) {
+            goto error;
+        }
+    }
+    request = PyBytes_FromStringAndSize(NULL, total);
+    if (request == NULL) {
+        goto error;
+    }
+    out = PyBytes_AS_STRING(request);
+    memcpy(out, "get ", 4);
+    out += 4;
+    for (index = 0; index < count; index++) {
+        key = PyList_GET_ITEM(sent, index);
+        if (index > 0) {
+            *out++ = ' ';
+        }
+        memcpy(out, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
+        out += PyBytes_GET_SIZE(key);
+    }
+    memcpy(out, "\r\n", 2);
+    result = PyTuple_Pack(2, request, asked);
+    Py_DECREF(request);
+    Py_DECREF(asked);
+    Py_DECREF(sent);
+    return result;
+error:
+    Py_XDECREF(asked);
+    Py_DECREF(sent);
+    return NULL;
+}
+
+PyDoc_STRVAR(decoded_values_doc,
+             "decoded_values(found, asked, decode, flag, decode_flagged)\n--\n\n"
+             "{asked[key]: decode(data, flags)} for every key: (flags, data) of a reply\n"
+             "read by parse_values, decode_flagged instead of decode for the flags that\n"
+             "have `flag`; KeyError for a key not asked for (protocol.decoded_values_in_python).");
+
+static PyObject *
+decoded_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *found, *asked, *decode, *decode_flagged, *result, *key, *entry, *original;
+    PyObject *value, *call_args[2], *flag, *flagged_object;
+    Py_ssize_t position = 0;
+    int flagged;
+
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "decoded_values takes 5 arguments, got %zd", nargs);
+        return NULL;
+    }
+    found = args[0];
+    asked = args[1];
+    decode = args[2];
+    flag = args[3];
+    decode_flagged = args[4];
+    if (!PyDict_CheckExact(found) || !PyDict_CheckExact(asked)) {
+        PyErr_SetString(PyExc_TypeError, "decoded_values takes two dicts");
+        return NULL;
+    }
+    result = PyDict_New();
+    if (result == NULL) {
+        return NULL;
+    }
+    /* `found` is parse_values' own dict, which no one else holds: it cannot change. */
+    while (PyDict_Next(found, &position, &key, &entry)) {
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) {
+            PyErr_SetString(PyExc_TypeError, "decoded_values takes (flags, data) pairs");
+            goto error;
+        }
+        original = PyDict_GetItemWithError(asked, key);
+        if (original == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, key);
+            }
+            goto error;
+        }
+        Py_INCREF(original);
+        /* `flags & flag`, as Python computes it: the flags are a Python int of any size. */
+        flagged_object = PyNumber_And(PyTuple_GET_ITEM(entry, 0), flag);
+        flagged = flagged_object == NULL ? -1 : PyObject_IsTrue(flagged_object);
+        Py_XDECREF(flagged_object);
+        if (flagged < 0) {
+            Py_DECREF(original);
+            goto error;
+        }
+        call_args[0] = PyTuple_GET_ITEM(entry, 1);
+        call_args[1] = PyTuple_GET_ITEM(entry, 0);
+        value = PyObject_Vectorcall(flagged ? decode_flagged : decode, call_args, 2, NULL);
+        if (value == NULL || PyDict_SetItem(result, original, value) < 0) {
+            Py_XDECREF(value);
+            Py_DECREF(original);
+            goto error;
+        }
+        Py_DECREF(value);
+        Py_DECREF(original);
+    }
+    return result;
+error:
+    Py_DECREF(result);
+    return NULL;
+}
+
 PyDoc_STRVAR(parse_values_doc,
              "parse_values(other_line, malformed, buffer, start)\n--\n\n"
              "protocol.parse_values, with the Python reader's _other_values_line and\n"
@@ -252,6 +565,13 @@ parse_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef speedups_methods[] = {
+    {"prefixed_keys", (PyCFunction)(void (*)(void))prefixed_keys, METH_FASTCALL,
+     prefixed_keys_doc},
+    {"group_by_node", (PyCFunction)(void (*)(void))group_by_node, METH_FASTCALL,
+     group_by_node_doc},
+    {"retrieval_request", retrieval_request, METH_O, retrieval_request_doc},
+    {"decoded_values", (PyCFunction)(void (*)(void))decoded_values, METH_FASTCALL,
+     decoded_values_doc},
     {"parse_values", (PyCFunction)(void (*)(void))parse_values, METH_FASTCALL,
      parse_values_doc},
     {NULL, NULL, 0, NULL},

@@ -46,13 +46,14 @@ from .protocol import (
     ProtocolError,
     ServerErrorReply,
     counter_request,
+    decoded_values,
     delete_request,
     key_not_asked_for,
     parse_counter,
     parse_deleted,
     parse_stored,
     parse_values,
-    retrieval_request,
+    retrieval_request_for,
     storage_request,
 )
 from .routing import ClusterClient, UnsupportedCall, start_call
@@ -285,36 +286,31 @@ class PipelinedClient(pylibmc.Client):
         reads the reply, so the caller can send to other nodes in between. Its errors are
         those of the pipelined calls, raised by the returned function.
         """
-        encoded = self._encoded(keys, {})
-        if encoded is None:
+        request = retrieval_request_for(keys) if self._pipelines else None
+        if request is None:
             return functools.partial(super().get_multi, keys)
-        originals = dict(zip(encoded, keys, strict=True))
-        read_replies = self._start_exchange([retrieval_request(encoded)], parse_values)
+        sent, asked = request
+        read_replies = self._start_exchange([sent], parse_values)
 
         def read_reply() -> dict[Any, Any]:
             (found,) = read_replies()
             if isinstance(found, ErrorReply):
                 raise pylibmc_error(found, self._node_name)
-            # Uncompressed values skip decompressed(): a call per value costs more than the
-            # call to deserialize itself.
-            deserialize = self.deserialize
             try:
-                return {
-                    originals[key]: (
-                        deserialize(*decompressed(data, flags))
-                        if flags & ZLIB_FLAG
-                        else deserialize(data, flags)
-                    )
-                    for key, (flags, data) in found.items()
-                }
+                return decoded_values(
+                    found, asked, self.deserialize, ZLIB_FLAG, self._deserialize_compressed
+                )
             except KeyError:
-                out_of_step = key_not_asked_for(found, originals)
+                out_of_step = key_not_asked_for(found, asked)
                 if out_of_step is None:
                     raise
                 self._close_pipeline()
                 raise pylibmc_error(out_of_step, self._node_name) from None
 
         return read_reply
+
+    def _deserialize_compressed(self, data: bytes, flags: int) -> Any:
+        return self.deserialize(*decompressed(data, flags))
 
     def _start_exchange(self, requests: list[bytes], parse: Parser) -> Callable[[], list[Any]]:
         """

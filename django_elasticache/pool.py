@@ -161,20 +161,28 @@ class NodePool:
         A client for one call, to be handed back with ``give_back`` or ``discard``. Raises
         ``NodeUnavailable`` while the node is marked down.
         """
-        self.check_available()
+        if self._failures >= FAILURE_LIMIT:  # ``check_available``, inline on the hot path.
+            self._refuse_while_down()
         borrower = threading.get_ident()
-        previous = getattr(self._last_lent, "client", _nothing_lent)()
+        last_lent = self._last_lent
+        previous = getattr(last_lent, "client", _nothing_lent)()
         if previous is not None and previous._lent_to == borrower:
             self._take_back(previous)  # This thread's previous client was never handed back.
         with self._lock:
-            if self._idle:
-                return self._lend_idle(borrower)
+            idle = self._idle
+            if idle:
+                # ``_lend_idle``, inline: marked lent before it leaves the idle list.
+                client = idle[-1]
+                client._lent_to = borrower
+                last_lent.client = client._own_ref
+                idle.pop()
+                return client
         return self._take_when_none_idle()
 
     def give_back(self, client: Client) -> None:
         """The call succeeded: the node is healthy and the client ready for the next call."""
         try:
-            self.record_success()
+            self._failures = 0  # ``record_success``, inline on the hot path.
             with self._lock:
                 if not self._retired:
                     self._idle.append(client)
@@ -336,7 +344,9 @@ class NodePool:
         try:
             client = self._make_client(self.node)
             client._lent_to = borrower
-            self._last_lent.client = weakref.ref(client)
+            # A weak reference to itself, made once: a borrow names its client by it.
+            client._own_ref = weakref.ref(client)
+            self._last_lent.client = client._own_ref
             with self._lock:
                 self._alive.add(client)
                 self._alive.discard(placeholder)
@@ -374,7 +384,7 @@ class NodePool:
         """
         client = self._idle[-1]
         client._lent_to = borrower
-        self._last_lent.client = weakref.ref(client)
+        self._last_lent.client = client._own_ref
         self._idle.pop()
         return client
 

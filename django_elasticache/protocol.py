@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "ACCELERATED",
+    "COMPILED",
     "MAX_KEY_LENGTH",
     "VALUE_TOO_LARGE",
     "ClientErrorReply",
@@ -37,6 +38,8 @@ __all__ = [
     "UnknownCommandReply",
     "check_key",
     "counter_request",
+    "decoded_values",
+    "decoded_values_in_python",
     "delete_request",
     "flush_all_request",
     "key_not_asked_for",
@@ -49,6 +52,8 @@ __all__ = [
     "parse_values",
     "parse_values_in_python",
     "retrieval_request",
+    "retrieval_request_for",
+    "retrieval_request_in_python",
     "stats_request",
     "storage_request",
     "touch_request",
@@ -151,6 +156,19 @@ def key_not_asked_for(found: Mapping[bytes, Any], asked: Mapping[bytes, Any]) ->
 
 def retrieval_request(keys: Iterable[bytes]) -> bytes:
     return b"get " + b" ".join(keys) + CRLF
+
+
+def retrieval_request_in_python(keys: list[Any]) -> tuple[bytes, dict[bytes, Any]] | None:
+    """
+    A node's ``get`` request for str or bytes keys (str sent as UTF-8), and the keys asked
+    for by what is sent, to map the reply back; ``None`` if a key is neither or is over 250
+    bytes (a client library then reports it its own way). ``retrieval_request_for`` is
+    this function, or where it is built, its compiled twin.
+    """
+    encoded = [key.encode() if type(key) is str else key for key in keys]
+    if any(type(key) is not bytes or len(key) > MAX_KEY_LENGTH for key in encoded):
+        return None
+    return retrieval_request(encoded), dict(zip(encoded, keys, strict=True))
 
 
 def storage_request(command: bytes, key: bytes, flags: int, exptime: int, data: bytes) -> bytes:
@@ -361,6 +379,26 @@ def _values_at_once(buffer: bytes | bytearray, start: int) -> Parsed | None:
     return found, len(buffer)
 
 
+def decoded_values_in_python(
+    found: dict[bytes, tuple[int, bytes]],
+    asked: Mapping[bytes, Any],
+    decode: Callable[[bytes, int], Any],
+    flag: int,
+    decode_flagged: Callable[[bytes, int], Any],
+) -> dict[Any, Any]:
+    """
+    What ``parse_values`` found, under the keys the caller asked for (``asked``, as
+    ``retrieval_request_for`` returns it) and decoded: ``decode(data, flags)``, or
+    ``decode_flagged`` for values whose flags have ``flag`` (a compressed value).
+    ``KeyError`` for a key not asked for. ``decoded_values`` is this function, or where it
+    is built, its compiled twin.
+    """
+    return {
+        asked[key]: decode_flagged(data, flags) if flags & flag else decode(data, flags)
+        for key, (flags, data) in found.items()
+    }
+
+
 def _other_values_line(
     buffer: bytes | bytearray, start: int, found: dict[bytes, tuple[int, bytes]]
 ) -> Parsed | None:
@@ -390,17 +428,17 @@ def _other_values_line(
     return (fields[1], flags, length), position
 
 
-# The compiled reader
+# The compiled loops
 
 
 PURE_PYTHON_VARIABLE = "DJANGO_ELASTICACHE_PURE_PYTHON"
-"""Set to 1, the pure-Python reader is used even where the compiled one is built."""
+"""Set to 1, the pure-Python loops are used even where the compiled ones are built."""
 
 
-def _compiled_parse_values() -> Parser | None:
+def _compiled_module() -> Any:
     """
-    ``parse_values`` of the optional C extension ``_speedups``, bound to this module's
-    reading of the lines it leaves to Python; ``None`` where it is not built or is turned off.
+    The optional C extension ``_speedups``, or ``None`` where it is not built or is turned
+    off. Each of its functions means exactly what its Python twin means.
     """
     if os.environ.get(PURE_PYTHON_VARIABLE, "") not in ("", "0"):
         return None
@@ -408,11 +446,28 @@ def _compiled_parse_values() -> Parser | None:
         from . import _speedups
     except ImportError:
         return None
-    return functools.partial(_speedups.parse_values, _other_values_line, MalformedReply)
+    return _speedups
 
 
-parse_values: Parser = _compiled_parse_values() or parse_values_in_python
+COMPILED = _compiled_module()
+"""The compiled module in use, or ``None``: ``backend`` and ``routing`` take theirs here."""
+
+parse_values: Parser = (
+    functools.partial(COMPILED.parse_values, _other_values_line, MalformedReply)
+    if COMPILED is not None
+    else parse_values_in_python
+)
 """Reads the reply to ``get``; see ``parse_values_in_python`` for what it returns."""
 
-ACCELERATED = parse_values is not parse_values_in_python
-"""Whether the compiled reader is in use."""
+retrieval_request_for: Callable[[list[Any]], tuple[bytes, dict[bytes, Any]] | None] = (
+    COMPILED.retrieval_request if COMPILED is not None else retrieval_request_in_python
+)
+"""See ``retrieval_request_in_python``."""
+
+decoded_values: Callable[..., dict[Any, Any]] = (
+    COMPILED.decoded_values if COMPILED is not None else decoded_values_in_python
+)
+"""See ``decoded_values_in_python``."""
+
+ACCELERATED = COMPILED is not None
+"""Whether the compiled loops are in use."""

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from .cluster_utils import ClusterConfig, ClusterNode
 from .pool import NodePool
+from .protocol import COMPILED
 
 __all__ = [
     "ClusterClient",
@@ -81,6 +82,24 @@ def start_call(client: Any, method: str, *args: Any, **kwargs: Any) -> Callable[
         return functools.partial(getattr(client, method), *args, **kwargs)
     result: Callable[[], Any] = start(*args, **kwargs)
     return result
+
+
+def group_by_node_in_python(
+    keys: list[str], node_index: Callable[[str], int], count: int
+) -> list[list[str]]:
+    """
+    The keys in ``count`` lists, each key in the list of its node's index, in order.
+    ``group_by_node`` is this function, or where it is built, its compiled twin.
+    """
+    groups: list[list[str]] = [[] for _ in range(count)]
+    for key in keys:
+        groups[node_index(key)].append(key)
+    return groups
+
+
+group_by_node: Callable[[list[str], Callable[[str], int], int], list[list[str]]] = (
+    COMPILED.group_by_node if COMPILED is not None else group_by_node_in_python
+)
 
 
 def _start_get_multi(client: Any, keys: list[str]) -> Callable[[], dict[str, Any]]:
@@ -182,10 +201,11 @@ class ClusterClient:
         """The keys grouped by the pool of their node (the async path groups alike)."""
         if self._single is not None:
             return {self._single: list(keys)}
-        groups: list[list[str]] = [[] for _ in self._pools]
-        node_index = self._placement.node_index
-        for key in keys:
-            groups[node_index(key)].append(key)
+        groups = group_by_node(
+            keys if type(keys) is list else list(keys),
+            self._placement.node_index,
+            len(self._pools),
+        )
         return {pool: group for pool, group in zip(self._pools, groups, strict=True) if group}
 
     def get_multi(self, keys: Iterable[str], *args: Any) -> dict[str, Any]:
@@ -372,6 +392,8 @@ class ClusterClient:
         return stale
 
     def _invalidate_former_owners(self, keys: Iterable[str]) -> None:
+        if self._former_owners is None:
+            return  # No node list change to follow: the common case, on every write.
         for pool, node_keys in self.former_owners(keys).items():
             try:
                 with pool.client(self._is_node_failure) as client:

@@ -1,6 +1,7 @@
 """
-The compiled reader (``django_elasticache._speedups``) means exactly what the Python reader
-means, whatever the bytes; and it is the one in use unless turned off.
+The compiled loops (``django_elasticache._speedups``) mean exactly what their Python twins
+mean, whatever the input: the reader whatever the bytes, the key loops of ``get_many``
+whatever the keys; and they are the ones in use unless turned off.
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import django_elasticache
-from django_elasticache import protocol
+from django_elasticache import protocol, routing
 from django_elasticache.protocol import (
+    MAX_KEY_LENGTH,
     MAX_LINE_LENGTH,
     PURE_PYTHON_VARIABLE,
     ErrorReply,
@@ -182,7 +186,101 @@ def test_the_compiled_reader_refuses_a_negative_offset() -> None:
         compiled_parse_values(b"END\r\n", -1)
 
 
-# Which reader is in use
+def result_or_error(call: Callable[..., Any], *args: Any) -> object:
+    """What a call returns, or the class of what it raises, comparably."""
+    try:
+        return ("returns", call(*args))
+    except Exception as error:
+        return ("raises", type(error))
+
+
+_KEY_TEXT = st.one_of(
+    st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12),
+    st.text(max_size=6),
+    st.sampled_from(["", " ", "a b", "\x7f", "é", "\ud800", "k" * 247, "k" * 251]),
+)
+_ANY_KEYS = st.lists(
+    st.one_of(
+        _KEY_TEXT,
+        _KEY_TEXT.map(lambda text: text.encode("utf-8", "surrogatepass")),
+        st.integers(-2, 2),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.sampled_from([":1:", "p:2:", "", "é:1:", "a b:1:"]), _ANY_KEYS)
+def test_prefixed_keys_is_the_common_case_of_django_key_making(
+    prefix: str, keys: list[Any]
+) -> None:
+    """
+    Not None exactly when the prefix and every key are ASCII and each made key is one
+    Django accepts as it is (1 to 250 characters, none a space, control character or DEL),
+    and then the keys the backend makes otherwise, in the same order.
+    """
+    made = _speedups.prefixed_keys(prefix, keys)
+    plain = all("!" <= character <= "~" for character in prefix) and all(
+        type(key) is str
+        and (prefix + key).isascii()
+        and 0 < len(prefix + key) <= MAX_KEY_LENGTH
+        and all("!" <= character <= "~" for character in prefix + key)
+        for key in keys
+    )
+    assert (made is not None) == plain
+    if made is not None:
+        assert list(made.items()) == list({prefix + key: key for key in keys}.items())
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_ANY_KEYS, st.integers(0, 4), st.integers(-5, 5))
+def test_group_by_node_means_what_its_python_twin_means(
+    keys: list[Any], count: int, shift: int
+) -> None:
+    def node_index(key: Any) -> int:
+        return hash(key) % max(count, 1) + shift if shift != 5 else "x"  # type: ignore[return-value]
+
+    assert result_or_error(_speedups.group_by_node, keys, node_index, count) == (
+        result_or_error(routing.group_by_node_in_python, keys, node_index, count)
+    )
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_ANY_KEYS)
+def test_retrieval_request_means_what_its_python_twin_means(keys: list[Any]) -> None:
+    assert result_or_error(_speedups.retrieval_request, keys) == result_or_error(
+        protocol.retrieval_request_in_python, keys
+    )
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.dictionaries(
+        st.binary(max_size=4), st.tuples(st.integers(0, 2**70), st.binary(max_size=4))
+    ),
+    st.dictionaries(st.binary(max_size=4), st.text(max_size=3)),
+    st.sampled_from([8, 0, 2**65]),
+)
+def test_decoded_values_means_what_its_python_twin_means(
+    found: dict[bytes, tuple[int, bytes]], asked: dict[bytes, str], flag: int
+) -> None:
+    def decode(data: bytes, flags: int) -> object:
+        if data == b"!":
+            raise ValueError("undecodable")
+        return ("plain", data, flags)
+
+    def decode_flagged(data: bytes, flags: int) -> object:
+        return ("flagged", data, flags)
+
+    asked = {**dict.fromkeys(found, "k"), **asked} if len(asked) % 2 else asked
+    arguments = (found, asked, decode, flag, decode_flagged)
+    compiled = result_or_error(_speedups.decoded_values, *arguments)
+    assert compiled == result_or_error(protocol.decoded_values_in_python, *arguments)
+    if compiled[0] == "returns":
+        assert list(compiled[1]) == list(protocol.decoded_values_in_python(*arguments))
+
+
+# Which loops are in use
 
 
 def imported_in_a_child(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess[str]:
