@@ -36,6 +36,7 @@ import signal
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import django
@@ -76,6 +77,12 @@ def stalled(pid: int, tally: Tally) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def stop_churning(arguments: dict[str, Any]) -> None:
+    """Ask the parent to stop changing the node list, for the final check of every key."""
+    if arguments["churn"]:
+        Path(arguments["settled"]).touch()
 
 
 # Signals
@@ -129,6 +136,7 @@ def signals(cache: Any, arguments: dict[str, Any], tally: Tally) -> None:
             interrupts.stalled = False
         # Checked at once when every node answers; a node just stalled is still marked down.
         check_when_back(cache, model, tally, "after a round", wait=0)
+    stop_churning(arguments)
     check_when_back(cache, model, tally, "at the end")
     check_pools(cache, tally, "at the end")
 
@@ -355,6 +363,7 @@ def gevent_scenario(cache: Any, arguments: dict[str, Any], tally: Tally) -> None
                 running[key] = start(greenlet.model)
             greenlet.model = None
     gevent.killall(helpers)
+    stop_churning(arguments)
     for model in models:
         check_when_back(cache, model, tally, "after the gevent run")
     check_pools(cache, tally, "at the end")

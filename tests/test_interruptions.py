@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +72,34 @@ def cluster(request: pytest.FixtureRequest, elasticache_cluster_factory: Any) ->
     return backend, elasticache_cluster_factory(nodes=3, tls=tls)
 
 
-def churn(cluster: Any, stop: threading.Event, rng: random.Random) -> None:
-    """Scale out by a node and back in, again and again, until ``stop`` is set."""
-    while not stop.is_set():
+def churn(cluster: Any, stop: threading.Event, settled: Path, rng: random.Random) -> None:
+    """
+    Scale out by a node and back in, again and again, until ``stop`` is set or the child
+    creates ``settled`` to check every key on a node list that no longer changes (a node
+    that comes and goes every second could keep the check from ever passing).
+    """
+
+    def pause() -> None:
+        deadline = time.monotonic() + rng.uniform(0.2, 0.8)
+        while time.monotonic() < deadline and not stop.wait(0.02):
+            pass
+
+    while not stop.is_set() and not settled.exists():
         node = cluster.add_node()
-        stop.wait(rng.uniform(0.2, 0.8))
+        pause()
         cluster.remove_node(node)
-        stop.wait(rng.uniform(0.2, 0.8))
+        pause()
 
 
-def run_scenario(mode: str, backend: str, cluster: Any, churning: bool = False) -> None:
+def run_scenario(
+    mode: str, backend: str, cluster: Any, settled: Path, churning: bool = False
+) -> None:
     """
     Run one scenario in its child; fail with its counts if it saw any problem. Churning, the
-    node list changes all along (a fourth node added and removed), and the child asks for it
-    every ``faults.CHURN_REFRESH`` seconds; no node is stalled then, since a moved key's old
-    copy on a node marked down is left in place by design (``routing``: a logged warning).
+    node list changes all along (a fourth node added and removed) until the child creates
+    ``settled`` for its final check, and the child asks for it every
+    ``faults.CHURN_REFRESH`` seconds; no node is stalled then, since a moved key's old copy
+    on a node marked down is left in place by design (``routing``: a logged warning).
     """
     name = f"{mode} {backend}{' TLS' if cluster.tls else ''}{' churning' if churning else ''}"
     seed = scenario_seed(name)
@@ -98,6 +112,7 @@ def run_scenario(mode: str, backend: str, cluster: Any, churning: bool = False) 
         "node_pids": [node.pid for node in cluster.nodes],
         "limit": LIMIT,
         "churn": churning,
+        "settled": str(settled),
     }
     # The child imports the package this run tests, wherever it was imported from.
     package_root = str(Path(django_elasticache.__file__).parent.parent)
@@ -109,7 +124,9 @@ def run_scenario(mode: str, backend: str, cluster: Any, churning: bool = False) 
         env={**os.environ, "PYTHONPATH": path},
     )
     stop_churning = threading.Event()
-    churner = threading.Thread(target=churn, args=(cluster, stop_churning, random.Random(seed)))
+    churner = threading.Thread(
+        target=churn, args=(cluster, stop_churning, settled, random.Random(seed))
+    )
     if churning:
         churner.start()
     try:
@@ -136,15 +153,17 @@ def run_scenario(mode: str, backend: str, cluster: Any, churning: bool = False) 
 
 
 @pytest.mark.parametrize("mode", ["signals", "asyncio", "gevent"])
-def test_interrupted_calls(mode: str, cluster: Any) -> None:
+def test_interrupted_calls(mode: str, cluster: Any, tmp_path: Path) -> None:
     backend, local_cluster = cluster
-    run_scenario(mode, backend, local_cluster)
+    run_scenario(mode, backend, local_cluster, tmp_path / "settled")
 
 
 @pytest.mark.parametrize("mode", ["signals", "gevent"])
-def test_interrupted_calls_while_the_node_list_changes(mode: str, cluster: Any) -> None:
+def test_interrupted_calls_while_the_node_list_changes(
+    mode: str, cluster: Any, tmp_path: Path
+) -> None:
     backend, local_cluster = cluster
-    run_scenario(mode, backend, local_cluster, churning=True)
+    run_scenario(mode, backend, local_cluster, tmp_path / "settled", churning=True)
 
 
 def test_the_model_catches_what_it_must() -> None:
