@@ -35,14 +35,25 @@ sys.path.insert(0, str(HERE))
 KEYS = [f"versus-{index}" for index in range(100)]
 VALUE = "v" * 100
 MIXED_BATCH = 20
-OPERATIONS = ("get", "set", "get_many(20)", "get_many(100)", "mixed")
-"""``mixed`` is ``set`` + ``get`` + ``get_many(20)``: the calls a Django page makes."""
+OPERATIONS = ("get", "set", "get_many(20)", "get_many(100)", "mixed", "aget")
+"""
+``mixed`` is ``set`` + ``get`` + ``get_many(20)``: the calls a Django page makes. ``aget`` is
+awaited one call after another on an event loop, cycling over the keys as ``get`` does (raw
+pylibmc has none; Django's stock ``aget`` is a thread hop to ``get``).
+"""
 
 BASE, OURS, STOCK, RAW = "base", "this checkout", "stock PyLibMCCache", "raw pylibmc"
 
 
-def workload(calls: Any, operation: str, count: int) -> Callable[[], None]:
-    """``count`` calls of ``operation`` through ``calls``, cycling over ``KEYS``."""
+def workload(
+    calls: Any, operation: str, count: int, aget: Callable[[str], Any] | None = None
+) -> Callable[[], None] | None:
+    """
+    ``count`` calls of ``operation`` through ``calls``, cycling over ``KEYS``; ``None`` for
+    ``aget`` without an ``aget`` to call.
+    """
+    import asyncio
+
     from workloads import cycle
 
     keys = [calls.key(key) for key in cycle(KEYS, count)]
@@ -55,6 +66,16 @@ def workload(calls: Any, operation: str, count: int) -> Callable[[], None]:
     small = [block for block in blocks if len(block) == MIXED_BATCH]
     large = [block for block in blocks if len(block) == 100]
     get, set_, get_many = calls.get, calls.set, calls.get_many
+    if operation == "aget":
+        if aget is None:
+            return None
+        loop = asyncio.new_event_loop()
+
+        async def awaited() -> None:
+            for key in keys:
+                await aget(key)
+
+        return lambda: loop.run_until_complete(awaited())
 
     def run() -> None:
         if operation == "get":
@@ -87,14 +108,18 @@ def serve(spec: dict[str, Any], with_references: bool) -> None:
 
     cluster = Addresses(spec["location"], spec["node_addresses"])
     behaviors = our_behaviors()
-    contenders = {OURS: django_calls(build_ours(cluster, behaviors))}
+    caches = {OURS: build_ours(cluster, behaviors)}
     if with_references:
-        contenders[STOCK] = django_calls(build_stock(cluster, behaviors))
+        caches[STOCK] = build_stock(cluster, behaviors)
+    contenders = {name: django_calls(cache) for name, cache in caches.items()}
+    if with_references:
         contenders[RAW] = raw_calls(pylibmc.Client(cluster.node_addresses, behaviors=behaviors))
     for calls in contenders.values():
         calls.set_many({calls.key(key): VALUE for key in KEYS})
     runs = {
-        (name, operation): workload(calls, operation, spec["calls"])
+        (name, operation): workload(
+            calls, operation, spec["calls"], getattr(caches.get(name), "aget", None)
+        )
         for name, calls in contenders.items()
         for operation in OPERATIONS
     }
@@ -102,6 +127,9 @@ def serve(spec: dict[str, Any], with_references: bool) -> None:
     for line in sys.stdin:
         name, operation = json.loads(line)
         run = runs[name, operation]
+        if run is None:
+            print(json.dumps(None), flush=True)
+            continue
         start = time.perf_counter()
         run()
         print(json.dumps(time.perf_counter() - start), flush=True)
@@ -122,11 +150,13 @@ class Worker:
         )
         self.contenders: list[str] = json.loads(self._readline())
 
-    def time(self, name: str, operation: str) -> float:
+    def time(self, name: str, operation: str) -> float | None:
+        """Seconds for the calls; ``None`` if the contender has no such operation."""
         stdin: IO[bytes] = self._process.stdin  # type: ignore[assignment]
         stdin.write(json.dumps([name, operation]).encode() + b"\n")
         stdin.flush()
-        return float(json.loads(self._readline()))
+        seconds = json.loads(self._readline())
+        return None if seconds is None else float(seconds)
 
     def _readline(self) -> str:
         stdout: IO[bytes] = self._process.stdout  # type: ignore[assignment]
@@ -141,13 +171,30 @@ class Worker:
 
 
 def extract(revision: str, into: Path) -> Path:
-    """The package as it was at ``revision``, as files under ``into``."""
+    """
+    The package as it was at ``revision``, as files under ``into``, with its compiled part
+    built where the revision has one (as this checkout's is): otherwise a compiled checkout
+    would be timed against a pure-Python one.
+    """
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", revision, "setup.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "django_elasticache"],
+        ["git", "-C", str(ROOT), "archive", revision, "django_elasticache", *listed],
         check=True,
         capture_output=True,
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    if listed:
+        subprocess.run(
+            [sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
+            cwd=into,
+            check=True,
+            capture_output=True,
+        )
     return into
 
 
@@ -171,6 +218,13 @@ def report(times: dict[tuple[str, str], list[float]], calls: int) -> str:
                 else (f"{statistics.median(ratios):.2f}x ({first:.2f}-{third:.2f})")
             )
             lines.append(f"{operation:<14} {name:<20} {micros:>9.1f} {versus:>18}")
+    for name in (OURS, BASE):
+        ratios = [
+            awaited / called
+            for awaited, called in zip(times[name, "aget"], times[name, "get"], strict=True)
+        ]
+        first, median, third = statistics.quantiles(ratios, n=4)
+        lines.append(f"aget / get, {name}: {median:.2f}x ({first:.2f}-{third:.2f})")
     return "\n".join(lines)
 
 
@@ -207,10 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for _ in range(args.rounds):
                 for operation in OPERATIONS:
-                    times.setdefault((BASE, operation), []).append(base.time(OURS, operation))
-                    for name in current.contenders:
-                        seconds = current.time(name, operation)
-                        times.setdefault((name, operation), []).append(seconds)
+                    for worker, name, label in [
+                        (base, OURS, BASE),
+                        *((current, name, name) for name in current.contenders),
+                    ]:
+                        seconds = worker.time(name, operation)
+                        if seconds is not None:
+                            times.setdefault((label, operation), []).append(seconds)
         finally:
             base.close()
             current.close()
