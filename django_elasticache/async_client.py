@@ -588,6 +588,14 @@ class AsyncClusterClient:
         self._cluster_by_loop: weakref.WeakKeyDictionary[LoopConnections, ClusterClient] = (
             weakref.WeakKeyDictionary()
         )
+        self._last_seen: tuple[Callable[[], LoopConnections | None], ClusterClient | None] = (
+            lambda: None,
+            None,
+        )
+        """
+        The last loop (held weakly) and node list ``_channel`` saw, already recorded in
+        ``_cluster_by_loop``: the common call skips that dictionary's lookup.
+        """
 
     # Calls
 
@@ -774,12 +782,16 @@ class AsyncClusterClient:
 
     def _channel(self, cluster: ClusterClient, pool: NodePool) -> NodeChannel:
         connections = loop_connections()
-        seen = self._cluster_by_loop.get(connections)
-        if seen is not cluster:
-            if seen is not None:
-                # A new node list: close this loop's connections to the nodes that left it.
-                connections.close_channels(set(seen.pools) - set(cluster.pools))
-            self._cluster_by_loop[connections] = cluster
+        seen_last, cluster_last = self._last_seen
+        if seen_last() is not connections or cluster_last is not cluster:
+            seen = self._cluster_by_loop.get(connections)
+            if seen is not cluster:
+                if seen is not None:
+                    # A new node list: close this loop's connections to the nodes that left it.
+                    connections.close_channels(set(seen.pools) - set(cluster.pools))
+                self._cluster_by_loop[connections] = cluster
+            # One tuple, replaced whole: loops of other threads may replace it meanwhile.
+            self._last_seen = (weakref.ref(connections), cluster)
         channel = connections.channels.get(pool)
         if channel is None:
             channel = connections.channels[pool] = NodeChannel(
