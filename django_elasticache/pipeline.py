@@ -77,6 +77,8 @@ def first_write(requests: Sequence[bytes], max_write_bytes: int | None = None) -
     them itself, to send to other nodes before reading any reply, reads those replies with
     ``receive`` and leaves the rest to ``exchange``.
     """
+    if max_write_bytes is None and 0 < len(requests) <= MAX_COMMANDS_PER_WRITE:
+        return len(requests)  # ``_writes``'s one write, without starting a generator.
     return next(_writes(requests, max_write_bytes), (0, 0))[1]
 
 

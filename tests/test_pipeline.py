@@ -125,6 +125,7 @@ def test_tls_set_many_far_beyond_one_tls_record_is_answered(
 def test_writes_stay_within_their_bounds(sizes: list[int], max_write_bytes: int | None) -> None:
     commands = [b"x" * size for size in sizes]
     writes = list(pipeline._writes(commands, max_write_bytes))
+    assert pipeline.first_write(commands, max_write_bytes) == (writes[0][1] if writes else 0)
     assert [index for start, end in writes for index in range(start, end)] == list(
         range(len(commands))
     )
