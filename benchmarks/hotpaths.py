@@ -37,6 +37,7 @@ from backends import (
     build_elastipymemcache,
     build_ours,
     build_ours_pymemcache,
+    build_pymemcache,
     build_stock,
     our_behaviors,
 )
@@ -62,6 +63,8 @@ GET_MANY_20 = f"get_many({MIXED_BATCH}) x 100 B"
 PYMEMCACHE_GET_MANY = "pymemcache get_many(100) x 100 B"
 TLS_SET_MANY = "TLS set_many(100) x 100 B"
 MIXED = f"mixed: set + get + get_many({MIXED_BATCH}), 100 B"
+PYMEMCACHE_MIXED = f"pymemcache {MIXED}"
+TLS_MIXED = f"TLS {MIXED}"
 SINGLE_GET = "get 100 B"
 SINGLE_SET = "set 100 B"
 
@@ -77,6 +80,7 @@ OURS_TLS = "ours (pymemcache), TLS"
 OURS_CLEAR = "ours (pymemcache), clear text"
 OURS_CLEAR_PURE = "ours (pymemcache), clear text, pure-Python loops"
 ELASTI_TLS = "django-elastipymemcache, TLS"
+STOCK_PYMEMCACHE = "stock PyMemcacheCache"
 
 Call = Callable[[], Any]
 
@@ -164,6 +168,7 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
     ours_tls = build_ours_pymemcache(tls, {})
     ours_clear_pymemcache = build_ours_pymemcache(clear, {})
     elastipymemcache_tls = build_elastipymemcache(tls, {})
+    stock_pymemcache = build_pymemcache(clear, {})
     for cache in (ours, ours_tls, elastipymemcache_tls, ours_clear_pymemcache):
         cache.set_many(DATA)
     raw.set_multi(READY_DATA, time=DJANGO_TIMEOUT)
@@ -171,6 +176,15 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
     ready_batches = [[DJANGO_KEY_PREFIX + key for key in batch] for batch in batches]
     ours_set = cycling(functools.partial(ours.set, value=VALUE), KEYS)
     ours_mixed = mixed(ours_set, cycling(ours.get, KEYS), cycling(ours.get_many, batches))
+
+    def mixed_on(cache: Any) -> Call:
+        """The mixed workload through a Django cache backend."""
+        return mixed(
+            cycling(functools.partial(cache.set, value=VALUE), KEYS),
+            cycling(cache.get, KEYS),
+            cycling(cache.get_many, batches),
+        )
+
     raw_set = cycling(functools.partial(raw.set, val=VALUE, time=DJANGO_TIMEOUT), READY_KEYS)
     return {
         SET_MANY: {
@@ -212,12 +226,13 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
             RAW: mixed(
                 raw_set, cycling(raw.get, READY_KEYS), cycling(raw.get_multi, ready_batches)
             ),
-            STOCK: mixed(
-                cycling(functools.partial(stock.set, value=VALUE), KEYS),
-                cycling(stock.get, KEYS),
-                cycling(stock.get_many, batches),
-            ),
+            STOCK: mixed_on(stock),
         },
+        PYMEMCACHE_MIXED: {
+            OURS_CLEAR: mixed_on(ours_clear_pymemcache),
+            STOCK_PYMEMCACHE: mixed_on(stock_pymemcache),
+        },
+        TLS_MIXED: {OURS_TLS: mixed_on(ours_tls), ELASTI_TLS: mixed_on(elastipymemcache_tls)},
         SINGLE_GET: {OURS: cycling(ours.get, KEYS), RAW: cycling(raw.get, READY_KEYS)},
         SINGLE_SET: {OURS: ours_set, RAW: raw_set},
     }

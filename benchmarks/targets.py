@@ -182,6 +182,43 @@ HOTPATH_TARGETS = (
         hotpaths.RAW,
         0.9,
     ),
+    HotPathTarget(
+        f"ours >= 1.25x stock PyLibMCCache, {hotpaths.MIXED}",
+        hotpaths.MIXED,
+        hotpaths.OURS,
+        hotpaths.STOCK,
+        1.25,
+    ),
+    HotPathTarget(
+        f"ours pymemcache >= 1.3x stock PyMemcacheCache, {hotpaths.PYMEMCACHE_MIXED}",
+        hotpaths.PYMEMCACHE_MIXED,
+        hotpaths.OURS_CLEAR,
+        hotpaths.STOCK_PYMEMCACHE,
+        1.3,
+    ),
+    HotPathTarget(
+        f"ours pymemcache >= 2x django-elastipymemcache, {hotpaths.TLS_MIXED}",
+        hotpaths.TLS_MIXED,
+        hotpaths.OURS_TLS,
+        hotpaths.ELASTI_TLS,
+        2.0,
+    ),
+    HotPathTarget(
+        "raw pylibmc <= 1.1x faster than ours, get 100 B (keys cycled)",
+        hotpaths.SINGLE_GET,
+        hotpaths.RAW,
+        hotpaths.OURS,
+        1.1,
+        at_most=True,
+    ),
+    HotPathTarget(
+        "raw pylibmc <= 1.1x faster than ours, set 100 B (keys cycled)",
+        hotpaths.SINGLE_SET,
+        hotpaths.RAW,
+        hotpaths.OURS,
+        1.1,
+        at_most=True,
+    ),
 )
 
 
