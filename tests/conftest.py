@@ -13,7 +13,11 @@ from django_elasticache.topology import forget_all
 
 
 def pytest_configure() -> None:
-    settings.configure(CACHES={}, INSTALLED_APPS=[], USE_TZ=True)
+    # A SECRET_KEY as every project has one: Django 4.2's error mails (the ``mail_admins``
+    # handler, on a signal receiver's error) read it.
+    settings.configure(
+        CACHES={}, INSTALLED_APPS=[], USE_TZ=True, SECRET_KEY="django-elasticache tests"
+    )
     django.setup()
 
 
