@@ -174,8 +174,6 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
     raw.set_multi(READY_DATA, time=DJANGO_TIMEOUT)
     batches = [KEYS[start : start + MIXED_BATCH] for start in range(0, len(KEYS), MIXED_BATCH)]
     ready_batches = [[DJANGO_KEY_PREFIX + key for key in batch] for batch in batches]
-    ours_set = cycling(functools.partial(ours.set, value=VALUE), KEYS)
-    ours_mixed = mixed(ours_set, cycling(ours.get, KEYS), cycling(ours.get_many, batches))
 
     def mixed_on(cache: Any) -> Call:
         """The mixed workload through a Django cache backend."""
@@ -185,6 +183,7 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
             cycling(cache.get_many, batches),
         )
 
+    ours_mixed = mixed_on(ours)
     raw_set = cycling(functools.partial(raw.set, val=VALUE, time=DJANGO_TIMEOUT), READY_KEYS)
     return {
         SET_MANY: {
@@ -234,7 +233,10 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
         },
         TLS_MIXED: {OURS_TLS: mixed_on(ours_tls), ELASTI_TLS: mixed_on(elastipymemcache_tls)},
         SINGLE_GET: {OURS: cycling(ours.get, KEYS), RAW: cycling(raw.get, READY_KEYS)},
-        SINGLE_SET: {OURS: ours_set, RAW: raw_set},
+        SINGLE_SET: {
+            OURS: cycling(functools.partial(ours.set, value=VALUE), KEYS),
+            RAW: raw_set,
+        },
     }
 
 
