@@ -1,8 +1,10 @@
 /*
- * The hottest loops of get_many, compiled, each with exactly the meaning of its Python
- * twin (named at each function), which is used where this module is not built:
+ * The hottest loops of get_many and of single-key calls, compiled, each with exactly the
+ * meaning of its Python twin (named at each function), used where this module is not built:
  *
  * - `prefixed_keys`: Django's keys made and checked at once (`backend`);
+ * - `made_key`: the same for one key (`backend`);
+ * - `pooled_call`: a single-key call on a pooled client of the key's node (`routing`);
  * - `group_by_node`: keys split by the node that holds them (`routing`);
  * - `retrieval_request`: a node's `get` request and the keys it asks for (`protocol`);
  * - `parse_values`: the reader of memcached's reply to `get` (`protocol`);
@@ -297,6 +299,59 @@ prefixed_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+PyDoc_STRVAR(made_key_doc,
+             "made_key(key_prefix, version, key)\n--\n\n"
+             "f'{key_prefix}:{version}:{key}' for a str prefix and key and an int or str\n"
+             "version, or None unless it is 1 to 250 characters from '!' to '~'\n"
+             "(backend.made_key_in_python).");
+
+static PyObject *
+made_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *version, *made = NULL;
+    Py_ssize_t prefix_length, version_length, key_length;
+    Py_UCS1 *out;
+
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "made_key takes 3 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (PyLong_CheckExact(args[1])) {
+        version = PyObject_Str(args[1]);
+        if (version == NULL) {
+            return NULL;
+        }
+    }
+    else if (PyUnicode_CheckExact(args[1])) {
+        version = Py_NewRef(args[1]);
+    }
+    else {
+        Py_RETURN_NONE;
+    }
+    if (is_plain_ascii(args[0]) && is_plain_ascii(version) && is_plain_ascii(args[2])) {
+        prefix_length = PyUnicode_GET_LENGTH(args[0]);
+        version_length = PyUnicode_GET_LENGTH(version);
+        key_length = PyUnicode_GET_LENGTH(args[2]);
+        if (prefix_length + version_length + key_length + 2 <= MAX_KEY_LENGTH) {
+            made = PyUnicode_New(prefix_length + version_length + key_length + 2, 127);
+            if (made != NULL) {
+                out = PyUnicode_1BYTE_DATA(made);
+                memcpy(out, PyUnicode_1BYTE_DATA(args[0]), prefix_length);
+                out += prefix_length;
+                *out++ = ':';
+                memcpy(out, PyUnicode_1BYTE_DATA(version), version_length);
+                out += version_length;
+                *out++ = ':';
+                memcpy(out, PyUnicode_1BYTE_DATA(args[2]), key_length);
+            }
+            Py_DECREF(version);
+            return made;
+        }
+    }
+    Py_DECREF(version);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(group_by_node_doc,
              "group_by_node(keys, node_index, count)\n--\n\n"
              "The keys in `count` lists, each key in list node_index(key)\n"
@@ -564,9 +619,320 @@ parse_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return reply;
 }
 
+/*
+ * The single-key call (`routing.pooled_call_in_python`): the key's node's pool, a client
+ * borrowed from it, the call, the client given back. Only the pool's common case is done
+ * here, exactly as `NodePool.borrow` and `NodePool.give_back` do it under the pool's lock:
+ * an idle client lent while the node has no failures, and handed back to a pool that is not
+ * retired and has no waiter.
+ * Anything else (and a lock another thread holds) goes to those Python methods, which
+ * decide it; an exception from the call goes to `NodePool.give_back_after`, as in Python.
+ *
+ * No Python code runs between the borrow and the call, or between the call and the
+ * give-back, so no interruption (a signal handler's exception, a gevent timeout) can land
+ * there: a client is either in the pool, or with this call.
+ *
+ * The pool's lock is not taken here but found free (`lock_is_free`): that relies on the
+ * GIL, which a free-threaded build turns back on for this module, as it declares no
+ * `Py_mod_gil` slot.
+ */
+
+static PyObject *threading_module;
+static PyObject *name_get_ident, *name_failures, *name_lent_to, *name_lock, *name_idle,
+    *name_retired, *name_waiting, *name_borrow, *name_give_back, *name_give_back_after,
+    *name_locked;
+
+static int
+intern_pool_names(void)
+{
+    struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&name_get_ident, "get_ident"},
+        {&name_failures, "_failures"},
+        {&name_lent_to, "_lent_to"},
+        {&name_lock, "_lock"},
+        {&name_idle, "_idle"},
+        {&name_retired, "_retired"},
+        {&name_waiting, "_waiting"},
+        {&name_borrow, "borrow"},
+        {&name_give_back, "give_back"},
+        {&name_give_back_after, "give_back_after"},
+        {&name_locked, "locked"},
+    };
+    size_t index;
+
+    for (index = 0; index < sizeof(names) / sizeof(names[0]); index++) {
+        *names[index].name = PyUnicode_InternFromString(names[index].text);
+        if (*names[index].name == NULL) {
+            return -1;
+        }
+    }
+    threading_module = PyImport_ImportModule("threading");
+    return threading_module == NULL ? -1 : 0;
+}
+
+/* 1 if `object` is the int 0, 0 if it is anything else (or missing). */
+static int
+is_zero(PyObject *object)
+{
+    return object != NULL && PyLong_CheckExact(object) && PyLong_AsLong(object) == 0;
+}
+
+/*
+ * 1 if the pool's lock is free, 0 if some thread holds it, -1 with an error set. A free
+ * lock stays free while this thread holds the GIL and runs no Python code: between this
+ * check and the end of its change to the idle list, nothing here runs Python code (the
+ * attributes read and set are plain instance attributes), as if the lock were held.
+ */
+static int
+lock_is_free(PyObject *pool_state)
+{
+    PyObject *lock = PyDict_GetItemWithError(pool_state, name_lock), *held;
+    int free;
+
+    if (lock == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    held = PyObject_CallMethodNoArgs(lock, name_locked);
+    if (held == NULL) {
+        return -1;
+    }
+    free = held == Py_False;
+    Py_DECREF(held);
+    return free;
+}
+
+/*
+ * The pool's instance attributes, if the node has no failures (`_failures` is 0): a new
+ * reference, or NULL, with an error set or (there are failures) without one.
+ */
+static PyObject *
+state_of_a_healthy_pool(PyObject *pool)
+{
+    PyObject *state = PyObject_GenericGetDict(pool, NULL);
+
+    if (state != NULL && !(PyDict_CheckExact(state) &&
+                           is_zero(PyDict_GetItemWithError(state, name_failures)))) {
+        Py_CLEAR(state);
+    }
+    return state;
+}
+
+/*
+ * `NodePool.borrow`'s common case. 1: `*lent` is the client lent (a new reference). 0: the
+ * common case does not hold, nothing was changed. -1: an error is set.
+ */
+static int
+lend_idle(PyObject *pool, PyObject **lent)
+{
+    PyObject *state, *get_ident, *borrower = NULL, *idle, *client;
+    Py_ssize_t count;
+    int result = -1, free;
+
+    *lent = NULL;
+    state = state_of_a_healthy_pool(pool);
+    if (state == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    /* threading's, looked up each time: gevent's monkey-patching replaces it. */
+    get_ident = PyObject_GetAttr(threading_module, name_get_ident);
+    if (get_ident != NULL) {
+        borrower = PyObject_CallNoArgs(get_ident);
+        Py_DECREF(get_ident);
+    }
+    free = borrower == NULL ? -1 : lock_is_free(state);
+    idle = free > 0 ? PyDict_GetItemWithError(state, name_idle) : NULL;
+    if (idle == NULL || !PyList_CheckExact(idle) || (count = PyList_GET_SIZE(idle)) == 0) {
+        result = PyErr_Occurred() ? -1 : 0;
+    }
+    else {
+        /* As `_lend_idle`: marked lent before it leaves the idle list. */
+        client = PyList_GET_ITEM(idle, count - 1);
+        Py_INCREF(client);
+        if (PyObject_SetAttr(client, name_lent_to, borrower) < 0 ||
+            PyList_SetSlice(idle, count - 1, count, NULL) < 0) {
+            Py_DECREF(client);
+        }
+        else {
+            *lent = client;
+            result = 1;
+        }
+    }
+    Py_DECREF(state);
+    Py_XDECREF(borrower);
+    return result;
+}
+
+/*
+ * `NodePool.give_back`'s common case: 1 if the client is idle again, 0 if the common case
+ * does not hold (nothing was changed), -1 with an error set.
+ */
+static int
+pool_idle(PyObject *pool, PyObject *client)
+{
+    PyObject *state = state_of_a_healthy_pool(pool), *retired, *waiting, *idle;
+    int result;
+
+    if (state == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    result = lock_is_free(state);
+    if (result > 0) {
+        retired = PyDict_GetItemWithError(state, name_retired);
+        waiting = PyDict_GetItemWithError(state, name_waiting);
+        idle = PyDict_GetItemWithError(state, name_idle);
+        if (retired != Py_False || !is_zero(waiting) || idle == NULL || !PyList_CheckExact(idle)) {
+            result = PyErr_Occurred() ? -1 : 0;
+        }
+        else if (PyList_Append(idle, client) < 0 ||
+                 PyObject_SetAttr(client, name_lent_to, Py_None) < 0) {
+            result = -1;
+        }
+    }
+    Py_DECREF(state);
+    return result;
+}
+
+/* The exception being raised, taken: a new reference. */
+static PyObject *
+take_error(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+#endif
+}
+
+/* Raise `error` again (stolen). */
+static void
+raise_again(PyObject *error)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(error);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(error)), error, PyException_GetTraceback(error));
+#endif
+}
+
+PyDoc_STRVAR(pooled_call_doc,
+             "pooled_call(pools, node_index, is_node_failure, method, key, *args)\n--\n\n"
+             "getattr(client, method)(key, *args) on a client of the key's node borrowed\n"
+             "from its pool, pools[node_index(key)] (pools[0] when node_index is None),\n"
+             "and given back (routing.pooled_call_in_python).");
+
+static PyObject *
+pooled_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pool, *client, *result = NULL, *error, *handled, *index_object, *done;
+    PyObject *small[8], **call_args = small;
+    Py_ssize_t index, extra;
+    int lent, pooled;
+
+    if (nargs < 5) {
+        PyErr_Format(PyExc_TypeError, "pooled_call takes at least 5 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (args[1] == Py_None) {
+        index = 0;
+    }
+    else {
+        index_object = PyObject_CallOneArg(args[1], args[4]);
+        if (index_object == NULL) {
+            return NULL;
+        }
+        index = PyLong_AsSsize_t(index_object);
+        Py_DECREF(index_object);
+        if (index == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    pool = PySequence_GetItem(args[0], index);
+    if (pool == NULL) {
+        return NULL;
+    }
+    lent = lend_idle(pool, &client);
+    if (lent == 0) {
+        client = PyObject_CallMethodNoArgs(pool, name_borrow);
+    }
+    if (client == NULL) {
+        Py_DECREF(pool);
+        return NULL;
+    }
+    /* client.method(key, *args), with a spare first slot for vectorcall's use. */
+    extra = nargs - 5;
+    if (extra + 3 > (Py_ssize_t)(sizeof(small) / sizeof(small[0]))) {
+        call_args = PyMem_New(PyObject *, extra + 3);
+        if (call_args == NULL) {
+            PyErr_NoMemory();
+            goto failed;
+        }
+    }
+    call_args[1] = client;
+    call_args[2] = args[4];
+    memcpy(call_args + 3, args + 5, extra * sizeof(PyObject *));
+    result = PyObject_VectorcallMethod(
+        args[3], call_args + 1, (2 + extra) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (call_args != small) {
+        PyMem_Free(call_args);
+    }
+    if (result == NULL) {
+        goto failed;
+    }
+    pooled = pool_idle(pool, client);
+    if (pooled == 0) {
+        done = PyObject_CallMethodOneArg(pool, name_give_back, client);
+        Py_XDECREF(done);
+        pooled = done == NULL ? -1 : 1;
+    }
+    if (pooled > 0) {
+        Py_DECREF(client);
+        Py_DECREF(pool);
+        return result;
+    }
+    Py_CLEAR(result);
+failed:
+    /* As `except BaseException as error: pool.give_back_after(...); raise`. */
+    error = take_error();
+    if (error == NULL) {
+        PyErr_SetString(PyExc_SystemError, "pooled_call: a call failed without an exception");
+        error = take_error();
+    }
+    handled = PyObject_CallMethodObjArgs(pool, name_give_back_after, client, error, args[2], NULL);
+    if (handled == NULL) {
+        PyObject *raised = take_error();
+        if (raised != error) {
+            PyException_SetContext(raised, error);
+        }
+        else {
+            Py_DECREF(error);
+        }
+        raise_again(raised);
+    }
+    else {
+        Py_DECREF(handled);
+        raise_again(error);
+    }
+    Py_DECREF(client);
+    Py_DECREF(pool);
+    return NULL;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"prefixed_keys", (PyCFunction)(void (*)(void))prefixed_keys, METH_FASTCALL,
      prefixed_keys_doc},
+    {"made_key", (PyCFunction)(void (*)(void))made_key, METH_FASTCALL, made_key_doc},
     {"group_by_node", (PyCFunction)(void (*)(void))group_by_node, METH_FASTCALL,
      group_by_node_doc},
     {"retrieval_request", retrieval_request, METH_O, retrieval_request_doc},
@@ -574,6 +940,7 @@ static PyMethodDef speedups_methods[] = {
      decoded_values_doc},
     {"parse_values", (PyCFunction)(void (*)(void))parse_values, METH_FASTCALL,
      parse_values_doc},
+    {"pooled_call", (PyCFunction)(void (*)(void))pooled_call, METH_FASTCALL, pooled_call_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -588,5 +955,8 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    if (intern_pool_names() < 0) {
+        return NULL;
+    }
     return PyModuleDef_Init(&speedups_module);
 }

@@ -1,4 +1,4 @@
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 def parse_values(
@@ -7,6 +7,7 @@ def parse_values(
     buffer: bytes | bytearray,
     start: int,
 ) -> tuple[Any, int] | None: ...
+def made_key(key_prefix: str, version: Any, key: Any) -> str | None: ...
 def prefixed_keys(prefix: str, keys: list[Any]) -> dict[str, Any] | None: ...
 def group_by_node(
     keys: list[Any], node_index: Callable[[Any], int], count: int
@@ -19,3 +20,11 @@ def decoded_values(
     flag: int,
     decode_flagged: Callable[[bytes, int], Any],
 ) -> dict[Any, Any]: ...
+def pooled_call(
+    pools: Sequence[Any],
+    node_index: Callable[[str], int] | None,
+    is_node_failure: Callable[[BaseException], bool],
+    method: str,
+    key: str,
+    *args: Any,
+) -> Any: ...

@@ -127,29 +127,6 @@ def _seconds(milliseconds: int, default: float) -> float:
     return milliseconds / 1000 if milliseconds > 0 else default
 
 
-def _compressing(command: str) -> Callable[..., bool]:
-    """
-    pylibmc's storage ``command`` (``set``, ``add``, ``replace``) with the client's
-    ``min_compress_len`` unless the call gives one.
-    """
-    store = getattr(pylibmc.Client, command)
-
-    def call(
-        self: PipelinedClient,
-        key: Any,
-        value: Any,
-        time: int = 0,
-        min_compress_len: int | None = None,
-        compress_level: int = -1,
-    ) -> bool:
-        if min_compress_len is None:
-            min_compress_len = self._min_compress_len
-        return store(self, key, value, time, min_compress_len, compress_level)
-
-    call.__name__ = call.__qualname__ = command
-    return call
-
-
 class PipelinedClient(pylibmc.Client):
     """
     A pylibmc client of one node whose ``set_multi`` and ``delete_multi`` are pipelined (see
@@ -163,9 +140,11 @@ class PipelinedClient(pylibmc.Client):
     With the binary protocol, SASL or any of pylibmc's extra arguments, libmemcached does the
     work.
 
-    ``min_compress_len`` is pylibmc's argument of that name, given to every ``set``, ``add``
-    and ``set_multi``: Django never passes it. The pipelined ``set_multi`` compresses as
-    pylibmc does (``compression.compressed``).
+    ``min_compress_len`` is pylibmc's argument of that name, given to every ``set_multi``
+    that does not pass one: Django never does. The pipelined ``set_multi`` compresses as
+    pylibmc does (``compression.compressed``). ``set``, ``add`` and ``replace`` are
+    pylibmc's own, called in C with no Python in between: the cluster client passes them
+    the backend's ``min_compress_len`` (``PylibmcClusterClient.set``).
 
     After any ``Exception`` the client is in step with the node, so the pool takes it back
     (see ``pool``): libmemcached keeps its own connection's state, and a Python exception
@@ -197,10 +176,6 @@ class PipelinedClient(pylibmc.Client):
         self._node_name = f"{self._host}:{self._port}"
         self._pipelines = not options.get("binary") and options.get("username") is None
         self._sock: socket.socket | None = None
-
-    set = _compressing("set")
-    add = _compressing("add")
-    replace = _compressing("replace")
 
     def incr(self, key: Any, delta: int = 1) -> int:
         return self._count(b"incr", key, delta)
@@ -503,18 +478,22 @@ class FixedBehaviors(dict):
 
 
 def _routed_store(command: str) -> Callable[..., bool]:
-    """pylibmc's storage ``command`` with its arguments, on the key's node (as ``set``)."""
+    """
+    pylibmc's storage ``command`` with its arguments, on the key's node (as ``set``), with
+    the backend's ``min_compress_len`` unless the call gives one (Django never does).
+    """
 
     def call(
-        self: ClusterClient,
+        self: PylibmcClusterClient,
         key: Any,
         val: Any,
         time: int = 0,
         min_compress_len: int | None = None,
         compress_level: int = -1,
     ) -> bool:
-        self._invalidate_former_owners((key,))
-        return self._call(key, command, val, time, min_compress_len, compress_level)
+        if min_compress_len is None:
+            min_compress_len = self._min_compress_len
+        return self.write(command, key, val, time, min_compress_len, compress_level)
 
     call.__name__ = call.__qualname__ = command
     return call
@@ -563,6 +542,7 @@ class PylibmcClusterClient(ClusterClient):
     def __init__(self, *args: Any, client_options: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._client_options = client_options
+        self._min_compress_len: int = client_options.get("min_compress_len", 0)
 
     @functools.cached_property
     def _unconnected(self) -> pylibmc.Client:
@@ -610,16 +590,16 @@ class PylibmcClusterClient(ClusterClient):
     replace = _routed_store("replace")
 
     def append(self, key: Any, val: Any) -> bool:
-        return self.write(key, "append", val)
+        return self.write("append", key, val)
 
     def prepend(self, key: Any, val: Any) -> bool:
-        return self.write(key, "prepend", val)
+        return self.write("prepend", key, val)
 
     def gets(self, key: Any) -> tuple[Any, int | None]:
-        return self._call(key, "gets")
+        return self.call("gets", key)
 
     def cas(self, key: Any, val: Any, cas: int, time: int = 0) -> bool:
-        return self.write(key, "cas", val, cas, time)
+        return self.write("cas", key, val, cas, time)
 
     def __getitem__(self, key: Any) -> Any:
         value = self.get(key, _MISSING)

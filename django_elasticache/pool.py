@@ -128,6 +128,11 @@ class NodePool:
     A borrower takes an idle client, or makes one while fewer than ``size`` exist, or waits
     for one to be given back: the number of connections a process opens to a node is bounded
     whatever its concurrency, and connections are reused rather than churned.
+
+    The compiled single-key call (``routing.pooled_call``) does the common case of
+    ``borrow`` and ``give_back`` itself, on the same attributes: a change to what they do
+    under the lock is a change to ``_speedups.c`` too (``tests/test_pooled_call.py`` runs
+    both).
     """
 
     def __init__(
@@ -145,9 +150,6 @@ class NodePool:
         # Every client of the node that is still alive, idle or lent: a lent client dropped
         # without being given back leaves it when collected (see the module docstring).
         self._alive: weakref.WeakSet[Client] = weakref.WeakSet()
-        # The client last lent to each thread (or greenlet), weakly, to take it back should
-        # the thread borrow again without having handed it back (see ``_take_back``).
-        self._last_lent = threading.local()
         self._lock = threading.Lock()
         self._waiting = 0
         self._bell = _new_bell()
@@ -163,18 +165,12 @@ class NodePool:
         """
         if self._failures >= FAILURE_LIMIT:  # ``check_available``, inline on the hot path.
             self._refuse_while_down()
-        borrower = threading.get_ident()
-        last_lent = self._last_lent
-        previous = getattr(last_lent, "client", _nothing_lent)()
-        if previous is not None and previous._lent_to == borrower:
-            self._take_back(previous)  # This thread's previous client was never handed back.
         with self._lock:
             idle = self._idle
             if idle:
                 # ``_lend_idle``, inline: marked lent before it leaves the idle list.
                 client = idle[-1]
-                client._lent_to = borrower
-                last_lent.client = client._own_ref
+                client._lent_to = threading.get_ident()
                 idle.pop()
                 return client
         return self._take_when_none_idle()
@@ -344,9 +340,6 @@ class NodePool:
         try:
             client = self._make_client(self.node)
             client._lent_to = borrower
-            # A weak reference to itself, made once: a borrow names its client by it.
-            client._own_ref = weakref.ref(client)
-            self._last_lent.client = client._own_ref
             with self._lock:
                 self._alive.add(client)
                 self._alive.discard(placeholder)
@@ -384,27 +377,8 @@ class NodePool:
         """
         client = self._idle[-1]
         client._lent_to = borrower
-        self._last_lent.client = client._own_ref
         self._idle.pop()
         return client
-
-    def _take_back(self, client: Client) -> None:
-        """
-        Close a client lent to this thread and never handed back, and free its slot: no call
-        borrows two clients of one node at once, so a thread borrowing again uses none of
-        them. The call that had it was interrupted, its reply perhaps still on the wire, and
-        a traceback its caller keeps may hold the client alive.
-        """
-        with self._lock:
-            if (
-                client._lent_to != threading.get_ident()
-                or client not in self._alive
-                or self._is_idle(client)
-            ):
-                return
-            self._alive.discard(client)
-            client._lent_to = None
-        self._close_client(client)
 
     def _forget_lost_to(self, borrower: int) -> list[Client]:
         """
@@ -459,13 +433,8 @@ class NodePool:
         _clients_inherited_across_fork.extend(self._idle)
         self._idle = []
         self._alive = weakref.WeakSet()
-        self._last_lent = threading.local()
         self._failures = 0
         self._down_until = 0.0
-
-
-def _nothing_lent() -> None:
-    """What a thread that never borrowed from a pool finds as its last lent client."""
 
 
 def _new_bell() -> threading.Lock:

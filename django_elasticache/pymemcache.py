@@ -401,8 +401,7 @@ def _routed_store(command: str) -> Callable[..., bool]:
         noreply: bool | None = None,
         flags: int | None = None,
     ) -> bool:
-        self._invalidate_former_owners((key,))
-        return self._call(key, command, value, expire, noreply, flags)
+        return self.write(command, key, value, expire, noreply, flags)
 
     call.__name__ = call.__qualname__ = command
     return call
@@ -466,10 +465,10 @@ class PymemcacheClusterClient(ClusterClient):
     # Keyed calls, with pymemcache's keywords
 
     def get(self, key: Any, default: Any = None) -> Any:
-        return self._call(key, "get", default)
+        return self.call("get", key, default)
 
     def gets(self, key: Any, default: Any = None, cas_default: Any = None) -> Any:
-        return self._call(key, "gets", default, cas_default)
+        return self.call("gets", key, default, cas_default)
 
     set = _routed_store("set")
     add = _routed_store("add")
@@ -486,19 +485,19 @@ class PymemcacheClusterClient(ClusterClient):
         noreply: bool = False,
         flags: Any = None,
     ) -> bool | None:
-        return self.write(key, "cas", value, cas, expire, noreply, flags)
+        return self.write("cas", key, value, cas, expire, noreply, flags)
 
     def delete(self, key: Any, noreply: bool | None = None) -> bool:
-        return self.write(key, "delete", noreply)
+        return self.write("delete", key, noreply)
 
     def incr(self, key: Any, value: int, noreply: bool = False) -> int | None:
-        return self._call(key, "incr", value, noreply)
+        return self.call("incr", key, value, noreply)
 
     def decr(self, key: Any, value: int, noreply: bool = False) -> int | None:
-        return self._call(key, "decr", value, noreply)
+        return self.call("decr", key, value, noreply)
 
     def touch(self, key: Any, expire: int = 0, noreply: bool | None = None) -> bool:
-        return self._call(key, "touch", expire, noreply)
+        return self.call("touch", key, expire, noreply)
 
     # Multi-key calls, under HashClient's names too
 

@@ -102,6 +102,42 @@ group_by_node: Callable[[list[str], Callable[[str], int], int], list[list[str]]]
 )
 
 
+def pooled_call_in_python(
+    pools: Sequence[NodePool],
+    node_index: Callable[[str], int] | None,
+    is_node_failure: Callable[[BaseException], bool],
+    method: str,
+    key: str,
+    *args: Any,
+) -> Any:
+    """
+    ``method(key, *args)`` on a client of the key's node (``pools[node_index(key)]``, or
+    ``pools[0]`` when ``node_index`` is None), borrowed from its pool and given back.
+    """
+    pool = pools[0] if node_index is None else pools[node_index(key)]
+    client = None
+    try:
+        # Borrowed and given back inside the try: an interruption just after borrow or
+        # at give_back's first bytecode still hands the client back.
+        client = pool.borrow()
+        result = getattr(client, method)(key, *args)
+        pool.give_back(client)
+    except BaseException as error:
+        if client is not None:
+            pool.give_back_after(client, error, is_node_failure)
+        raise
+    return result
+
+
+pooled_call: Callable[..., Any] = (
+    COMPILED.pooled_call if COMPILED is not None else pooled_call_in_python
+)
+"""
+A single-key call; the compiled one does the pool's common case itself, so that no
+interruption can land between the borrow, the call and the give-back.
+"""
+
+
 def _start_get_multi(client: Any, keys: list[str]) -> Callable[[], dict[str, Any]]:
     return start_call(client, "get_multi", keys)
 
@@ -132,11 +168,26 @@ class ClusterClient:
         self._placement = placement
         self._is_node_failure = is_node_failure
         self._single = self._pools[0] if len(self._pools) == 1 else None
+        self.call: Callable[..., Any] = functools.partial(
+            pooled_call,
+            self._pools,
+            None if self._single is not None else placement.node_index,
+            is_node_failure,
+        )
+        """``call(method, key, *args)``: ``method(key, *args)`` on a client of the key's node."""
         self._former_owners: list[NodePool | None] | None = None
         self._former_placement: Placement | None = None
         self._invalidate_until = 0.0
         if previous is not None and invalidation_window != 0:
             self._remember_former_owners(previous, invalidation_window)
+        # Former owners are known from the start or never: without them a write is a call.
+        self.write: Callable[..., Any] = (
+            self.call if self._former_owners is None else self._invalidating_write
+        )
+        """
+        ``write(method, key, *args)``: ``call`` for a single-key write or delete, which
+        first deletes the key on its former owner while keys may have moved (see above).
+        """
 
     @property
     def pools(self) -> tuple[NodePool, ...]:
@@ -156,44 +207,30 @@ class ClusterClient:
 
     # Single-key calls
 
-    def _call(self, key: str, method: str, *args: Any) -> Any:
-        pool = self.pool_for(key)
-        client = None
-        try:
-            # Borrowed and given back inside the try: an interruption just after borrow or
-            # at give_back's first bytecode still hands the client back.
-            client = pool.borrow()
-            result = getattr(client, method)(key, *args)
-            pool.give_back(client)
-        except BaseException as error:
-            if client is not None:
-                pool.give_back_after(client, error, self._is_node_failure)
-            raise
-        return result
+    def _invalidating_write(self, method: str, key: str, *args: Any) -> Any:
+        self._invalidate_former_owners((key,))
+        return self.call(method, key, *args)
 
     def get(self, key: str, *args: Any) -> Any:
-        return self._call(key, "get", *args)
+        return self.call("get", key, *args)
 
     def touch(self, key: str, *args: Any) -> Any:
-        return self._call(key, "touch", *args)
+        return self.call("touch", key, *args)
 
     def incr(self, key: str, *args: Any) -> Any:
-        return self._call(key, "incr", *args)
+        return self.call("incr", key, *args)
 
     def decr(self, key: str, *args: Any) -> Any:
-        return self._call(key, "decr", *args)
+        return self.call("decr", key, *args)
 
     def set(self, key: str, *args: Any) -> Any:
-        self._invalidate_former_owners((key,))
-        return self._call(key, "set", *args)
+        return self.write("set", key, *args)
 
     def add(self, key: str, *args: Any) -> Any:
-        self._invalidate_former_owners((key,))
-        return self._call(key, "add", *args)
+        return self.write("add", key, *args)
 
     def delete(self, key: str, *args: Any) -> Any:
-        self._invalidate_former_owners((key,))
-        return self._call(key, "delete", *args)
+        return self.write("delete", key, *args)
 
     # Multi-key calls
 
@@ -345,11 +382,6 @@ class ClusterClient:
         return results
 
     # The rest of the library clients' surface (each backend's subclass shapes it)
-
-    def write(self, key: str, method: str, *args: Any) -> Any:
-        """A single-key write such as ``replace`` or ``cas``, handled as ``set`` is."""
-        self._invalidate_former_owners((key,))
-        return self._call(key, method, *args)
 
     def on_every_node(self, call: Callable[[Any], Any]) -> list[tuple[NodePool, Any]]:
         """

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import django_elasticache
-from django_elasticache import protocol, routing
+from django_elasticache import backend, protocol, routing
 from django_elasticache.protocol import (
     MAX_KEY_LENGTH,
     MAX_LINE_LENGTH,
@@ -230,6 +230,20 @@ def test_prefixed_keys_is_the_common_case_of_django_key_making(
     assert (made is not None) == plain
     if made is not None:
         assert list(made.items()) == list({prefix + key: key for key in keys}.items())
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(_KEY_TEXT, st.integers(-1, 1)),
+    st.one_of(st.integers(-(10**30), 10**30), _KEY_TEXT, st.booleans(), st.none()),
+    st.one_of(_KEY_TEXT, _KEY_TEXT.map(lambda text: text.encode("utf-8", "surrogatepass"))),
+)
+def test_made_key_means_what_its_python_twin_means(prefix: Any, version: Any, key: Any) -> None:
+    made = _speedups.made_key(prefix, version, key)
+    assert made == backend.made_key_in_python(prefix, version, key)
+    if made is not None:
+        assert made == f"{prefix}:{version}:{key}"
+        assert all("!" <= character <= "~" for character in made) and len(made) <= 250
 
 
 @settings(max_examples=1000, deadline=None)
