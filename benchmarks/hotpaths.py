@@ -4,26 +4,31 @@ workload and single-key calls, each against raw clients on the same local nodes.
 
 Run alone: ``python benchmarks/hotpaths.py [--rounds 7] [--calls 200]``; ``run.py`` runs it
 too and puts its targets in the pass/fail table. Every round times each contender for
-``calls`` calls in turn (interleaved, so load on the machine hits all alike); a time is the
-median over rounds, a ratio the median of the per-round ratios. The clusters are
-``LocalCluster``s of three nodes, clear text and TLS.
+``calls`` calls, the contenders of a comparison taking ``TURNS`` turns (interleaved, so load
+on the machine hits all alike); a time is the median over rounds, a ratio the median of the
+per-round ratios. The clusters are ``LocalCluster``s of three nodes, clear text and TLS.
 
-Single-key calls cycle over a hundred keys rather than repeat one. On a small machine a
-node answers in 20 to 70 µs over loopback depending on whether its memcached thread and
-the client share a CPU, and ours places a key by node hostname where raw pylibmc places it
-by address: one repeated key would time whichever node each happened to pick.
+Every contender sends each key to the same node. On a small machine a node answers in 20
+to 70 µs over loopback depending on whether its memcached thread and the client share a CPU
+(one run: 69, 21 and 68 µs for a single-key ``get`` on the three nodes), and ours places a
+key by node hostname where raw pylibmc and Django's stock backends place it by address: on
+``hot-0`` to ``hot-99`` raw pylibmc put 40 keys on the fast node and ours 32, which alone
+made ours 7% slower. So the keys are the first hundred ``hot-<n>`` that both placements put
+on the same node (``agreeing_keys``), and single-key calls cycle over them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import itertools
 import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +51,12 @@ from tables import Table
 from wire import connect
 
 from django_elasticache import backend, memcached, protocol, pymemcache, routing
-from django_elasticache.pipeline import receive
-from django_elasticache.protocol import parse_values, parse_values_in_python, retrieval_request
+from django_elasticache.pipeline import receive, send
+from django_elasticache.protocol import parse_values, retrieval_request
 from django_elasticache.testing import LocalCluster
 
-KEYS = [f"hot-{index}" for index in range(100)]
+KEY_COUNT = 100
 VALUE = "v" * 100
-DATA = dict.fromkeys(KEYS, VALUE)
-READY_KEYS = [DJANGO_KEY_PREFIX + key for key in KEYS]
-READY_DATA = dict.fromkeys(READY_KEYS, VALUE)
 MIXED_BATCH = 20
 
 SET_MANY = "set_many(100) x 100 B"
@@ -90,13 +92,30 @@ def raw_client(cluster: LocalCluster, **behaviors: Any) -> pylibmc.Client:
     return pylibmc.Client(cluster.node_addresses, behaviors={**our_behaviors(), **behaviors})
 
 
-def socket_floor(cache: Any) -> Call:
+def agreeing_keys(ours: Any, raw: pylibmc.Client, cluster: LocalCluster) -> list[str]:
     """
-    What any Python reader of ``get_many(KEYS)`` costs at least: ``cache``'s request for
-    each node, built once, sent on a socket of its own to every node, then every reply read
-    and parsed by ``protocol.parse_values``; no keys made, no routing, no values decoded.
+    The first ``KEY_COUNT`` keys ``hot-<n>`` that ours and ``raw`` (over
+    ``cluster.node_addresses``, as Django's stock backend too) place on the same node.
     """
-    groups = cache._cache.by_pool(READY_KEYS)
+    keys = []
+    for index in range(100 * KEY_COUNT):
+        key = f"hot-{index}"
+        made = DJANGO_KEY_PREFIX + key
+        if ours._cache.pool_for(made).node.address == cluster.node_addresses[raw.hash(made)]:
+            keys.append(key)
+            if len(keys) == KEY_COUNT:
+                return keys
+    raise RuntimeError(f"fewer than {KEY_COUNT} keys are placed alike on {cluster.location}")
+
+
+def socket_floor(cache: Any, ready_keys: list[str]) -> Call:
+    """
+    What any Python reader of ``get_many(ready_keys)`` costs at least: ``cache``'s request
+    for each node, built once, sent on a socket of its own to every node, then every reply
+    read and parsed by ``protocol.parse_values``, the socket calls ``pipeline``'s; no keys
+    made, no routing, no values decoded.
+    """
+    groups = cache._cache.by_pool(ready_keys)
     requests = []
     for pool, keys in groups.items():
         sock = connect(pool.node, None, TIMEOUT_SECONDS)
@@ -105,7 +124,7 @@ def socket_floor(cache: Any) -> Call:
 
     def get_many() -> None:
         for sock, request in requests:
-            sock.sendall(request)
+            send(sock, request)
         for sock, _ in requests:
             receive(sock, parse_values)
 
@@ -118,31 +137,45 @@ _COMPILED_LOOPS = {
     (memcached, "retrieval_request_for"): protocol.retrieval_request_in_python,
     (memcached, "decoded_values"): protocol.decoded_values_in_python,
     (routing, "group_by_node"): routing.group_by_node_in_python,
+    (routing, "pooled_call"): routing.pooled_call_in_python,
     (backend, "prefixed_keys"): None,
+    (backend, "made_key"): backend.made_key_in_python,
 }
 """Where each module took a compiled loop, and the pure-Python code it takes without."""
 
 
-def reading_with(reader: Callable[..., Any], call: Call) -> Call:
+@dataclasses.dataclass
+class PureLoops:
     """
-    ``call`` with the compiled loops (``reader`` is ``parse_values``) or their pure-Python
-    twins (``reader`` is ``parse_values_in_python``), side by side in one process (both
-    contenders pay the swap).
+    A call made with the pure-Python loops in place of the compiled ones, as where the
+    extension is not built: ``measure`` puts them in place around each of its turns,
+    outside the time taken. A call with single-key calls needs a cache of its own, first
+    called here: a cluster client takes its ``routing.pooled_call`` when it is built.
     """
-    pure = reader is parse_values_in_python
-    loops = {place: getattr(*place) for place in _COMPILED_LOOPS}
 
-    def run() -> Any:
-        if pure:
-            for (module, name), fallback in _COMPILED_LOOPS.items():
-                setattr(module, name, fallback)
+    call: Call
+
+    def __call__(self) -> Any:
+        return self.call()
+
+    @contextlib.contextmanager
+    def in_place(self) -> Iterator[None]:
+        compiled = {place: getattr(*place) for place in _COMPILED_LOOPS}
+        for (module, name), fallback in _COMPILED_LOOPS.items():
+            setattr(module, name, fallback)
         try:
-            return call()
+            yield
         finally:
-            for (module, name), loop in loops.items():
+            for (module, name), loop in compiled.items():
                 setattr(module, name, loop)
 
-    return run
+
+_as_built = contextlib.nullcontext
+"""The loops a call other than ``PureLoops`` runs with: the ones in use."""
+
+
+class _OwnClients(memcached.ElastiCache):
+    """Our pylibmc backend, with clients of its own: they are keyed by the backend class."""
 
 
 def cycling(call: Callable[..., Any], arguments: Sequence[Any]) -> Call:
@@ -169,61 +202,59 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
     ours_clear_pymemcache = build_ours_pymemcache(clear, {})
     elastipymemcache_tls = build_elastipymemcache(tls, {})
     stock_pymemcache = build_pymemcache(clear, {})
+    keys = agreeing_keys(ours, raw, clear)
+    data = dict.fromkeys(keys, VALUE)
+    ready_keys = [DJANGO_KEY_PREFIX + key for key in keys]
+    ready_data = dict.fromkeys(ready_keys, VALUE)
     for cache in (ours, ours_tls, elastipymemcache_tls, ours_clear_pymemcache):
-        cache.set_many(DATA)
-    raw.set_multi(READY_DATA, time=DJANGO_TIMEOUT)
-    batches = [KEYS[start : start + MIXED_BATCH] for start in range(0, len(KEYS), MIXED_BATCH)]
+        cache.set_many(data)
+    raw.set_multi(ready_data, time=DJANGO_TIMEOUT)
+    batches = [keys[start : start + MIXED_BATCH] for start in range(0, len(keys), MIXED_BATCH)]
     ready_batches = [[DJANGO_KEY_PREFIX + key for key in batch] for batch in batches]
 
     def mixed_on(cache: Any) -> Call:
         """The mixed workload through a Django cache backend."""
         return mixed(
-            cycling(functools.partial(cache.set, value=VALUE), KEYS),
-            cycling(cache.get, KEYS),
+            cycling(functools.partial(cache.set, value=VALUE), keys),
+            cycling(cache.get, keys),
             cycling(cache.get_many, batches),
         )
 
-    ours_mixed = mixed_on(ours)
-    raw_set = cycling(functools.partial(raw.set, val=VALUE, time=DJANGO_TIMEOUT), READY_KEYS)
+    ours_pure = _OwnClients(clear.location, {})
+    raw_set = cycling(functools.partial(raw.set, val=VALUE, time=DJANGO_TIMEOUT), ready_keys)
     return {
         SET_MANY: {
-            OURS: functools.partial(ours.set_many, DATA),
-            RAW_SET_MULTI: functools.partial(raw.set_multi, READY_DATA, DJANGO_TIMEOUT),
-            RAW_NOREPLY: functools.partial(raw_noreply.set_multi, READY_DATA, DJANGO_TIMEOUT),
+            OURS: functools.partial(ours.set_many, data),
+            RAW_SET_MULTI: functools.partial(raw.set_multi, ready_data, DJANGO_TIMEOUT),
+            RAW_NOREPLY: functools.partial(raw_noreply.set_multi, ready_data, DJANGO_TIMEOUT),
         },
         GET_MANY: {
-            OURS: reading_with(parse_values, functools.partial(ours.get_many, KEYS)),
-            OURS_PURE: reading_with(
-                parse_values_in_python, functools.partial(ours.get_many, KEYS)
-            ),
-            RAW_GET_MULTI: functools.partial(raw.get_multi, READY_KEYS),
-            STOCK: functools.partial(stock.get_many, KEYS),
-            SOCKET_FLOOR: socket_floor(ours),
+            OURS: functools.partial(ours.get_many, keys),
+            OURS_PURE: PureLoops(functools.partial(ours_pure.get_many, keys)),
+            RAW_GET_MULTI: functools.partial(raw.get_multi, ready_keys),
+            STOCK: functools.partial(stock.get_many, keys),
+            SOCKET_FLOOR: socket_floor(ours, ready_keys),
         },
         GET_MANY_20: {
-            OURS: reading_with(parse_values, cycling(ours.get_many, batches)),
-            OURS_PURE: reading_with(parse_values_in_python, cycling(ours.get_many, batches)),
+            OURS: cycling(ours.get_many, batches),
+            OURS_PURE: PureLoops(cycling(ours_pure.get_many, batches)),
             RAW_GET_MULTI: cycling(raw.get_multi, ready_batches),
             STOCK: cycling(stock.get_many, batches),
         },
         PYMEMCACHE_GET_MANY: {
-            OURS_CLEAR: reading_with(
-                parse_values, functools.partial(ours_clear_pymemcache.get_many, KEYS)
-            ),
-            OURS_CLEAR_PURE: reading_with(
-                parse_values_in_python, functools.partial(ours_clear_pymemcache.get_many, KEYS)
-            ),
+            OURS_CLEAR: functools.partial(ours_clear_pymemcache.get_many, keys),
+            OURS_CLEAR_PURE: PureLoops(functools.partial(ours_clear_pymemcache.get_many, keys)),
         },
         TLS_SET_MANY: {
-            OURS_TLS: functools.partial(ours_tls.set_many, DATA),
-            OURS_CLEAR: functools.partial(ours_clear_pymemcache.set_many, DATA),
-            ELASTI_TLS: functools.partial(elastipymemcache_tls.set_many, DATA),
+            OURS_TLS: functools.partial(ours_tls.set_many, data),
+            OURS_CLEAR: functools.partial(ours_clear_pymemcache.set_many, data),
+            ELASTI_TLS: functools.partial(elastipymemcache_tls.set_many, data),
         },
         MIXED: {
-            OURS: reading_with(parse_values, ours_mixed),
-            OURS_PURE: reading_with(parse_values_in_python, ours_mixed),
+            OURS: mixed_on(ours),
+            OURS_PURE: PureLoops(mixed_on(ours_pure)),
             RAW: mixed(
-                raw_set, cycling(raw.get, READY_KEYS), cycling(raw.get_multi, ready_batches)
+                raw_set, cycling(raw.get, ready_keys), cycling(raw.get_multi, ready_batches)
             ),
             STOCK: mixed_on(stock),
         },
@@ -232,19 +263,27 @@ def comparisons(clear: LocalCluster, tls: LocalCluster) -> dict[str, dict[str, C
             STOCK_PYMEMCACHE: mixed_on(stock_pymemcache),
         },
         TLS_MIXED: {OURS_TLS: mixed_on(ours_tls), ELASTI_TLS: mixed_on(elastipymemcache_tls)},
-        SINGLE_GET: {OURS: cycling(ours.get, KEYS), RAW: cycling(raw.get, READY_KEYS)},
+        SINGLE_GET: {OURS: cycling(ours.get, keys), RAW: cycling(raw.get, ready_keys)},
         SINGLE_SET: {
-            OURS: cycling(functools.partial(ours.set, value=VALUE), KEYS),
+            OURS: cycling(functools.partial(ours.set, value=VALUE), keys),
             RAW: raw_set,
         },
     }
 
 
-def seconds_per_call(call: Call, calls: int) -> float:
+TURNS = 10
+"""
+Each contender makes its calls of a round in this many turns, the contenders of a comparison
+taking turns: a node's answer time drifts within milliseconds on a small machine, and turns
+put every contender under the same drift.
+"""
+
+
+def seconds_for(call: Call, calls: int) -> float:
     started = time.perf_counter()
     for _ in range(calls):
         call()
-    return (time.perf_counter() - started) / calls
+    return time.perf_counter() - started
 
 
 def measure(
@@ -255,10 +294,16 @@ def measure(
         comparison: {name: [] for name in calls_by_name}
         for comparison, calls_by_name in contenders.items()
     }
+    calls_per_turn = max(calls // TURNS, 1)
     for _ in range(rounds):
         for comparison, calls_by_name in contenders.items():
-            for name, call in calls_by_name.items():
-                samples[comparison][name].append(seconds_per_call(call, calls))
+            elapsed = dict.fromkeys(calls_by_name, 0.0)
+            for _ in range(TURNS):
+                for name, call in calls_by_name.items():
+                    with call.in_place() if isinstance(call, PureLoops) else _as_built():
+                        elapsed[name] += seconds_for(call, calls_per_turn)
+            for name, seconds in elapsed.items():
+                samples[comparison][name].append(seconds / (calls_per_turn * TURNS))
     return samples
 
 

@@ -301,7 +301,7 @@ class PipelinedClient(pylibmc.Client):
         failure: OSError | None = None
         try:
             self._replies_owed_on = sock = self._connection()
-            sock.sendall(requests[0] if first == 1 else b"".join(requests[:first]))
+            pipeline.send(sock, requests[0] if first == 1 else b"".join(requests[:first]))
         except OSError as error:
             self._close_pipeline()
             failure = None if sent_on_reused and _closed_by_node(error) else error

@@ -24,10 +24,17 @@ Second, a batch's first write sent on each of several nodes' sockets before any 
 (``first_write``, then ``receive``): a ``get_many``, ``set_many`` or ``delete_many`` over three
 nodes then waits for them together, as libmemcached's own multi-server ``get_multi`` does,
 not for each node in turn.
+
+A Python socket with a timeout polls before every send and every receive. Here a write goes
+out at once and a read takes what has arrived at once, as libmemcached does: the poll (with
+the socket's timeout) is made only when the socket buffer is full or nothing has arrived
+yet. On a ``get_many`` over three nodes that is 8 system calls instead of 12, as many as
+libmemcached makes. TLS sockets, and sockets without a timeout, keep Python's own calls.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
@@ -41,6 +48,7 @@ __all__ = [
     "exchange",
     "first_write",
     "receive",
+    "send",
 ]
 
 MAX_COMMANDS_PER_WRITE = 256
@@ -66,9 +74,26 @@ def exchange(
     """
     replies: list[Any] = []
     for start, end in _writes(requests, max_write_bytes):
-        sock.sendall(b"".join(requests[start:end]))
+        send(sock, b"".join(requests[start:end]))
         replies.extend(receive(sock, parse, end - start))
     return replies
+
+
+def send(sock: socket.socket, data: bytes) -> None:
+    """
+    ``sock.sendall(data)``, written at once where the socket buffer has room (a clear-text
+    socket with a timeout, whose descriptor Python keeps non-blocking): the wait for room,
+    bounded by the socket's timeout, is paid only for what did not fit.
+    """
+    if _waits_only_when_needed(sock):
+        try:
+            sent = os.write(sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            sock.sendall(memoryview(data)[sent:])
+        return
+    sock.sendall(data)
 
 
 def first_write(requests: Sequence[bytes], max_write_bytes: int | None = None) -> int:
@@ -107,13 +132,25 @@ def receive(sock: socket.socket, parse: Parser, count: int = 1) -> list[Any]:
     return replies
 
 
+def _waits_only_when_needed(sock: socket.socket) -> bool:
+    """Whether ``sock`` takes plain reads and writes that never block (see the docstring)."""
+    return type(sock) is socket.socket and sock.gettimeout() is not None
+
+
 def _read(sock: socket.socket, buffer: bytearray) -> None:
     """
-    Append the next bytes from the node, waiting for them. A full read means more is on the
-    way (a large value): take whatever else has arrived too, without waiting, so that a
-    multi-megabyte reply is parsed a few times rather than once per read.
+    Append the next bytes from the node, waiting for them only if none have arrived. A full
+    read means more is on the way (a large value): take whatever else has arrived too,
+    without waiting, so that a multi-megabyte reply is parsed a few times rather than once
+    per read.
     """
-    chunk = sock.recv(_READ_SIZE)
+    try:
+        if _waits_only_when_needed(sock):
+            chunk = os.read(sock.fileno(), _READ_SIZE)
+        else:
+            chunk = sock.recv(_READ_SIZE)
+    except BlockingIOError:
+        chunk = sock.recv(_READ_SIZE)  # Nothing has arrived yet: wait for it.
     if not chunk:
         raise ConnectionClosed("the node closed the connection")
     buffer += chunk

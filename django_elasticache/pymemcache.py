@@ -316,7 +316,7 @@ class _NodeClient(pymemcache.Client):
 
         def send_first_write(sock: socket.socket) -> None:
             self._replies_owed_on = sock
-            sock.sendall(b"".join(requests[:first]))
+            pipeline.send(sock, b"".join(requests[:first]))
 
         try:
             self._exchange(send_first_write)

@@ -74,14 +74,25 @@ def start_call(client: Any, method: str, *args: Any, **kwargs: Any) -> Callable[
     where the client's ``two_step_calls`` names the method as the one that form replaces.
     Other clients run the whole call when its result is asked for.
     """
-    start = getattr(client, f"start_{method}", None)
-    whole = getattr(type(client), method, None)
-    if start is None or whole is not getattr(client, "two_step_calls", {}).get(method):
-        # No two-step form, or the one-step method was replaced (a subclass, a test's
-        # mock): the method itself does the call.
+    start = _two_step_form(client.__class__, method)
+    if start is None:
         return functools.partial(getattr(client, method), *args, **kwargs)
-    result: Callable[[], Any] = start(*args, **kwargs)
+    result: Callable[[], Any] = start(client, *args, **kwargs)
     return result
+
+
+@functools.cache
+def _two_step_form(client_class: type, method: str) -> Callable[..., Any] | None:
+    """
+    ``client_class``'s ``start_<method>``, unless it has none or its ``method`` is not the
+    one that form replaces (a subclass replaced it): the method itself then does the call.
+    Looked up once per class and method.
+    """
+    start = getattr(client_class, f"start_{method}", None)
+    whole = getattr(client_class, method, None)
+    if start is None or whole is not getattr(client_class, "two_step_calls", {}).get(method):
+        return None
+    return start
 
 
 def group_by_node_in_python(
