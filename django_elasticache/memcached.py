@@ -640,7 +640,7 @@ class PylibmcClusterClient(ClusterClient):
         prefixed = [key_prefix + key for key in keys] if key_prefix else list(keys)
         self._on_every_node(
             self.by_pool(prefixed),
-            lambda client, node_keys: start_call(client, "incr_multi", node_keys, delta=delta),
+            functools.partial(start_call, "incr_multi", delta=delta),
         )
 
     # Calls on every node

@@ -513,7 +513,7 @@ class PymemcacheClusterClient(ClusterClient):
         found: dict[Any, tuple[Any, Any]] = {}
         for node_found in self._on_every_node(
             self.by_pool(keys),
-            lambda client, node_keys: start_call(client, "gets_many", node_keys),
+            functools.partial(start_call, "gets_many"),
         ):
             found.update(node_found)
         return found

@@ -67,7 +67,7 @@ def node_identity(node: ClusterNode) -> NodeKey:
     return (node.hostname or node.ip, node.port)
 
 
-def start_call(client: Any, method: str, *args: Any, **kwargs: Any) -> Callable[[], Any]:
+def start_call(method: str, client: Any, *args: Any, **kwargs: Any) -> Callable[[], Any]:
     """
     A node's ``method(*args, **kwargs)``, sent now if its client can split it:
     ``start_<method>`` sends the requests and returns the function that reads the replies,
@@ -149,8 +149,9 @@ interruption can land between the borrow, the call and the give-back.
 """
 
 
-def _start_get_multi(client: Any, keys: list[str]) -> Callable[[], dict[str, Any]]:
-    return start_call(client, "get_multi", keys)
+_start_get_multi: Callable[[Any, list[str]], Callable[[], dict[str, Any]]] = functools.partial(
+    start_call, "get_multi"
+)
 
 
 class ClusterClient:
@@ -319,7 +320,7 @@ class ClusterClient:
 
         def store(client: Any, node_keys: list[str]) -> Callable[[], list[str]]:
             part = {key: mapping[key] for key in node_keys}
-            return start_call(client, method, part, *args, **kwargs)
+            return start_call(method, client, part, *args, **kwargs)
 
         results = self._on_every_node(self.by_pool(mapping), store)
         return [key for node_failed in results for key in node_failed]
@@ -329,7 +330,7 @@ class ClusterClient:
         self._invalidate_former_owners(keys)
         results = self._on_every_node(
             self.by_pool(keys),
-            lambda client, node_keys: start_call(client, "delete_multi", node_keys, *args),
+            lambda client, node_keys: start_call("delete_multi", client, node_keys, *args),
         )
         return all(bool(deleted) for deleted in results)
 
