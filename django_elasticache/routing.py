@@ -74,7 +74,8 @@ def start_call(method: str, client: Any, *args: Any, **kwargs: Any) -> Callable[
     where the client's ``two_step_calls`` names the method as the one that form replaces.
     Other clients run the whole call when its result is asked for.
     """
-    start = _two_step_form(client.__class__, method)
+    client_class = client.__class__
+    start = _two_step_form(client_class, method, getattr(client_class, method, None))
     if start is None:
         return functools.partial(getattr(client, method), *args, **kwargs)
     result: Callable[[], Any] = start(client, *args, **kwargs)
@@ -82,14 +83,13 @@ def start_call(method: str, client: Any, *args: Any, **kwargs: Any) -> Callable[
 
 
 @functools.cache
-def _two_step_form(client_class: type, method: str) -> Callable[..., Any] | None:
+def _two_step_form(client_class: type, method: str, whole: Any) -> Callable[..., Any] | None:
     """
-    ``client_class``'s ``start_<method>``, unless it has none or its ``method`` is not the
-    one that form replaces (a subclass replaced it): the method itself then does the call.
-    Looked up once per class and method.
+    ``client_class``'s ``start_<method>``, unless it has none or ``whole``, its ``method``
+    now, is not the one that form replaces (a subclass replaced it, or a test's mock): the
+    method itself then does the call. Looked up once per class, method and ``whole``.
     """
     start = getattr(client_class, f"start_{method}", None)
-    whole = getattr(client_class, method, None)
     if start is None or whole is not getattr(client_class, "two_step_calls", {}).get(method):
         return None
     return start

@@ -90,6 +90,24 @@ def test_set_many_reports_keys_the_node_did_not_store(elasticache_cluster, make_
     assert cache.get_many(list(data)) == {}
 
 
+def test_a_one_step_method_replaced_after_use_does_the_call(
+    elasticache_cluster, make_cache, monkeypatch
+) -> None:
+    """
+    As Django's own suite does with a mock: a client class's ``set_multi`` replaced after
+    ``set_many`` ran on its two-step form does the next call, not that form.
+    """
+    cache = make_cache(elasticache_cluster.location)
+    assert cache.set_many({"key": "value"}) == []
+    client_class = cache._class
+
+    def refuse_every_key(self: object, mapping: dict, *args: object, **kwargs: object) -> list:
+        return list(mapping)
+
+    monkeypatch.setattr(client_class, "set_multi", refuse_every_key)
+    assert cache.set_many({"key": "value"}) == ["key"]
+
+
 def test_pylibmc_binary_protocol_set_many_is_libmemcacheds(
     elasticache_cluster, make_pylibmc_cache
 ) -> None:
