@@ -698,6 +698,22 @@ def check_when_back(
         except Exception as error:
             if time.monotonic() > deadline:
                 if wait:
-                    tally.record("wrong", f"{operation}: nodes never answered again: {error!r}")
+                    tally.record(
+                        "wrong",
+                        f"{operation}: nodes never answered again: {error!r} "
+                        f"({refresh_state(cache)})",
+                    )
                 return
             time.sleep(0.1)
+
+
+def refresh_state(cache: Any) -> str:
+    """Where the node list's refreshes stand, for a report of nodes that never came back."""
+    topology = cache._topology
+    now = topology._clock()
+    return (
+        f"list version {topology._held().version} of {len(topology._held().nodes)} nodes; "
+        f"a refresh counted as running for {max(topology._refreshing_until - now, 0):.1f} s "
+        f"more, the next due in {topology._next_refresh - now:.1f} s; last endpoint error: "
+        f"{topology.last_error!r}"
+    )
