@@ -170,10 +170,6 @@ class PureLoops:
                 setattr(module, name, loop)
 
 
-_as_built = contextlib.nullcontext
-"""The loops a call other than ``PureLoops`` runs with: the ones in use."""
-
-
 class _OwnClients(memcached.ElastiCache):
     """Our pylibmc backend, with clients of its own: they are keyed by the backend class."""
 
@@ -300,7 +296,8 @@ def measure(
             elapsed = dict.fromkeys(calls_by_name, 0.0)
             for _ in range(TURNS):
                 for name, call in calls_by_name.items():
-                    with call.in_place() if isinstance(call, PureLoops) else _as_built():
+                    pure = isinstance(call, PureLoops)
+                    with call.in_place() if pure else contextlib.nullcontext():
                         elapsed[name] += seconds_for(call, calls_per_turn)
             for name, seconds in elapsed.items():
                 samples[comparison][name].append(seconds / (calls_per_turn * TURNS))

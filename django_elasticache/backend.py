@@ -96,9 +96,8 @@ def made_key_in_python(key_prefix: Any, version: Any, key: Any) -> str | None:
     if type(key_prefix) is not str or type(key) is not str or type(version) not in (int, str):
         return None
     made = f"{key_prefix}:{version}:{key}"
-    if len(made) <= MEMCACHE_MAX_KEY_LENGTH and made.isascii() and made.isprintable():
-        return None if " " in made else made
-    return None
+    plain = made.isascii() and made.isprintable() and " " not in made
+    return made if plain and len(made) <= MEMCACHE_MAX_KEY_LENGTH else None
 
 
 made_key: Callable[[Any, Any, Any], str | None] = (
