@@ -25,6 +25,7 @@ from django.core.cache.backends.base import (
     BaseCache,
     default_key_func,
 )
+from django.core.cache.backends.memcached import BaseMemcachedCache
 
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .options import BackendRules, read_settings
@@ -36,6 +37,9 @@ from .topology import topology_for
 __all__ = ["ClusterCacheMixin"]
 
 logger = logging.getLogger("django_elasticache")
+
+MEMCACHE_MAX_RELATIVE_EXPIRY = 60 * 60 * 24 * 30
+"""Memcached reads a longer expiry as a point in time: Django's ``get_backend_timeout``."""
 
 ERROR_LOG_INTERVAL = 60.0
 """Seconds between two log lines for errors from the same source under IGNORE_EXCEPTIONS."""
@@ -175,7 +179,6 @@ class ClusterCacheMixin:
 
     # Set by Django's BaseMemcachedCache and BaseCache, which the mixin is combined with.
     _options: dict[str, Any]
-    default_timeout: float | None
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         settings = read_settings(server, params.get("OPTIONS"), self.option_rules)
@@ -187,8 +190,32 @@ class ClusterCacheMixin:
         self._default_key_making = (
             cls.make_key is BaseCache.make_key
             and cls.validate_key is ClusterCacheMixin.validate_key
+            and self.key_func is default_key_func  # type: ignore[attr-defined]
         )
-        """Whether keys are made and checked by Django's and this mixin's own methods."""
+        """
+        Whether keys are made and checked by Django's key function and by this mixin's and
+        Django's own methods: then ``made_key`` makes the common key at once.
+        """
+
+    @property
+    def default_timeout(self) -> float | None:
+        return self._default_timeout
+
+    @default_timeout.setter
+    def default_timeout(self, timeout: float | None) -> None:
+        """
+        Django's ``BaseCache`` sets it, and so may a user. The expiry that ``set`` sends for
+        it is worked out here, once, unless Django's ``get_backend_timeout`` would give
+        another one later (a timeout over 30 days becomes a point in time) or is not the one
+        in use: the call made most skips that function.
+        """
+        self._default_timeout = timeout
+        self._default_exptime: int | None = None
+        fixed = timeout is None or (
+            type(timeout) in (int, float) and timeout <= MEMCACHE_MAX_RELATIVE_EXPIRY
+        )
+        if fixed and type(self).get_backend_timeout is BaseMemcachedCache.get_backend_timeout:  # type: ignore[attr-defined]
+            self._default_exptime = self.get_backend_timeout(DEFAULT_TIMEOUT)  # type: ignore[attr-defined]
 
     @functools.cached_property
     def _clients(self) -> ClusterClients:
@@ -298,7 +325,7 @@ class ClusterCacheMixin:
         ``validate_key``): a call takes one function call here instead of four. A subclass
         that makes or checks keys its own way gets Django's path.
         """
-        if self._default_key_making and self.key_func is default_key_func:  # type: ignore[attr-defined]
+        if self._default_key_making:
             made = made_key(self.key_prefix, self.version if version is None else version, key)  # type: ignore[attr-defined]
             if made is not None:
                 return made
@@ -307,16 +334,15 @@ class ClusterCacheMixin:
     def _make_and_validate_keys(self, keys: list[Any], version: Any) -> list[str]:
         """
         ``make_and_validate_key`` for many keys at once, with the same keys and the same
-        error. With Django's key function every key gets one prefix; the keys are then checked
-        together: their concatenation is printable without spaces and none is too long. Should
-        the check fail, each key is checked in order as Django does, so the first bad key
-        raises Django's message.
+        error. Where keys are made the default way (``_default_key_making``), every key gets
+        one prefix and the keys are checked together: their concatenation is printable
+        without spaces and none is too long. Should the check fail, each key is checked in
+        order as Django does, so the first bad key raises Django's message.
         """
-        if self.key_func is default_key_func:  # type: ignore[attr-defined]
-            prefix = f"{self.key_prefix}:{self.version if version is None else version}:"  # type: ignore[attr-defined]
-            made = [prefix + key if type(key) is str else f"{prefix}{key}" for key in keys]
-        else:
-            made = [self.make_key(key, version) for key in keys]  # type: ignore[attr-defined]
+        if not self._default_key_making:
+            return [self.make_and_validate_key(key, version) for key in keys]
+        prefix = f"{self.key_prefix}:{self.version if version is None else version}:"  # type: ignore[attr-defined]
+        made = [prefix + key if type(key) is str else f"{prefix}{key}" for key in keys]
         joined = "".join(made)
         if not (
             joined.isprintable()
@@ -334,10 +360,15 @@ class ClusterCacheMixin:
         """
         Django's ``BaseMemcachedCache.get`` with ``_miss_on_server_error``'s policy written
         in: the most frequent call of all runs in one frame of its own instead of three. So
-        do ``set`` and ``get_many``, the other calls every page makes.
+        do ``set`` and ``get_many``, the other calls every page makes. Each also tests for a
+        new node list as ``_cache`` does, without that property's frame.
         """
+        made = self.make_and_validate_key(key, version)
         try:
-            return self._cache.call("get", self.make_and_validate_key(key, version), default)
+            cache = self._cluster_client
+            if cache is None or cache.config is not self._topology.current():
+                cache = self._cache
+            return cache.call("get", made, default)
         except self.server_errors as error:
             if not self._absorb(error, "get"):
                 raise
@@ -349,7 +380,7 @@ class ClusterCacheMixin:
         them. Where the compiled loops are built, the common case (Django's key function,
         str keys whose made keys are plain ASCII) is made and checked in one pass.
         """
-        if prefixed_keys is not None and self.key_func is default_key_func:  # type: ignore[attr-defined]
+        if prefixed_keys is not None and self._default_key_making:
             prefix = f"{self.key_prefix}:{self.version if version is None else version}:"  # type: ignore[attr-defined]
             originals = prefixed_keys(prefix, keys)
             if originals is not None:
@@ -361,7 +392,10 @@ class ClusterCacheMixin:
         keys = list(keys)
         originals = self._originals(keys, version)
         try:
-            found = self._cache.get_multi(originals)
+            cache = self._cluster_client
+            if cache is None or cache.config is not self._topology.current():
+                cache = self._cache
+            found = cache.get_multi(originals)
         except self.server_errors as error:
             if not self._absorb(error, "get_many"):
                 raise
@@ -373,9 +407,14 @@ class ClusterCacheMixin:
     ) -> Any:
         """Django's ``BaseMemcachedCache.set``, with the policy written in as in ``get``."""
         key = self.make_and_validate_key(key, version)
+        exptime = self._default_exptime if timeout is DEFAULT_TIMEOUT else None
+        if exptime is None:
+            exptime = self.get_backend_timeout(timeout)  # type: ignore[attr-defined]
         try:
-            cache = self._cache
-            if not cache.set(key, value, self.get_backend_timeout(timeout)):  # type: ignore[attr-defined]
+            cache = self._cluster_client
+            if cache is None or cache.config is not self._topology.current():
+                cache = self._cache
+            if not cache.store(key, value, exptime):
                 # As Django: a value not stored (too large) must not leave the old one behind.
                 cache.delete(key)
         except self.server_errors as error:

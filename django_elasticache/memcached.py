@@ -543,6 +543,8 @@ class PylibmcClusterClient(ClusterClient):
         super().__init__(*args, **kwargs)
         self._client_options = client_options
         self._min_compress_len: int = client_options.get("min_compress_len", 0)
+        if self._min_compress_len:
+            self.store = self.set  # pylibmc's own default (0) is the only one ``write`` skips.
 
     @functools.cached_property
     def _unconnected(self) -> pylibmc.Client:

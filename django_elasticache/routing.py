@@ -200,6 +200,11 @@ class ClusterClient:
         ``write(method, key, *args)``: ``call`` for a single-key write or delete, which
         first deletes the key on its former owner while keys may have moved (see above).
         """
+        self.store: Callable[[str, Any, int], Any] = functools.partial(self.write, "set")
+        """
+        ``store(key, value, exptime)``: the library's ``set`` as the backend's ``set`` calls
+        it, without a frame of Python between it and the compiled call.
+        """
 
     @property
     def pools(self) -> tuple[NodePool, ...]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+import socket
 import threading
 import time
 
 import pylibmc
 import pytest
 from django.core.cache import InvalidCacheKey
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.memcached import PyLibMCCache
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -337,3 +339,68 @@ def test_pymemcache_defaults_and_user_options_reach_every_node_client(
         cache, lambda client: client.serde.serde._serialize_func.keywords["pickle_version"]
     )
     assert pickle_versions == [pickle.HIGHEST_PROTOCOL] * 3
+
+
+def seconds_left_on_node(cache, key: str) -> int:
+    """
+    What memcached itself has left on a key's expiry (``-1``: never expires), asked on the
+    key's node with a meta get (``mg <key> t`` answers ``HD t<seconds>``).
+    """
+    made = cache.make_and_validate_key(key)
+    node = cache._cache.pool_for(made).node
+    with socket.create_connection((node.ip, node.port), timeout=5) as sock:
+        sock.sendall(b"mg %s t\r\n" % made.encode())
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            reply += sock.recv(1024)
+    status, flag = reply.split()
+    assert status == b"HD" and flag.startswith(b"t"), reply
+    return int(flag[1:])
+
+
+def test_set_expires_by_the_default_timeout_even_when_it_is_changed(
+    elasticache_cluster, make_cache
+) -> None:
+    built = make_cache(elasticache_cluster.location)
+    cache = type(built)(elasticache_cluster.location, {"TIMEOUT": 600})
+    cache.set("key", "value")
+    assert abs(seconds_left_on_node(cache, "key") - 600) <= 10
+    cache.default_timeout = None  # as a user may
+    cache.set("key", "value")
+    assert seconds_left_on_node(cache, "key") == -1
+    cache.default_timeout = 40 * 24 * 3600  # Over 30 days: a point in time for memcached.
+    cache.set("key", "value")
+    assert abs(seconds_left_on_node(cache, "key") - 40 * 24 * 3600) <= 10
+    cache.default_timeout = 0  # Django's "expire at once".
+    cache.set("key", "value")
+    assert cache.get("key") is None
+    cache.default_timeout = 300
+    cache.set("key", "value", timeout=60)
+    assert abs(seconds_left_on_node(cache, "key") - 60) <= 10
+
+
+def test_a_subclass_timeout_rule_decides_the_expiry(elasticache_cluster, make_cache) -> None:
+    class TenSecondsAtMost(type(make_cache(elasticache_cluster.location))):
+        def get_backend_timeout(self, timeout=DEFAULT_TIMEOUT):
+            return min(super().get_backend_timeout(timeout), 10)
+
+    cache = TenSecondsAtMost(elasticache_cluster.location, {"TIMEOUT": 600})
+    cache.set("key", "value")
+    assert 0 < seconds_left_on_node(cache, "key") <= 11
+
+
+def test_a_subclass_key_rule_makes_the_keys_of_multi_key_calls(
+    elasticache_cluster, make_cache
+) -> None:
+    class Reversed(type(make_cache(elasticache_cluster.location))):
+        def make_key(self, key, version=None):
+            return super().make_key(key[::-1], version)
+
+    cache = Reversed(elasticache_cluster.location, {})
+    cache.set_many({"abc": 1, "xyz": 2})
+    assert cache.get_many(["abc", "xyz"]) == {"abc": 1, "xyz": 2}
+    assert cache.get("abc") == 1
+    plain = type(make_cache(elasticache_cluster.location))(elasticache_cluster.location, {})
+    assert plain.get_many(["cba", "zyx"]) == {"cba": 1, "zyx": 2}
+    cache.delete_many(["abc"])
+    assert plain.get("cba") is None
