@@ -515,10 +515,39 @@ error:
 }
 
 PyDoc_STRVAR(decoded_values_doc,
-             "decoded_values(found, asked, decode, flag, decode_flagged)\n--\n\n"
+             "decoded_values(found, asked, decode, flag, decode_flagged, text_flags)\n--\n\n"
              "{asked[key]: decode(data, flags)} for every key: (flags, data) of a reply\n"
              "read by parse_values, decode_flagged instead of decode for the flags that\n"
-             "have `flag`; KeyError for a key not asked for (protocol.decoded_values_in_python).");
+             "have `flag`, and without a call the bytes of flags 0 and the UTF-8 text of\n"
+             "flags `text_flags`; KeyError for a key not asked for\n"
+             "(protocol.decoded_values_in_python).");
+
+/*
+ * The value of plain `data` (exact bytes) under `flags`, decoded here: the bytes themselves
+ * for flags 0, UTF-8 text for `text_flags`. NULL without an error set: not plain, or other
+ * flags; NULL with an error set: text that is not UTF-8.
+ */
+static PyObject *
+plain_value(PyObject *flags, PyObject *data, long text_flags)
+{
+    long value;
+    int overflow;
+
+    if (!PyLong_CheckExact(flags) || !PyBytes_CheckExact(data)) {
+        return NULL;
+    }
+    value = PyLong_AsLongAndOverflow(flags, &overflow);
+    if (overflow != 0) {
+        return NULL;
+    }
+    if (value == 0) {
+        return Py_NewRef(data);
+    }
+    if (value == text_flags) {
+        return PyUnicode_DecodeUTF8(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), NULL);
+    }
+    return NULL;
+}
 
 static PyObject *
 decoded_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -526,10 +555,11 @@ decoded_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *found, *asked, *decode, *decode_flagged, *result, *key, *entry, *original;
     PyObject *value, *call_args[2], *flag, *flagged_object;
     Py_ssize_t position = 0;
+    long text_flags;
     int flagged;
 
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "decoded_values takes 5 arguments, got %zd", nargs);
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "decoded_values takes 6 arguments, got %zd", nargs);
         return NULL;
     }
     found = args[0];
@@ -537,6 +567,14 @@ decoded_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     decode = args[2];
     flag = args[3];
     decode_flagged = args[4];
+    text_flags = PyLong_AsLong(args[5]);
+    if (text_flags == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (text_flags == 0) {
+        PyErr_SetString(PyExc_ValueError, "text_flags must not be 0, the flags of bytes");
+        return NULL;
+    }
     if (!PyDict_CheckExact(found) || !PyDict_CheckExact(asked)) {
         PyErr_SetString(PyExc_TypeError, "decoded_values takes two dicts");
         return NULL;
@@ -559,6 +597,17 @@ decoded_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto error;
         }
         Py_INCREF(original);
+        value = plain_value(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1), text_flags);
+        if (value != NULL || PyErr_Occurred()) {
+            if (value == NULL || PyDict_SetItem(result, original, value) < 0) {
+                Py_XDECREF(value);
+                Py_DECREF(original);
+                goto error;
+            }
+            Py_DECREF(value);
+            Py_DECREF(original);
+            continue;
+        }
         /* `flags & flag`, as Python computes it: the flags are a Python int of any size. */
         flagged_object = PyNumber_And(PyTuple_GET_ITEM(entry, 0), flag);
         flagged = flagged_object == NULL ? -1 : PyObject_IsTrue(flagged_object);

@@ -19,6 +19,7 @@ def decoded_values(
     decode: Callable[[bytes, int], Any],
     flag: int,
     decode_flagged: Callable[[bytes, int], Any],
+    text_flags: int,
 ) -> dict[Any, Any]: ...
 def pooled_call(
     pools: Sequence[Any],

@@ -273,7 +273,12 @@ class PipelinedClient(pylibmc.Client):
                 raise pylibmc_error(found, self._node_name)
             try:
                 return decoded_values(
-                    found, asked, self.deserialize, ZLIB_FLAG, self._deserialize_compressed
+                    found,
+                    asked,
+                    self.deserialize,
+                    ZLIB_FLAG,
+                    self._deserialize_compressed,
+                    PYLIBMC_TEXT_FLAGS,
                 )
             except KeyError:
                 out_of_step = key_not_asked_for(found, asked)
@@ -457,6 +462,13 @@ class PylibmcAdapter:
 
 
 _MISSING = object()
+
+PYLIBMC_TEXT_FLAGS = 16
+"""
+The flags pylibmc stores a ``str`` with (its UTF-8 bytes); flags 0 mark ``bytes`` stored as
+they are. ``decoded_values`` decodes both without calling ``deserialize``, and
+``tests/test_speedups.py`` checks that pylibmc agrees.
+"""
 
 
 def _refuse_behaviour_change(*args: Any, **kwargs: Any) -> NoReturn:

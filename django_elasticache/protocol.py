@@ -385,6 +385,7 @@ def decoded_values_in_python(
     decode: Callable[[bytes, int], Any],
     flag: int,
     decode_flagged: Callable[[bytes, int], Any],
+    text_flags: int,
 ) -> dict[Any, Any]:
     """
     What ``parse_values`` found, under the keys the caller asked for (``asked``, as
@@ -392,11 +393,30 @@ def decoded_values_in_python(
     ``decode_flagged`` for values whose flags have ``flag`` (a compressed value).
     ``KeyError`` for a key not asked for. ``decoded_values`` is this function, or where it
     is built, its compiled twin.
+
+    Two kinds of value are decoded without a call, as pylibmc and python-memcached's
+    flags mean them (the caller vouches that ``decode`` agrees): flags 0 are the bytes as
+    they are, flags ``text_flags`` UTF-8 text.
     """
+    if text_flags == 0:
+        raise ValueError("text_flags must not be 0, the flags of bytes")
     return {
-        asked[key]: decode_flagged(data, flags) if flags & flag else decode(data, flags)
+        asked[key]: _decoded(data, flags, decode, flag, decode_flagged, text_flags)
         for key, (flags, data) in found.items()
     }
+
+
+def _decoded(
+    data: bytes,
+    flags: int,
+    decode: Callable[[bytes, int], Any],
+    flag: int,
+    decode_flagged: Callable[[bytes, int], Any],
+    text_flags: int,
+) -> Any:
+    if type(flags) is int and type(data) is bytes and flags in (0, text_flags):
+        return data if flags == 0 else data.decode()
+    return decode_flagged(data, flags) if flags & flag else decode(data, flags)
 
 
 def _other_values_line(

@@ -267,16 +267,26 @@ def test_retrieval_request_means_what_its_python_twin_means(keys: list[Any]) -> 
     )
 
 
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes, which are not UTF-8 when the text has a lone surrogate."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 @settings(max_examples=1000, deadline=None)
 @given(
     st.dictionaries(
-        st.binary(max_size=4), st.tuples(st.integers(0, 2**70), st.binary(max_size=4))
+        st.binary(max_size=4),
+        st.tuples(
+            st.sampled_from([0, 16, 24]) | st.integers(0, 2**70),
+            st.binary(max_size=4) | st.text(max_size=2).map(_utf8),
+        ),
     ),
     st.dictionaries(st.binary(max_size=4), st.text(max_size=3)),
     st.sampled_from([8, 0, 2**65]),
+    st.sampled_from([16, 8, -1, 0]),
 )
 def test_decoded_values_means_what_its_python_twin_means(
-    found: dict[bytes, tuple[int, bytes]], asked: dict[bytes, str], flag: int
+    found: dict[bytes, tuple[int, bytes]], asked: dict[bytes, str], flag: int, text_flags: int
 ) -> None:
     def decode(data: bytes, flags: int) -> object:
         if data == b"!":
@@ -287,11 +297,30 @@ def test_decoded_values_means_what_its_python_twin_means(
         return ("flagged", data, flags)
 
     asked = {**dict.fromkeys(found, "k"), **asked} if len(asked) % 2 else asked
-    arguments = (found, asked, decode, flag, decode_flagged)
+    arguments = (found, asked, decode, flag, decode_flagged, text_flags)
     compiled = result_or_error(_speedups.decoded_values, *arguments)
     assert compiled == result_or_error(protocol.decoded_values_in_python, *arguments)
     if compiled[0] == "returns":
         assert list(compiled[1]) == list(protocol.decoded_values_in_python(*arguments))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=8) | st.text(max_size=4).map(_utf8), st.sampled_from([0, 16]))
+def test_values_decoded_without_a_call_are_what_pylibmc_decodes(data: bytes, flags: int) -> None:
+    pylibmc = pytest.importorskip("pylibmc")
+    from django_elasticache.memcached import PYLIBMC_TEXT_FLAGS
+
+    def never(data: bytes, flags: int) -> None:
+        raise AssertionError("decoded without a call")
+
+    expected = result_or_error(pylibmc.Client(["127.0.0.1:1"]).deserialize, data, flags)
+    for decoded_values in (_speedups.decoded_values, protocol.decoded_values_in_python):
+        arguments = ({b"k": (flags, data)}, {b"k": "k"}, never, 8, never, PYLIBMC_TEXT_FLAGS)
+        outcome = result_or_error(decoded_values, *arguments)
+        if expected[0] == "returns":
+            assert outcome == ("returns", {"k": expected[1]})
+        else:
+            assert outcome == expected
 
 
 # Which loops are in use
