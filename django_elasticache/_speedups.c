@@ -598,27 +598,19 @@ decoded_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(original);
         value = plain_value(PyTuple_GET_ITEM(entry, 0), PyTuple_GET_ITEM(entry, 1), text_flags);
-        if (value != NULL || PyErr_Occurred()) {
-            if (value == NULL || PyDict_SetItem(result, original, value) < 0) {
-                Py_XDECREF(value);
+        if (value == NULL && !PyErr_Occurred()) {
+            /* `flags & flag`, as Python computes it: the flags are a Python int of any size. */
+            flagged_object = PyNumber_And(PyTuple_GET_ITEM(entry, 0), flag);
+            flagged = flagged_object == NULL ? -1 : PyObject_IsTrue(flagged_object);
+            Py_XDECREF(flagged_object);
+            if (flagged < 0) {
                 Py_DECREF(original);
                 goto error;
             }
-            Py_DECREF(value);
-            Py_DECREF(original);
-            continue;
+            call_args[0] = PyTuple_GET_ITEM(entry, 1);
+            call_args[1] = PyTuple_GET_ITEM(entry, 0);
+            value = PyObject_Vectorcall(flagged ? decode_flagged : decode, call_args, 2, NULL);
         }
-        /* `flags & flag`, as Python computes it: the flags are a Python int of any size. */
-        flagged_object = PyNumber_And(PyTuple_GET_ITEM(entry, 0), flag);
-        flagged = flagged_object == NULL ? -1 : PyObject_IsTrue(flagged_object);
-        Py_XDECREF(flagged_object);
-        if (flagged < 0) {
-            Py_DECREF(original);
-            goto error;
-        }
-        call_args[0] = PyTuple_GET_ITEM(entry, 1);
-        call_args[1] = PyTuple_GET_ITEM(entry, 0);
-        value = PyObject_Vectorcall(flagged ? decode_flagged : decode, call_args, 2, NULL);
         if (value == NULL || PyDict_SetItem(result, original, value) < 0) {
             Py_XDECREF(value);
             Py_DECREF(original);
