@@ -671,7 +671,10 @@ parse_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *
  * No Python code runs between the borrow and the call, or between the call and the
  * give-back, so no interruption (a signal handler's exception, a gevent timeout) can land
- * there: a client is either in the pool, or with this call.
+ * there: a client is either in the pool, or with this call. So the client is marked as
+ * lent to this thread (`_lent_to`, which lets the pool free the slot of a client an
+ * interruption left with its borrower) only if the call raised, before the give-back
+ * decides about it.
  *
  * The pool's lock is not taken here but found free (`lock_is_free`): that relies on the
  * GIL, which a free-threaded build turns back on for this module, as it declares no
@@ -764,11 +767,16 @@ state_of_a_healthy_pool(PyObject *pool)
 /*
  * `NodePool.borrow`'s common case. 1: `*lent` is the client lent (a new reference). 0: the
  * common case does not hold, nothing was changed. -1: an error is set.
+ *
+ * Unlike `borrow`, it leaves the client's `_lent_to` as it was while idle (None): that mark
+ * is for a client an interruption leaves with its borrower, and here no Python code runs
+ * until the library's call returns or raises. `pooled_call` marks the client when the call
+ * raised, before anything else runs (`mark_lent`).
  */
 static int
 lend_idle(PyObject *pool, PyObject **lent)
 {
-    PyObject *state, *get_ident, *borrower = NULL, *idle, *client;
+    PyObject *state, *idle, *client;
     Py_ssize_t count;
     int result = -1, free;
 
@@ -777,23 +785,15 @@ lend_idle(PyObject *pool, PyObject **lent)
     if (state == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
-    /* threading's, looked up each time: gevent's monkey-patching replaces it. */
-    get_ident = PyObject_GetAttr(threading_module, name_get_ident);
-    if (get_ident != NULL) {
-        borrower = PyObject_CallNoArgs(get_ident);
-        Py_DECREF(get_ident);
-    }
-    free = borrower == NULL ? -1 : lock_is_free(state);
+    free = lock_is_free(state);
     idle = free > 0 ? PyDict_GetItemWithError(state, name_idle) : NULL;
     if (idle == NULL || !PyList_CheckExact(idle) || (count = PyList_GET_SIZE(idle)) == 0) {
         result = PyErr_Occurred() ? -1 : 0;
     }
     else {
-        /* As `_lend_idle`: marked lent before it leaves the idle list. */
         client = PyList_GET_ITEM(idle, count - 1);
         Py_INCREF(client);
-        if (PyObject_SetAttr(client, name_lent_to, borrower) < 0 ||
-            PyList_SetSlice(idle, count - 1, count, NULL) < 0) {
+        if (PyList_SetSlice(idle, count - 1, count, NULL) < 0) {
             Py_DECREF(client);
         }
         else {
@@ -802,7 +802,50 @@ lend_idle(PyObject *pool, PyObject **lent)
         }
     }
     Py_DECREF(state);
-    Py_XDECREF(borrower);
+    return result;
+}
+
+/*
+ * Mark `client` as lent to this thread (`_lent_to`, as `borrow` does): 0, or -1 with an
+ * error set. threading's `get_ident`, looked up each time: gevent's monkey-patching
+ * replaces it.
+ */
+static int
+mark_lent(PyObject *client)
+{
+    PyObject *get_ident = PyObject_GetAttr(threading_module, name_get_ident), *borrower;
+    int result;
+
+    if (get_ident == NULL) {
+        return -1;
+    }
+    borrower = PyObject_CallNoArgs(get_ident);
+    Py_DECREF(get_ident);
+    if (borrower == NULL) {
+        return -1;
+    }
+    result = PyObject_SetAttr(client, name_lent_to, borrower);
+    Py_DECREF(borrower);
+    return result;
+}
+
+/*
+ * Unmark a client given back (`_lent_to` None, as `give_back` does), writing only if
+ * it is marked: a client lent by `lend_idle` is not. 0, or -1 with an error set.
+ */
+static int
+unmark_lent(PyObject *client)
+{
+    PyObject *borrower = PyObject_GetAttr(client, name_lent_to);
+    int result = 0;
+
+    if (borrower == NULL) {
+        return -1;
+    }
+    if (borrower != Py_None) {
+        result = PyObject_SetAttr(client, name_lent_to, Py_None);
+    }
+    Py_DECREF(borrower);
     return result;
 }
 
@@ -827,8 +870,7 @@ pool_idle(PyObject *pool, PyObject *client)
         if (retired != Py_False || !is_zero(waiting) || idle == NULL || !PyList_CheckExact(idle)) {
             result = PyErr_Occurred() ? -1 : 0;
         }
-        else if (PyList_Append(idle, client) < 0 ||
-                 PyObject_SetAttr(client, name_lent_to, Py_None) < 0) {
+        else if (PyList_Append(idle, client) < 0 || unmark_lent(client) < 0) {
             result = -1;
         }
     }
@@ -949,6 +991,10 @@ failed:
     if (error == NULL) {
         PyErr_SetString(PyExc_SystemError, "pooled_call: a call failed without an exception");
         error = take_error();
+    }
+    if (lent > 0 && mark_lent(client) < 0) {
+        /* Only a failed allocation gets here: the call's own error is the one raised. */
+        PyErr_WriteUnraisable(client);
     }
     handled = PyObject_CallMethodObjArgs(pool, name_give_back_after, client, error, args[2], NULL);
     if (handled == NULL) {

@@ -18,7 +18,7 @@ import pytest
 from django_elasticache import pool as pool_module
 from django_elasticache import routing
 from django_elasticache.cluster_utils import ClusterNode
-from django_elasticache.pool import NodePool, NodeUnavailable
+from django_elasticache.pool import NodePool, NodeUnavailable, PoolExhausted
 
 NODE = ClusterNode(hostname="node-1.example", ip="10.0.0.1", port=11211)
 
@@ -171,3 +171,37 @@ def test_a_client_this_thread_lost_frees_its_slot_when_the_pool_is_full(pooled_c
     assert pooled_call(pool, "echo", "k") == ("k",)
     assert kept.closed and Connection.made == 2
     assert pool.open_count == len(pool._idle) == 1
+
+
+def test_a_waiting_thread_never_takes_the_client_of_another_threads_call(
+    pooled_call, short_waits
+) -> None:
+    """
+    A client this thread borrowed (through ``borrow``: the lock was held) and got back is,
+    once lent to another thread's call, not this thread's: waiting on the full pool, this
+    thread must not close it as one it lost.
+    """
+    pool = new_pool(size=1)
+    pool._lock.acquire()
+    threading.Timer(0.05, pool._lock.release).start()
+    assert pooled_call(pool, "echo", "k") == ("k",)
+    (client,) = pool._idle
+    in_call, finish = threading.Event(), threading.Event()
+    answers: list[Any] = []
+
+    def call_under_way() -> None:
+        in_call.set()
+        finish.wait(5)
+        answers.append(client.closed)
+
+    other = threading.Thread(target=lambda: pooled_call(pool, "during", "k", call_under_way))
+    other.start()
+    try:
+        assert in_call.wait(5)
+        with pytest.raises(PoolExhausted):
+            pool.borrow()
+    finally:
+        finish.set()
+        other.join()
+    assert answers == [False]
+    assert pool._idle == [client] and not client.closed and Connection.made == 1
