@@ -31,6 +31,7 @@ from .backend import (
 )
 from .options import BackendOptions
 from .routing import ClusterClient, ClusterClients
+from .topology import ClusterTopology
 
 __all__ = ["AsyncCacheMixin"]
 
@@ -53,6 +54,8 @@ class AsyncCacheMixin:
 
     if TYPE_CHECKING:  # Provided by ClusterCacheMixin and Django's BaseCache.
         _cache: ClusterClient
+        _cluster_client: ClusterClient | None
+        _topology: ClusterTopology
         _clients: ClusterClients
         backend_options: BackendOptions
         server_errors: ClassVar[tuple[type[Exception], ...]]
@@ -77,10 +80,14 @@ class AsyncCacheMixin:
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
         # ``_miss_on_server_error`` written out (a miss: ``default``): one coroutine per call
-        # instead of two, on the call made most.
+        # instead of two, on the call made most; and ``_cache``'s test for a new node list,
+        # as ``get`` writes it.
+        made = self.make_and_validate_key(key, version=version)
         try:
-            made = self.make_and_validate_key(key, version=version)
-            value = await self._async_client.get(self._cache, made)
+            cache = self._cluster_client
+            if cache is None or cache.config is not self._topology.current():
+                cache = self._cache
+            value = await self._async_client.get(cache, made)
         except self.server_errors as error:
             if not self._absorb(error, "aget"):
                 raise

@@ -132,14 +132,11 @@ class NodeConnection(asyncio.Protocol):
         self._timeout = channel.timeout
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._pending: collections.deque[_Request] = collections.deque()
+        self.pending: collections.deque[_Request] = collections.deque()
+        """The requests on the wire, oldest first: their replies come in this order."""
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_received = 0.0
         self.closed = False
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -156,7 +153,7 @@ class NodeConnection(asyncio.Protocol):
         loop = self._loop
         sent = loop.time()
         future = loop.create_future()
-        self._pending.append(_Request(parser, future, sent))
+        self.pending.append(_Request(parser, future, sent))
         self._transport.write(request)
         if self._watchdog is None and self._timeout is not None:
             self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
@@ -169,7 +166,7 @@ class NodeConnection(asyncio.Protocol):
         loop = self._loop
         sent = loop.time()
         futures = [loop.create_future() for _ in requests]
-        self._pending.extend(_Request(parser, future, sent) for future in futures)
+        self.pending.extend(_Request(parser, future, sent) for future in futures)
         self._transport.write(requests[0] if len(requests) == 1 else b"".join(requests))
         if self._watchdog is None and self._timeout is not None:
             self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
@@ -180,7 +177,7 @@ class NodeConnection(asyncio.Protocol):
         buffer = self._buffer
         buffer += data
         position = replies = 0
-        pending = self._pending
+        pending = self.pending
         try:
             while pending:
                 parsed = pending[0].parser(buffer, position)
@@ -214,8 +211,8 @@ class NodeConnection(asyncio.Protocol):
                 self._transport.abort()
             self._channel.release_socket(self._sock)
             self._channel.forget(self)
-        while self._pending:
-            future = self._pending.popleft().future
+        while self.pending:
+            future = self.pending.popleft().future
             if not future.done():
                 future.set_exception(error)
                 # Marked retrieved: the caller may be gone (cancelled, or it raised on an
@@ -229,9 +226,9 @@ class NodeConnection(asyncio.Protocol):
 
     def _check_deadline(self, after_reading: bool = False) -> None:
         self._watchdog = None
-        if not self._pending or self._timeout is None:
+        if not self.pending or self._timeout is None:
             return
-        deadline = max(self._pending[0].sent, self._last_received) + self._timeout
+        deadline = max(self.pending[0].sent, self._last_received) + self._timeout
         if deadline > self._loop.time():
             self._watchdog = self._loop.call_at(deadline, self._check_deadline)
             return
@@ -282,7 +279,7 @@ class NodeChannel:
                 replies += await self.call(requests[start : start + depth], parser)
             return replies
         for connection in self._connections:
-            if connection.in_flight < self._max_in_flight:
+            if len(connection.pending) < self._max_in_flight:
                 break
         else:
             connection = await self._free_connection()
@@ -295,14 +292,14 @@ class NodeChannel:
         one. The uncontended path of a single-key call, with no coroutine of its own.
         """
         for connection in self._connections:
-            if connection.in_flight < self._max_in_flight:
+            if len(connection.pending) < self._max_in_flight:
                 return connection.send(request, parser)
         return None
 
     async def _free_connection(self) -> NodeConnection:
         while True:
             for connection in self._connections:
-                if connection.in_flight < self._max_in_flight:
+                if len(connection.pending) < self._max_in_flight:
                     return connection
             if len(self._connections) + self._opening < self._max_connections:
                 return await self._open()
