@@ -28,6 +28,7 @@ from .backend import (
     _every_key,
     _key_not_found,
     _miss_on_server_error,
+    made_key,
 )
 from .options import BackendOptions
 from .routing import ClusterClient, ClusterClients
@@ -57,6 +58,9 @@ class AsyncCacheMixin:
         _cluster_client: ClusterClient | None
         _topology: ClusterTopology
         _clients: ClusterClients
+        _default_key_making: bool
+        key_prefix: str
+        version: int
         backend_options: BackendOptions
         server_errors: ClassVar[tuple[type[Exception], ...]]
 
@@ -82,7 +86,11 @@ class AsyncCacheMixin:
         # ``_miss_on_server_error`` written out (a miss: ``default``): one coroutine per call
         # instead of two, on the call made most; and ``_cache``'s test for a new node list,
         # as ``get`` writes it.
-        made = self.make_and_validate_key(key, version=version)
+        made = (
+            made_key(self.key_prefix, self.version if version is None else version, key)
+            if self._default_key_making
+            else None
+        ) or self.make_and_validate_key(key, version)
         try:
             cache = self._cluster_client
             if cache is None or cache.config is not self._topology.current():

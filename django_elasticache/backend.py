@@ -190,11 +190,14 @@ class ClusterCacheMixin:
         self._default_key_making = (
             cls.make_key is BaseCache.make_key
             and cls.validate_key is ClusterCacheMixin.validate_key
+            and cls.make_and_validate_key is ClusterCacheMixin.make_and_validate_key
             and self.key_func is default_key_func  # type: ignore[attr-defined]
         )
         """
         Whether keys are made and checked by Django's key function and by this mixin's and
-        Django's own methods: then ``made_key`` makes the common key at once.
+        Django's own methods: then ``made_key`` makes the common key at once, and ``get``,
+        ``set`` and ``aget`` call it themselves, a frame fewer than through
+        ``make_and_validate_key``.
         """
 
     @property
@@ -363,7 +366,11 @@ class ClusterCacheMixin:
         do ``set`` and ``get_many``, the other calls every page makes. Each also tests for a
         new node list as ``_cache`` does, without that property's frame.
         """
-        made = self.make_and_validate_key(key, version)
+        made = (
+            made_key(self.key_prefix, self.version if version is None else version, key)  # type: ignore[attr-defined]
+            if self._default_key_making
+            else None
+        ) or self.make_and_validate_key(key, version)
         try:
             cache = self._cluster_client
             if cache is None or cache.config is not self._topology.current():
@@ -406,7 +413,11 @@ class ClusterCacheMixin:
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
     ) -> Any:
         """Django's ``BaseMemcachedCache.set``, with the policy written in as in ``get``."""
-        key = self.make_and_validate_key(key, version)
+        key = (
+            made_key(self.key_prefix, self.version if version is None else version, key)  # type: ignore[attr-defined]
+            if self._default_key_making
+            else None
+        ) or self.make_and_validate_key(key, version)
         exptime = self._default_exptime if timeout is DEFAULT_TIMEOUT else None
         if exptime is None:
             exptime = self.get_backend_timeout(timeout)  # type: ignore[attr-defined]

@@ -404,3 +404,24 @@ def test_a_subclass_key_rule_makes_the_keys_of_multi_key_calls(
     assert plain.get_many(["cba", "zyx"]) == {"cba": 1, "zyx": 2}
     cache.delete_many(["abc"])
     assert plain.get("cba") is None
+
+
+def test_a_subclass_make_and_validate_key_makes_the_key_of_every_call(
+    elasticache_cluster, make_cache
+) -> None:
+    backend = type(make_cache(elasticache_cluster.location))
+
+    class Upper(backend):  # type: ignore[misc, valid-type]
+        def make_and_validate_key(self, key, version=None):
+            return super().make_and_validate_key(key.upper(), version)
+
+    cache, plain = (
+        Upper(elasticache_cluster.location, {}),
+        backend(elasticache_cluster.location, {}),
+    )
+    cache.set("abc", 1)
+    cache.set_many({"xyz": 2})
+    assert plain.get_many(["ABC", "XYZ"]) == {"ABC": 1, "XYZ": 2}
+    assert cache.get("abc") == 1
+    assert cache.get_many(["abc", "xyz"]) == {"abc": 1, "xyz": 2}
+    assert asyncio.run(cache.aget("xyz")) == 2
