@@ -86,6 +86,30 @@ def test_one_instance_shared_by_many_threads(elasticache_cluster, make_cache) ->
     assert wrong == []
 
 
+def test_a_call_made_with_a_client_of_the_node_in_hand_gets_another(
+    elasticache_cluster, make_cache
+) -> None:
+    """
+    Code run with a node's client in hand (``cache._cache.on_every_node``, as monitoring
+    tools do) may call the cache on that very node: the call gets a second client, and the
+    one in hand stays open and in step, and is pooled again.
+    """
+    cache = make_cache(elasticache_cluster.location)
+    values = {f"key-{index}": index for index in range(30)}
+    cache.set_many(values)
+    seen = cache._cache.on_every_node(
+        lambda client: (cache.get_many(list(values)), cache.get("key-0"), cache.set("new", 1))
+    )
+    assert [found for _, found in seen] == [(values, 0, None)] * 3
+    pools = cache._cache.pools
+    assert [pool.open_count for pool in pools] == [2, 2, 2]
+    assert [len(pool._idle) for pool in pools] == [2, 2, 2]  # every client given back
+    seen = cache._cache.on_every_node(lambda client: cache.get_many(list(values)))
+    assert [found for _, found in seen] == [values] * 3  # both clients of each node in step
+    assert cache.get("new") == 1
+    assert [pool.open_count for pool in pools] == [2, 2, 2]
+
+
 def test_instance_made_at_start_up_serves_concurrent_asgi_requests(
     elasticache_cluster, make_cache
 ) -> None:
