@@ -5,10 +5,12 @@
  * - `prefixed_keys`: Django's keys made and checked at once (`backend`);
  * - `made_key`: the same for one key (`backend`);
  * - `pooled_call`: a single-key call on a pooled client of the key's node (`routing`);
+ * - `borrow`, `give_back`: a pool's own, their common case (`pool.NodePool`);
  * - `group_by_node`: keys split by the node that holds them (`routing`);
  * - `retrieval_request`: a node's `get` request and the keys it asks for (`protocol`);
  * - `parse_values`: the reader of memcached's reply to `get` (`protocol`);
- * - `decoded_values`: the values read, decoded, under the keys the caller asked for.
+ * - `decoded_values`: the values read, decoded, under the keys the caller asked for
+ *   (`protocol`).
  *
  * The reader's notes:
  *
@@ -684,7 +686,7 @@ parse_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *threading_module;
 static PyObject *name_get_ident, *name_failures, *name_lent_to, *name_lock, *name_idle,
     *name_retired, *name_waiting, *name_borrow, *name_give_back, *name_give_back_after,
-    *name_locked;
+    *name_locked, *name_settle_interrupted;
 
 static int
 intern_pool_names(void)
@@ -704,6 +706,7 @@ intern_pool_names(void)
         {&name_give_back, "give_back"},
         {&name_give_back_after, "give_back_after"},
         {&name_locked, "locked"},
+        {&name_settle_interrupted, "_settle_interrupted"},
     };
     size_t index;
 
@@ -765,47 +768,6 @@ state_of_a_healthy_pool(PyObject *pool)
 }
 
 /*
- * `NodePool.borrow`'s common case. 1: `*lent` is the client lent (a new reference). 0: the
- * common case does not hold, nothing was changed. -1: an error is set.
- *
- * Unlike `borrow`, it leaves the client's `_lent_to` as it was while idle (None): that mark
- * is for a client an interruption leaves with its borrower, and here no Python code runs
- * until the library's call returns or raises. `pooled_call` marks the client when the call
- * raised, before anything else runs (`mark_lent`).
- */
-static int
-lend_idle(PyObject *pool, PyObject **lent)
-{
-    PyObject *state, *idle, *client;
-    Py_ssize_t count;
-    int result = -1, free;
-
-    *lent = NULL;
-    state = state_of_a_healthy_pool(pool);
-    if (state == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
-    }
-    free = lock_is_free(state);
-    idle = free > 0 ? PyDict_GetItemWithError(state, name_idle) : NULL;
-    if (idle == NULL || !PyList_CheckExact(idle) || (count = PyList_GET_SIZE(idle)) == 0) {
-        result = PyErr_Occurred() ? -1 : 0;
-    }
-    else {
-        client = PyList_GET_ITEM(idle, count - 1);
-        Py_INCREF(client);
-        if (PyList_SetSlice(idle, count - 1, count, NULL) < 0) {
-            Py_DECREF(client);
-        }
-        else {
-            *lent = client;
-            result = 1;
-        }
-    }
-    Py_DECREF(state);
-    return result;
-}
-
-/*
  * Mark `client` as lent to this thread (`_lent_to`, as `borrow` does): 0, or -1 with an
  * error set. threading's `get_ident`, looked up each time: gevent's monkey-patching
  * replaces it.
@@ -830,8 +792,8 @@ mark_lent(PyObject *client)
 }
 
 /*
- * Unmark a client given back (`_lent_to` None, as `give_back` does), writing only if
- * it is marked: a client lent by `lend_idle` is not. 0, or -1 with an error set.
+ * Unmark a client (`_lent_to` None, as `give_back` does), writing only if it is marked:
+ * 0, or -1 with an error set.
  */
 static int
 unmark_lent(PyObject *client)
@@ -846,6 +808,49 @@ unmark_lent(PyObject *client)
         result = PyObject_SetAttr(client, name_lent_to, Py_None);
     }
     Py_DECREF(borrower);
+    return result;
+}
+
+/*
+ * `NodePool.borrow`'s common case. 1: `*lent` is the client lent (a new reference). 0: the
+ * common case does not hold, nothing was changed. -1: an error is set.
+ *
+ * With `mark`, the client is marked as lent to this thread before it leaves the idle list,
+ * as `borrow` does: Python code will run before it is handed back, and an interruption
+ * there leaves it with its borrower. Without, it is left unmarked (a mark an interrupted
+ * `give_back` left on it is cleared): `pooled_call` runs no Python code until the
+ * library's call returns or raises, and marks the client if it raised (`mark_lent`).
+ */
+static int
+lend_idle(PyObject *pool, PyObject **lent, int mark)
+{
+    PyObject *state, *idle, *client;
+    Py_ssize_t count;
+    int result = -1, free;
+
+    *lent = NULL;
+    state = state_of_a_healthy_pool(pool);
+    if (state == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    free = lock_is_free(state);
+    idle = free > 0 ? PyDict_GetItemWithError(state, name_idle) : NULL;
+    if (idle == NULL || !PyList_CheckExact(idle) || (count = PyList_GET_SIZE(idle)) == 0) {
+        result = PyErr_Occurred() ? -1 : 0;
+    }
+    else {
+        client = PyList_GET_ITEM(idle, count - 1);
+        Py_INCREF(client);
+        if ((mark ? mark_lent(client) : unmark_lent(client)) < 0 ||
+            PyList_SetSlice(idle, count - 1, count, NULL) < 0) {
+            Py_DECREF(client);
+        }
+        else {
+            *lent = client;
+            result = 1;
+        }
+    }
+    Py_DECREF(state);
     return result;
 }
 
@@ -909,6 +914,31 @@ raise_again(PyObject *error)
 #endif
 }
 
+/*
+ * Raise `error` (stolen) again once a handler of it ran and returned `handled` (stolen); if
+ * the handler raised instead (`handled` NULL), raise what it raised, in the context of
+ * `error`, as an `except` block that raises does.
+ */
+static void
+raise_after(PyObject *error, PyObject *handled)
+{
+    PyObject *raised;
+
+    if (handled != NULL) {
+        Py_DECREF(handled);
+        raise_again(error);
+        return;
+    }
+    raised = take_error();
+    if (raised != error) {
+        PyException_SetContext(raised, error);
+    }
+    else {
+        Py_DECREF(error);
+    }
+    raise_again(raised);
+}
+
 PyDoc_STRVAR(pooled_call_doc,
              "pooled_call(pools, node_index, is_node_failure, method, key, *args)\n--\n\n"
              "getattr(client, method)(key, *args) on a client of the key's node borrowed\n"
@@ -918,7 +948,7 @@ PyDoc_STRVAR(pooled_call_doc,
 static PyObject *
 pooled_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *pool, *client, *result = NULL, *error, *handled, *index_object, *done;
+    PyObject *pool, *client, *result = NULL, *error, *index_object, *done;
     PyObject *small[8], **call_args = small;
     Py_ssize_t index, extra;
     int lent, pooled;
@@ -945,7 +975,7 @@ pooled_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (pool == NULL) {
         return NULL;
     }
-    lent = lend_idle(pool, &client);
+    lent = lend_idle(pool, &client, 0);
     if (lent == 0) {
         client = PyObject_CallMethodNoArgs(pool, name_borrow);
     }
@@ -996,24 +1026,54 @@ failed:
         /* Only a failed allocation gets here: the call's own error is the one raised. */
         PyErr_WriteUnraisable(client);
     }
-    handled = PyObject_CallMethodObjArgs(pool, name_give_back_after, client, error, args[2], NULL);
-    if (handled == NULL) {
-        PyObject *raised = take_error();
-        if (raised != error) {
-            PyException_SetContext(raised, error);
-        }
-        else {
-            Py_DECREF(error);
-        }
-        raise_again(raised);
-    }
-    else {
-        Py_DECREF(handled);
-        raise_again(error);
-    }
+    raise_after(error, PyObject_CallMethodObjArgs(pool, name_give_back_after, client, error,
+                                                  args[2], NULL));
     Py_DECREF(client);
     Py_DECREF(pool);
     return NULL;
+}
+
+PyDoc_STRVAR(borrow_doc,
+             "borrow(pool)\n--\n\n"
+             "pool.borrow(), its common case (an idle client of a healthy pool) done here.");
+
+static PyObject *
+borrow(PyObject *module, PyObject *pool)
+{
+    PyObject *client;
+    int lent = lend_idle(pool, &client, 1);
+
+    if (lent < 0) {
+        return NULL;
+    }
+    return lent > 0 ? client : PyObject_CallMethodNoArgs(pool, name_borrow);
+}
+
+PyDoc_STRVAR(give_back_doc,
+             "give_back(pool, client)\n--\n\n"
+             "pool.give_back(client), its common case (a healthy pool that is not retired\n"
+             "and has no waiter) done here.");
+
+static PyObject *
+give_back(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int pooled;
+
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "give_back takes 2 arguments, got %zd", nargs);
+        return NULL;
+    }
+    pooled = pool_idle(args[0], args[1]);
+    if (pooled < 0) {
+        /* As `give_back`: `except BaseException: self._settle_interrupted(client); raise`. */
+        PyObject *error = take_error();
+        raise_after(error, PyObject_CallMethodOneArg(args[0], name_settle_interrupted, args[1]));
+        return NULL;
+    }
+    if (pooled == 0) {
+        return PyObject_CallMethodOneArg(args[0], name_give_back, args[1]);
+    }
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef speedups_methods[] = {
@@ -1028,6 +1088,8 @@ static PyMethodDef speedups_methods[] = {
     {"parse_values", (PyCFunction)(void (*)(void))parse_values, METH_FASTCALL,
      parse_values_doc},
     {"pooled_call", (PyCFunction)(void (*)(void))pooled_call, METH_FASTCALL, pooled_call_doc},
+    {"borrow", borrow, METH_O, borrow_doc},
+    {"give_back", (PyCFunction)(void (*)(void))give_back, METH_FASTCALL, give_back_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -129,10 +129,11 @@ class NodePool:
     for one to be given back: the number of connections a process opens to a node is bounded
     whatever its concurrency, and connections are reused rather than churned.
 
-    The compiled single-key call (``routing.pooled_call``) does the common case of
-    ``borrow`` and ``give_back`` itself, on the same attributes: a change to what they do
-    under the lock is a change to ``_speedups.c`` too (``tests/test_pooled_call.py`` runs
-    both).
+    The compiled single-key call (``routing.pooled_call``), and the compiled ``borrow`` and
+    ``give_back`` of the calls over every node (``routing.borrow``, ``routing.give_back``),
+    do the common case of ``borrow`` and ``give_back`` themselves, on the same attributes: a
+    change to what they do under the lock is a change to ``_speedups.c`` too
+    (``tests/test_pooled_call.py`` runs both).
     """
 
     def __init__(

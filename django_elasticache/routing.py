@@ -148,6 +148,15 @@ A single-key call; the compiled one does the pool's common case itself, so that 
 interruption can land between the borrow, the call and the give-back.
 """
 
+borrow: Callable[[NodePool], Any] = COMPILED.borrow if COMPILED is not None else NodePool.borrow
+give_back: Callable[[NodePool, Any], None] = (
+    COMPILED.give_back if COMPILED is not None else NodePool.give_back
+)
+"""
+``pool.borrow()`` and ``pool.give_back(client)`` for the calls over every node; the compiled
+ones do the pool's common case as ``pooled_call`` does, the rest in the pool's methods.
+"""
+
 
 _start_get_multi: Callable[[Any, list[str]], Callable[[], dict[str, Any]]] = functools.partial(
     start_call, "get_multi"
@@ -367,7 +376,7 @@ class ClusterClient:
         try:
             for pool, node_keys in groups.items():
                 try:
-                    client = pool.borrow()
+                    client = borrow(pool)
                 except Exception as error:
                     first_error = first_error or error
                     continue
@@ -390,7 +399,7 @@ class ClusterClient:
                         raise
                     first_error = first_error or error
                 else:
-                    pool.give_back(client)
+                    give_back(pool, client)
         finally:
             for pool, client, _ in started:
                 pool.discard(client)  # Interrupted: its replies are still on the wire.

@@ -205,3 +205,78 @@ def test_a_waiting_thread_never_takes_the_client_of_another_threads_call(
         other.join()
     assert answers == [False]
     assert pool._idle == [client] and not client.closed and Connection.made == 1
+
+
+@pytest.fixture(params=["compiled", "python"])
+def borrow_and_give_back(request) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``borrow(pool)`` and ``give_back(pool, client)`` as the calls over every node use them."""
+    if request.param == "compiled":
+        return _speedups.borrow, _speedups.give_back
+    return NodePool.borrow, NodePool.give_back
+
+
+def test_a_borrowed_client_is_marked_until_given_back(borrow_and_give_back) -> None:
+    borrow, give_back = borrow_and_give_back
+    pool = new_pool()
+    first = borrow(pool)
+    give_back(pool, first)
+    client = borrow(pool)  # the idle one, from the common case
+    assert client is first and client._lent_to == threading.get_ident()
+    assert pool._idle == [] and pool.open_count == 1
+    give_back(pool, client)
+    assert pool._idle == [client] and client._lent_to is None
+
+
+def test_borrow_follows_the_pools_other_rules(borrow_and_give_back, short_waits) -> None:
+    borrow, give_back = borrow_and_give_back
+    pool = new_pool()
+    give_back(pool, borrow(pool))
+    pool._lock.acquire()
+    threading.Timer(0.1, pool._lock.release).start()
+    started = time.monotonic()
+    client = borrow(pool)
+    assert time.monotonic() - started >= 0.09  # It waited rather than touching the list.
+    give_back(pool, client)
+    for _ in range(pool_module.FAILURE_LIMIT):
+        pool.record_failure()
+    with pytest.raises(NodeUnavailable):
+        borrow(pool)
+
+
+def test_give_back_follows_the_pools_other_rules(borrow_and_give_back, short_waits) -> None:
+    borrow, give_back = borrow_and_give_back
+    pool = new_pool(size=1)
+    lent = borrow(pool)
+    answers: list[Any] = []
+    waiter = threading.Thread(target=lambda: answers.append(borrow(pool)))
+    waiter.start()
+    while not pool._waiting:
+        time.sleep(0.001)
+    give_back(pool, lent)  # wakes the waiter
+    waiter.join()
+    assert answers == [lent] and Connection.made == 1
+    pool.retire()
+    give_back(pool, lent)
+    assert lent.closed and pool.open_count == 0
+
+
+def test_a_client_borrowed_and_kept_is_taken_back_when_the_pool_is_full(
+    borrow_and_give_back,
+) -> None:
+    borrow, give_back = borrow_and_give_back
+    pool = new_pool(size=1)
+    give_back(pool, borrow(pool))
+    kept = borrow(pool)  # lent to this thread and never handed back
+    replacement = borrow(pool)
+    assert kept.closed and replacement is not kept and pool.open_count == 1
+
+
+def test_a_call_never_carries_another_threads_mark(pooled_call) -> None:
+    pool = new_pool()
+    pooled_call(pool, "echo", "k")
+    (client,) = pool._idle
+    client._lent_to = -1  # What a give_back an interruption cut short may leave.
+    marks: list[Any] = []
+    pooled_call(pool, "during", "k", lambda: marks.append(client._lent_to))
+    assert marks[0] in (None, threading.get_ident())
+    assert pool._idle == [client] and client._lent_to is None
