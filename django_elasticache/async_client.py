@@ -194,7 +194,7 @@ class NodeConnection(asyncio.Protocol):
             self.close(error)
             return
         del buffer[:position]
-        if replies:
+        if replies and self._channel.waiters:
             self._channel.slots_freed(replies)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -268,7 +268,8 @@ class NodeChannel:
         self._max_in_flight = max_in_flight
         self._connections: list[NodeConnection] = []
         self._opening = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        """Callers waiting for room on a connection, first come first served."""
 
     async def call(self, requests: Sequence[bytes], parser: Parser) -> list[Any]:
         """The replies to ``requests``, sent together as far as a connection takes them."""
@@ -304,7 +305,7 @@ class NodeChannel:
             if len(self._connections) + self._opening < self._max_connections:
                 return await self._open()
             waiter = self.loop.create_future()
-            self._waiters.append(waiter)
+            self.waiters.append(waiter)
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -409,8 +410,8 @@ class NodeChannel:
 
     def slots_freed(self, count: int) -> None:
         """Replies came in: as many waiting callers may send."""
-        while count and self._waiters:
-            waiter = self._waiters.popleft()
+        while count and self.waiters:
+            waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 count -= 1
@@ -432,7 +433,7 @@ class NodeChannel:
         self._connections.clear()
 
     def _wake_all(self, error: Exception | None = None) -> None:
-        waiters, self._waiters = self._waiters, collections.deque()
+        waiters, self.waiters = self.waiters, collections.deque()
         for waiter in waiters:
             if not waiter.done():
                 if error is None:
@@ -778,7 +779,10 @@ class AsyncClusterClient:
         return self._adapter.library_error(error, channel.name)
 
     def _channel(self, cluster: ClusterClient, pool: NodePool) -> NodeChannel:
-        connections = loop_connections()
+        # ``loop_connections()``'s common case written in: the loop has them already.
+        connections = (
+            getattr(asyncio.get_running_loop(), _LOOP_ATTRIBUTE, None) or loop_connections()
+        )
         seen_last, cluster_last = self._last_seen
         if seen_last() is not connections or cluster_last is not cluster:
             seen = self._cluster_by_loop.get(connections)
