@@ -1,0 +1,128 @@
+"""
+This checkout's pylibmc backend against the same backend at an earlier commit, side by side
+in one process on one 3-node ``LocalCluster``, beside Django's stock ``PyLibMCCache`` and raw
+pylibmc: single ``get`` and ``set``, ``get_many(20)`` and the mixed workload, timed in
+``hotpaths``' turns over keys that every contender places on the same node.
+
+Timed in separate runs, two versions differ by the machine's drift as much as by their code;
+here every contender of a comparison takes turns within each round. The earlier commit is
+exported (``git archive``) into a temporary directory, its compiled loops built there, and
+imported as another package, ``django_elasticache_before``: the package imports itself
+relatively, so both copies run at once, each with its own topology and pools.
+
+Run: ``python benchmarks/before_after.py <commit>`` (add ``--rounds N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from backends import DJANGO_KEY_PREFIX, DJANGO_TIMEOUT, build_ours, build_stock, our_behaviors
+from hotpaths import (
+    GET_MANY_20,
+    MIXED,
+    MIXED_BATCH,
+    RAW,
+    SINGLE_GET,
+    SINGLE_SET,
+    STOCK,
+    VALUE,
+    Call,
+    agreeing_keys,
+    cycling,
+    measure,
+    mixed,
+    raw_client,
+    rows,
+)
+from tables import Table
+
+from django_elasticache.testing import LocalCluster
+
+NOW = "ours, this checkout"
+BEFORE = "ours, before"
+HEADER = ["comparison", "contender", "µs per call", "this checkout's time / its time"]
+
+
+def import_before(commit: str, directory: Path) -> Any:
+    """The package at ``commit``, built in ``directory``, as ``django_elasticache_before``."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "archive", commit, "django_elasticache", "setup.py", "pyproject.toml"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    built = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        raise SystemExit(f"the compiled loops of {commit} did not build:\n{built.stderr}")
+    (directory / "django_elasticache").rename(directory / "django_elasticache_before")
+    sys.path.insert(0, str(directory))
+    return importlib.import_module("django_elasticache_before.memcached")
+
+
+def comparisons(cluster: LocalCluster, before_module: Any) -> dict[str, dict[str, Call]]:
+    """Each comparison's contenders, this checkout's first."""
+    now = build_ours(cluster, {})
+    before = before_module.ElastiCache(cluster.location, {"OPTIONS": {}})
+    stock = build_stock(cluster, our_behaviors())
+    raw = raw_client(cluster)
+    keys = agreeing_keys(now, raw, cluster)
+    ready = [DJANGO_KEY_PREFIX + key for key in keys]
+    for cache in (now, before):
+        cache.set_many(dict.fromkeys(keys, VALUE))
+    batches = [keys[start : start + MIXED_BATCH] for start in range(0, len(keys), MIXED_BATCH)]
+    ready_batches = [[DJANGO_KEY_PREFIX + key for key in batch] for batch in batches]
+    caches = {NOW: now, BEFORE: before, STOCK: stock}
+
+    def each(make: Any, raw_call: Call) -> dict[str, Call]:
+        return {**{name: make(cache) for name, cache in caches.items()}, RAW: raw_call}
+
+    def set_on(cache: Any) -> Call:
+        return cycling(functools.partial(cache.set, value=VALUE), keys)
+
+    raw_set = cycling(functools.partial(raw.set, val=VALUE, time=DJANGO_TIMEOUT), ready)
+    raw_get, raw_get_many = cycling(raw.get, ready), cycling(raw.get_multi, ready_batches)
+    return {
+        SINGLE_GET: each(lambda cache: cycling(cache.get, keys), raw_get),
+        SINGLE_SET: each(set_on, raw_set),
+        GET_MANY_20: each(lambda cache: cycling(cache.get_many, batches), raw_get_many),
+        MIXED: each(
+            lambda cache: mixed(
+                set_on(cache), cycling(cache.get, keys), cycling(cache.get_many, batches)
+            ),
+            mixed(raw_set, raw_get, raw_get_many),
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("commit")
+    parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("--calls", type=int, default=200)
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory, LocalCluster(relay=False) as cluster:
+        contenders = comparisons(cluster, import_before(arguments.commit, Path(directory)))
+        measure(contenders, 1, 20)  # Connections opened, code paths warmed.
+        seconds = measure(contenders, arguments.rounds, arguments.calls)
+    figures = {"seconds": seconds}
+    print(f"this checkout against {arguments.commit}, {arguments.rounds} rounds")
+    print(Table.of(HEADER, rows(figures)).text())
+
+
+if __name__ == "__main__":
+    main()
