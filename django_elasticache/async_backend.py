@@ -28,11 +28,9 @@ from .backend import (
     _every_key,
     _key_not_found,
     _miss_on_server_error,
-    made_key,
 )
 from .options import BackendOptions
 from .routing import ClusterClient, ClusterClients
-from .topology import ClusterTopology
 
 __all__ = ["AsyncCacheMixin"]
 
@@ -55,12 +53,7 @@ class AsyncCacheMixin:
 
     if TYPE_CHECKING:  # Provided by ClusterCacheMixin and Django's BaseCache.
         _cache: ClusterClient
-        _cluster_client: ClusterClient | None
-        _topology: ClusterTopology
         _clients: ClusterClients
-        _default_key_making: bool
-        key_prefix: str
-        version: int
         backend_options: BackendOptions
         server_errors: ClassVar[tuple[type[Exception], ...]]
 
@@ -84,18 +77,10 @@ class AsyncCacheMixin:
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
         # ``_miss_on_server_error`` written out (a miss: ``default``): one coroutine per call
-        # instead of two, on the call made most; and ``_cache``'s test for a new node list,
-        # as ``get`` writes it.
-        made = (
-            made_key(self.key_prefix, self.version if version is None else version, key)
-            if self._default_key_making
-            else None
-        ) or self.make_and_validate_key(key, version)
+        # instead of two, on the call made most.
+        made = self.make_and_validate_key(key, version)
         try:
-            cache = self._cluster_client
-            if cache is None or cache.config is not self._topology.current():
-                cache = self._cache
-            value = await self._async_client.get(cache, made)
+            value = await self._async_client.get(self._cache, made)
         except self.server_errors as error:
             if not self._absorb(error, "aget"):
                 raise

@@ -195,9 +195,8 @@ class ClusterCacheMixin:
         )
         """
         Whether keys are made and checked by Django's key function and by this mixin's and
-        Django's own methods: then ``made_key`` makes the common key at once, and ``get``,
-        ``set`` and ``aget`` call it themselves, a frame fewer than through
-        ``make_and_validate_key``.
+        Django's own methods: then the common keys are made and checked at once
+        (``made_key``, ``prefixed_keys``).
         """
 
     @property
@@ -363,19 +362,11 @@ class ClusterCacheMixin:
         """
         Django's ``BaseMemcachedCache.get`` with ``_miss_on_server_error``'s policy written
         in: the most frequent call of all runs in one frame of its own instead of three. So
-        do ``set`` and ``get_many``, the other calls every page makes. Each also tests for a
-        new node list as ``_cache`` does, without that property's frame.
+        do ``set`` and ``get_many``, the other calls every page makes.
         """
-        made = (
-            made_key(self.key_prefix, self.version if version is None else version, key)  # type: ignore[attr-defined]
-            if self._default_key_making
-            else None
-        ) or self.make_and_validate_key(key, version)
+        made = self.make_and_validate_key(key, version)
         try:
-            cache = self._cluster_client
-            if cache is None or cache.config is not self._topology.current():
-                cache = self._cache
-            return cache.call("get", made, default)
+            return self._cache.call("get", made, default)
         except self.server_errors as error:
             if not self._absorb(error, "get"):
                 raise
@@ -399,10 +390,7 @@ class ClusterCacheMixin:
         keys = list(keys)
         originals = self._originals(keys, version)
         try:
-            cache = self._cluster_client
-            if cache is None or cache.config is not self._topology.current():
-                cache = self._cache
-            found = cache.get_multi(originals)
+            found = self._cache.get_multi(originals)
         except self.server_errors as error:
             if not self._absorb(error, "get_many"):
                 raise
@@ -413,18 +401,12 @@ class ClusterCacheMixin:
         self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None
     ) -> Any:
         """Django's ``BaseMemcachedCache.set``, with the policy written in as in ``get``."""
-        key = (
-            made_key(self.key_prefix, self.version if version is None else version, key)  # type: ignore[attr-defined]
-            if self._default_key_making
-            else None
-        ) or self.make_and_validate_key(key, version)
+        key = self.make_and_validate_key(key, version)
         exptime = self._default_exptime if timeout is DEFAULT_TIMEOUT else None
         if exptime is None:
             exptime = self.get_backend_timeout(timeout)  # type: ignore[attr-defined]
         try:
-            cache = self._cluster_client
-            if cache is None or cache.config is not self._topology.current():
-                cache = self._cache
+            cache = self._cache
             if not cache.store(key, value, exptime):
                 # As Django: a value not stored (too large) must not leave the old one behind.
                 cache.delete(key)
