@@ -36,9 +36,10 @@ import os
 import socket
 import ssl
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from .cluster_utils import ClusterNode, format_address
 from .pool import NodePool
@@ -102,15 +103,25 @@ class LibraryAdapter(Protocol):
         """
 
 
-class _Request:
-    """A request on the wire: how to read its reply, who waits for it, and since when."""
+_Request = tuple[Parser, "asyncio.Future[Any]", float]
+"""
+A request on the wire: how to read its reply, who waits for it, and since when. A plain
+tuple, read by position (``PARSER``, ``FUTURE``, ``SENT``): one is made per call.
+"""
+PARSER: Final = 0
+FUTURE: Final = 1
+SENT: Final = 2
 
-    __slots__ = ("future", "parser", "sent")
 
-    def __init__(self, parser: Parser, future: asyncio.Future[Any], sent: float) -> None:
-        self.parser = parser
-        self.future = future
-        self.sent = sent
+def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """
+    ``loop.time``, or the function it calls where the loop is asyncio's own
+    (``time.monotonic``): read twice a call, it then costs no Python frame. Any other loop
+    (uvloop, a test's clock) is asked itself: its timers run on its own clock.
+    """
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
 
 
 class NodeConnection(asyncio.Protocol):
@@ -129,6 +140,7 @@ class NodeConnection(asyncio.Protocol):
         self._channel = channel
         self._sock = sock
         self._loop = channel.loop
+        self._clock = loop_clock(channel.loop)
         self._timeout = channel.timeout
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -151,9 +163,9 @@ class NodeConnection(asyncio.Protocol):
         if self.closed or self._transport is None:
             raise ConnectionClosed(f"connection to {self._channel.name} is closed")
         loop = self._loop
-        sent = loop.time()
+        sent = self._clock()
         future = loop.create_future()
-        self.pending.append(_Request(parser, future, sent))
+        self.pending.append((parser, future, sent))
         self._transport.write(request)
         if self._watchdog is None and self._timeout is not None:
             self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
@@ -164,28 +176,28 @@ class NodeConnection(asyncio.Protocol):
         if self.closed or self._transport is None:
             raise ConnectionClosed(f"connection to {self._channel.name} is closed")
         loop = self._loop
-        sent = loop.time()
+        sent = self._clock()
         futures = [loop.create_future() for _ in requests]
-        self.pending.extend(_Request(parser, future, sent) for future in futures)
+        self.pending.extend((parser, future, sent) for future in futures)
         self._transport.write(requests[0] if len(requests) == 1 else b"".join(requests))
         if self._watchdog is None and self._timeout is not None:
             self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
         return [await future for future in futures]
 
     def data_received(self, data: bytes) -> None:
-        self._last_received = self._loop.time()
+        self._last_received = self._clock()
         buffer = self._buffer
         buffer += data
         position = replies = 0
         pending = self.pending
         try:
             while pending:
-                parsed = pending[0].parser(buffer, position)
+                parsed = pending[0][PARSER](buffer, position)
                 if parsed is None:
                     break
                 reply, position = parsed
                 replies += 1
-                future = pending.popleft().future
+                future = pending.popleft()[FUTURE]
                 if not future.done():
                     future.set_result(reply)
             if position < len(buffer) and not pending:
@@ -212,7 +224,7 @@ class NodeConnection(asyncio.Protocol):
             self._channel.release_socket(self._sock)
             self._channel.forget(self)
         while self.pending:
-            future = self.pending.popleft().future
+            future = self.pending.popleft()[FUTURE]
             if not future.done():
                 future.set_exception(error)
                 # Marked retrieved: the caller may be gone (cancelled, or it raised on an
@@ -228,8 +240,8 @@ class NodeConnection(asyncio.Protocol):
         self._watchdog = None
         if not self.pending or self._timeout is None:
             return
-        deadline = max(self.pending[0].sent, self._last_received) + self._timeout
-        if deadline > self._loop.time():
+        deadline = max(self.pending[0][SENT], self._last_received) + self._timeout
+        if deadline > self._clock():
             self._watchdog = self._loop.call_at(deadline, self._check_deadline)
             return
         if not after_reading:

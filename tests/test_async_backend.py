@@ -330,6 +330,38 @@ def test_hung_node_times_out_as_on_the_sync_path(elasticache_cluster_factory, ma
     eventually(answers_again, "the node answers the async path again")
 
 
+class LoopOnItsOwnClock(asyncio.SelectorEventLoop):
+    """An event loop whose clock is an hour behind ``time.monotonic()``, as a loop may keep."""
+
+    def time(self) -> float:
+        return super().time() - 3600.0
+
+
+def test_a_loop_on_its_own_clock_times_calls_out_on_it(
+    elasticache_cluster_factory, make_cache
+) -> None:
+    """A call's timeout is kept on the loop's clock, whatever clock that is."""
+    cluster = elasticache_cluster_factory(nodes=1)
+    options, timeout_error = timeout_rules(type(make_cache(cluster.location)))
+    cache = make_cache(cluster.location, **options)
+    cache.set("key", 1)
+    loop = LoopOnItsOwnClock()
+    node = cluster.nodes[0]
+    try:
+        assert loop.run_until_complete(cache.aget("key")) == 1
+        os.kill(node.pid, signal.SIGSTOP)
+        try:
+            call = loop.create_task(cache.aget("key"))
+            loop.call_later(DEADLINE, call.cancel)  # Cancelled: the timeout never came.
+            error = raised(lambda: loop.run_until_complete(call))
+        finally:
+            os.kill(node.pid, signal.SIGCONT)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    assert type(error) is timeout_error
+
+
 def test_async_round_trip_over_tls(elasticache_cluster_factory, make_pymemcache_cache) -> None:
     cluster = elasticache_cluster_factory(nodes=3, tls=True)
     cache = make_pymemcache_cache(cluster.location, TLS=cluster.client_tls_context())
