@@ -2,7 +2,9 @@
 This checkout's pylibmc backend against the same backend at an earlier commit, side by side
 in one process on one 3-node ``LocalCluster``, beside Django's stock ``PyLibMCCache`` and raw
 pylibmc: single ``get`` and ``set``, ``get_many(20)`` and the mixed workload, timed in
-``hotpaths``' turns over keys that every contender places on the same node.
+``hotpaths``' turns over keys that every contender places on the same node; and ``aget``
+awaited one after another against ``get``, as ``request_cycle`` times it, the two versions in
+alternate rounds.
 
 Timed in separate runs, two versions differ by the machine's drift as much as by their code;
 here every contender of a comparison takes turns within each round. The earlier commit is
@@ -16,8 +18,10 @@ Run: ``python benchmarks/before_after.py <commit>`` (add ``--rounds N``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import importlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +46,8 @@ from hotpaths import (
     raw_client,
     rows,
 )
+from request_cycle import AGET_KEYS, sequential
+from stats import micros, quartiles
 from tables import Table
 
 from django_elasticache.testing import LocalCluster
@@ -49,6 +55,7 @@ from django_elasticache.testing import LocalCluster
 NOW = "ours, this checkout"
 BEFORE = "ours, before"
 HEADER = ["comparison", "contender", "µs per call", "this checkout's time / its time"]
+AGET_HEADER = ["contender", "get µs", "aget µs", "aget / get", "quartiles"]
 
 
 def import_before(commit: str, directory: Path) -> Any:
@@ -109,6 +116,49 @@ def comparisons(cluster: LocalCluster, before_module: Any) -> dict[str, dict[str
     }
 
 
+def aget_rounds(cluster: LocalCluster, before_module: Any, rounds: int) -> dict[str, Any]:
+    """Per version and round, seconds per ``get`` and per ``aget`` (``request_cycle``'s way)."""
+    keys = [f"bench:aget:{index}" for index in range(AGET_KEYS)]
+    caches = {
+        NOW: build_ours(cluster, {}),
+        BEFORE: before_module.ElastiCache(cluster.location, {}),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in caches}
+    loop = asyncio.new_event_loop()
+    try:
+        for cache in caches.values():
+            cache.set_many(dict.fromkeys(keys, VALUE))
+            sequential(cache, keys, loop)  # Connections opened, code paths warmed.
+        for round_index in range(rounds):
+            order = list(caches) if round_index % 2 else list(caches)[::-1]
+            for name in order:
+                samples[name].append(sequential(caches[name], keys, loop))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return samples
+
+
+def aget_rows(samples: dict[str, list[tuple[float, float]]]) -> list[list[str]]:
+    rows = []
+    for name, pairs in samples.items():
+        ratios = [awaited / sync for sync, awaited in pairs]
+        low, high = quartiles(ratios)
+        rows.append(
+            [
+                name,
+                f"{micros([sync for sync, _ in pairs]):.1f}",
+                f"{micros([awaited for _, awaited in pairs]):.1f}",
+                f"{statistics.median(ratios):.2f}x",
+                f"{low:.2f}-{high:.2f}",
+            ]
+        )
+    now, before = ([awaited for _, awaited in samples[name]] for name in (NOW, BEFORE))
+    ratio = statistics.median(a / b for a, b in zip(now, before, strict=True))
+    rows.append([f"{NOW}'s aget time / {BEFORE}'s", "", "", f"{ratio:.3f}x", ""])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("commit")
@@ -116,12 +166,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory, LocalCluster(relay=False) as cluster:
-        contenders = comparisons(cluster, import_before(arguments.commit, Path(directory)))
+        before_module = import_before(arguments.commit, Path(directory))
+        contenders = comparisons(cluster, before_module)
         measure(contenders, 1, 20)  # Connections opened, code paths warmed.
         seconds = measure(contenders, arguments.rounds, arguments.calls)
+        awaited = aget_rounds(cluster, before_module, arguments.rounds)
     figures = {"seconds": seconds}
     print(f"this checkout against {arguments.commit}, {arguments.rounds} rounds")
     print(Table.of(HEADER, rows(figures)).text())
+    print(Table.of(AGET_HEADER, aget_rows(awaited)).text())
 
 
 if __name__ == "__main__":
