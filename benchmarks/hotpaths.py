@@ -274,7 +274,7 @@ Each contender makes its calls of a round in this many turns, the contenders of 
 taking turns: a node's answer time drifts within milliseconds on a small machine, and turns
 put every contender under the same drift. Who goes first changes from turn to turn: the
 first calls after another contender's run on what that one left in the caches, and in a
-fixed order the same code on both sides of ``before_after.py`` came out 1% to 6% slower in
+fixed order the same code on both sides of ``before_after.py`` came out up to 6% slower in
 first place than in second.
 """
 
