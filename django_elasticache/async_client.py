@@ -115,13 +115,15 @@ SENT: Final = 2
 
 def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
     """
-    ``loop.time``, or the function it calls where the loop is asyncio's own
-    (``time.monotonic``): read twice a call, it then costs no Python frame. Any other loop
-    (uvloop, a test's clock) is asked itself: its timers run on its own clock.
+    ``loop.time``, or the function it calls where that is asyncio's own method
+    (``time.monotonic``): read twice a call, it then costs no Python frame. Any other clock
+    (uvloop's, a subclass's, one a test set on the loop) is asked itself: the loop's timers
+    run on it.
     """
-    if type(loop).time is asyncio.BaseEventLoop.time:
+    clock = loop.time
+    if getattr(clock, "__func__", None) is asyncio.BaseEventLoop.time:
         return time.monotonic
-    return loop.time
+    return clock
 
 
 class NodeConnection(asyncio.Protocol):

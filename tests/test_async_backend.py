@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -337,15 +338,23 @@ class LoopOnItsOwnClock(asyncio.SelectorEventLoop):
         return super().time() - 3600.0
 
 
+def loop_given_a_clock() -> asyncio.AbstractEventLoop:
+    """asyncio's own loop, its clock replaced on the instance, as a test may replace it."""
+    loop = asyncio.new_event_loop()
+    loop.time = lambda: time.monotonic() - 3600.0  # type: ignore[method-assign]
+    return loop
+
+
+@pytest.mark.parametrize("new_loop", [LoopOnItsOwnClock, loop_given_a_clock])
 def test_a_loop_on_its_own_clock_times_calls_out_on_it(
-    elasticache_cluster_factory, make_cache
+    elasticache_cluster_factory, make_cache, new_loop
 ) -> None:
     """A call's timeout is kept on the loop's clock, whatever clock that is."""
     cluster = elasticache_cluster_factory(nodes=1)
     options, timeout_error = timeout_rules(type(make_cache(cluster.location)))
     cache = make_cache(cluster.location, **options)
     cache.set("key", 1)
-    loop = LoopOnItsOwnClock()
+    loop = new_loop()
     node = cluster.nodes[0]
     try:
         assert loop.run_until_complete(cache.aget("key")) == 1
