@@ -116,7 +116,9 @@ def comparisons(cluster: LocalCluster, before_module: Any) -> dict[str, dict[str
     }
 
 
-def aget_rounds(cluster: LocalCluster, before_module: Any, rounds: int) -> dict[str, Any]:
+def aget_rounds(
+    cluster: LocalCluster, before_module: Any, rounds: int
+) -> dict[str, list[tuple[float, float]]]:
     """Per version and round, seconds per ``get`` and per ``aget`` (``request_cycle``'s way)."""
     keys = [f"bench:aget:{index}" for index in range(AGET_KEYS)]
     caches = {
@@ -140,11 +142,11 @@ def aget_rounds(cluster: LocalCluster, before_module: Any, rounds: int) -> dict[
 
 
 def aget_rows(samples: dict[str, list[tuple[float, float]]]) -> list[list[str]]:
-    rows = []
+    table = []
     for name, pairs in samples.items():
         ratios = [awaited / sync for sync, awaited in pairs]
         low, high = quartiles(ratios)
-        rows.append(
+        table.append(
             [
                 name,
                 f"{micros([sync for sync, _ in pairs]):.1f}",
@@ -155,8 +157,8 @@ def aget_rows(samples: dict[str, list[tuple[float, float]]]) -> list[list[str]]:
         )
     now, before = ([awaited for _, awaited in samples[name]] for name in (NOW, BEFORE))
     ratio = statistics.median(a / b for a, b in zip(now, before, strict=True))
-    rows.append([f"{NOW}'s aget time / {BEFORE}'s", "", "", f"{ratio:.3f}x", ""])
-    return rows
+    table.append([f"{NOW}'s aget time / {BEFORE}'s", "", "", f"{ratio:.3f}x", ""])
+    return table
 
 
 def main() -> None:
