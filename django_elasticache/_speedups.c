@@ -3,7 +3,7 @@
  * meaning of its Python twin (named at each function), used where this module is not built:
  *
  * - `prefixed_keys`: Django's keys made and checked at once (`backend`);
- * - `made_key`: the same for one key (`backend`);
+ * - `made_key`: the same for one key of a cache (`backend`);
  * - `pooled_call`: a single-key call on a pooled client of the key's node (`routing`);
  * - `borrow`, `give_back`: a pool's own, their common case (`pool.NodePool`);
  * - `group_by_node`: keys split by the node that holds them (`routing`);
@@ -302,56 +302,127 @@ prefixed_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(made_key_doc,
-             "made_key(key_prefix, version, key)\n--\n\n"
-             "f'{key_prefix}:{version}:{key}' for a str prefix and key and an int or str\n"
-             "version, or None unless it is 1 to 250 characters from '!' to '~'\n"
+             "made_key(cache, key, version)\n--\n\n"
+             "f'{cache.key_prefix}:{version}:{key}' (version: cache.version if None) where\n"
+             "cache._default_key_making, for a str prefix and key and an int or str\n"
+             "version; None otherwise, or unless it is 1 to 250 characters from '!' to '~'\n"
              "(backend.made_key_in_python).");
+
+static PyObject *name_default_key_making, *name_key_prefix, *name_version;
+
+/*
+ * An exact int's decimal digits (and sign) written at the end of `buffer`, as str() gives
+ * them: the start of the text, or NULL if the int does not fit a long long.
+ */
+static const char *
+int_text(PyObject *number, char *buffer, size_t size)
+{
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(number, &overflow);
+    unsigned long long rest;
+    char *start = buffer + size;
+
+    if (overflow != 0 || (value == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return NULL;
+    }
+    rest = value < 0 ? 0ULL - (unsigned long long)value : (unsigned long long)value;
+    do {
+        *--start = (char)('0' + rest % 10);
+        rest /= 10;
+    } while (rest != 0);
+    if (value < 0) {
+        *--start = '-';
+    }
+    return start;
+}
+
+/*
+ * f"{prefix}:{version}:{key}" if plain (see the doc above), else None: a new reference, or
+ * NULL with an error set.
+ */
+static PyObject *
+joined_key(PyObject *prefix, PyObject *version, PyObject *key)
+{
+    PyObject *version_str = NULL, *made = Py_None;
+    const char *version_text;
+    char digits[24]; /* A long long's 19 digits and sign. */
+    Py_ssize_t prefix_length, version_length, key_length;
+    Py_UCS1 *out;
+
+    /* An int version (Django's default, 1) is written out here, without a str object. */
+    if (PyLong_CheckExact(version) &&
+        (version_text = int_text(version, digits, sizeof(digits))) != NULL) {
+        version_length = digits + sizeof(digits) - version_text;
+    }
+    else {
+        if (PyLong_CheckExact(version)) {
+            version_str = PyObject_Str(version);
+        }
+        else if (PyUnicode_CheckExact(version)) {
+            version_str = Py_NewRef(version);
+        }
+        else {
+            Py_RETURN_NONE;
+        }
+        if (version_str == NULL) {
+            return NULL;
+        }
+        if (!is_plain_ascii(version_str)) {
+            Py_DECREF(version_str);
+            Py_RETURN_NONE;
+        }
+        version_text = (const char *)PyUnicode_1BYTE_DATA(version_str);
+        version_length = PyUnicode_GET_LENGTH(version_str);
+    }
+    if (is_plain_ascii(prefix) && is_plain_ascii(key)) {
+        prefix_length = PyUnicode_GET_LENGTH(prefix);
+        key_length = PyUnicode_GET_LENGTH(key);
+        if (prefix_length + version_length + key_length + 2 <= MAX_KEY_LENGTH) {
+            made = PyUnicode_New(prefix_length + version_length + key_length + 2, 127);
+            if (made != NULL) {
+                out = PyUnicode_1BYTE_DATA(made);
+                memcpy(out, PyUnicode_1BYTE_DATA(prefix), prefix_length);
+                out += prefix_length;
+                *out++ = ':';
+                memcpy(out, version_text, version_length);
+                out += version_length;
+                *out++ = ':';
+                memcpy(out, PyUnicode_1BYTE_DATA(key), key_length);
+            }
+        }
+    }
+    Py_XDECREF(version_str);
+    return made == Py_None ? Py_NewRef(Py_None) : made;
+}
 
 static PyObject *
 made_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *version, *made = NULL;
-    Py_ssize_t prefix_length, version_length, key_length;
-    Py_UCS1 *out;
+    PyObject *default_making, *prefix = NULL, *version = NULL, *made = NULL;
+    int is_default;
 
     if (nargs != 3) {
         PyErr_Format(PyExc_TypeError, "made_key takes 3 arguments, got %zd", nargs);
         return NULL;
     }
-    if (PyLong_CheckExact(args[1])) {
-        version = PyObject_Str(args[1]);
-        if (version == NULL) {
-            return NULL;
-        }
+    default_making = PyObject_GetAttr(args[0], name_default_key_making);
+    if (default_making == NULL) {
+        return NULL;
     }
-    else if (PyUnicode_CheckExact(args[1])) {
-        version = Py_NewRef(args[1]);
+    is_default = PyObject_IsTrue(default_making);
+    Py_DECREF(default_making);
+    if (is_default <= 0) {
+        return is_default < 0 ? NULL : Py_NewRef(Py_None);
     }
-    else {
-        Py_RETURN_NONE;
+    prefix = PyObject_GetAttr(args[0], name_key_prefix);
+    version = args[2] == Py_None ? PyObject_GetAttr(args[0], name_version) : Py_NewRef(args[2]);
+    if (prefix != NULL && version != NULL) {
+        made = joined_key(prefix, version, args[1]);
     }
-    if (is_plain_ascii(args[0]) && is_plain_ascii(version) && is_plain_ascii(args[2])) {
-        prefix_length = PyUnicode_GET_LENGTH(args[0]);
-        version_length = PyUnicode_GET_LENGTH(version);
-        key_length = PyUnicode_GET_LENGTH(args[2]);
-        if (prefix_length + version_length + key_length + 2 <= MAX_KEY_LENGTH) {
-            made = PyUnicode_New(prefix_length + version_length + key_length + 2, 127);
-            if (made != NULL) {
-                out = PyUnicode_1BYTE_DATA(made);
-                memcpy(out, PyUnicode_1BYTE_DATA(args[0]), prefix_length);
-                out += prefix_length;
-                *out++ = ':';
-                memcpy(out, PyUnicode_1BYTE_DATA(version), version_length);
-                out += version_length;
-                *out++ = ':';
-                memcpy(out, PyUnicode_1BYTE_DATA(args[2]), key_length);
-            }
-            Py_DECREF(version);
-            return made;
-        }
-    }
-    Py_DECREF(version);
-    Py_RETURN_NONE;
+    Py_XDECREF(prefix);
+    Py_XDECREF(version);
+    return made;
 }
 
 PyDoc_STRVAR(group_by_node_doc,
@@ -689,7 +760,7 @@ static PyObject *name_get_ident, *name_failures, *name_lent_to, *name_lock, *nam
     *name_locked, *name_settle_interrupted;
 
 static int
-intern_pool_names(void)
+intern_names(void)
 {
     struct {
         PyObject **name;
@@ -707,6 +778,9 @@ intern_pool_names(void)
         {&name_give_back_after, "give_back_after"},
         {&name_locked, "locked"},
         {&name_settle_interrupted, "_settle_interrupted"},
+        {&name_default_key_making, "_default_key_making"},
+        {&name_key_prefix, "key_prefix"},
+        {&name_version, "version"},
     };
     size_t index;
 
@@ -1104,7 +1178,7 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (intern_pool_names() < 0) {
+    if (intern_names() < 0) {
         return NULL;
     }
     return PyModuleDef_Init(&speedups_module);

@@ -28,6 +28,7 @@ from .backend import (
     _every_key,
     _key_not_found,
     _miss_on_server_error,
+    made_key,
 )
 from .options import BackendOptions
 from .routing import ClusterClient, ClusterClients
@@ -77,8 +78,8 @@ class AsyncCacheMixin:
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
         # ``_miss_on_server_error`` written out (a miss: ``default``): one coroutine per call
-        # instead of two, on the call made most.
-        made = self.make_and_validate_key(key, version)
+        # instead of two, on the call made most; the key made as ``get`` makes it.
+        made = made_key(self, key, version) or self.make_and_validate_key(key, version)
         try:
             value = await self._async_client.get(self._cache, made)
         except self.server_errors as error:

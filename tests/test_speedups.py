@@ -10,12 +10,13 @@ import functools
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import django_elasticache
@@ -232,17 +233,35 @@ def test_prefixed_keys_is_the_common_case_of_django_key_making(
         assert list(made.items()) == list({prefix + key: key for key in keys}.items())
 
 
+_VERSIONS = st.one_of(st.integers(-(10**30), 10**30), _KEY_TEXT, st.booleans())
+
+
 @settings(max_examples=2000, deadline=None)
 @given(
+    st.booleans(),
     st.one_of(_KEY_TEXT, st.integers(-1, 1)),
-    st.one_of(st.integers(-(10**30), 10**30), _KEY_TEXT, st.booleans(), st.none()),
+    _VERSIONS,
     st.one_of(_KEY_TEXT, _KEY_TEXT.map(lambda text: text.encode("utf-8", "surrogatepass"))),
+    st.one_of(st.none(), _VERSIONS),
 )
-def test_made_key_means_what_its_python_twin_means(prefix: Any, version: Any, key: Any) -> None:
-    made = _speedups.made_key(prefix, version, key)
-    assert made == backend.made_key_in_python(prefix, version, key)
+# The compiled function writes an int version's digits itself where it fits a long long.
+@example(True, "p", 1, "k", 0)
+@example(True, "p", 1, "k", -(2**63))
+@example(True, "p", 1, "k", 2**63 - 1)
+@example(True, "p", 1, "k", 2**63)
+@example(True, "p", 1, "k", -(2**63) - 1)
+@example(True, "p", 1, "k", 10**230)
+def test_made_key_means_what_its_python_twin_means(
+    default_key_making: bool, prefix: Any, cache_version: Any, key: Any, version: Any
+) -> None:
+    cache = types.SimpleNamespace(
+        _default_key_making=default_key_making, key_prefix=prefix, version=cache_version
+    )
+    made = _speedups.made_key(cache, key, version)
+    assert made == backend.made_key_in_python(cache, key, version)
     if made is not None:
-        assert made == f"{prefix}:{version}:{key}"
+        assert default_key_making
+        assert made == f"{prefix}:{cache_version if version is None else version}:{key}"
         assert all("!" <= character <= "~" for character in made) and len(made) <= 250
 
 
