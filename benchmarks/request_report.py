@@ -59,7 +59,8 @@ def sections(data: Mapping[str, Any]) -> list[Section]:
                     ["backend", "get µs", "aget µs", "aget / get"],
                     aget_rows(figures),
                     "``aget`` awaited one after another inside one request's context, against "
-                    "``get`` on the same instance (median of the per-round ratios).",
+                    f"``get`` on the same instance (median of the ratios of "
+                    f"{data['aget_rounds']} rounds).",
                 ),
                 Table.of(
                     [
