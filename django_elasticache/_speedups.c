@@ -416,8 +416,11 @@ made_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return is_default < 0 ? NULL : Py_NewRef(Py_None);
     }
     prefix = PyObject_GetAttr(args[0], name_key_prefix);
-    version = args[2] == Py_None ? PyObject_GetAttr(args[0], name_version) : Py_NewRef(args[2]);
-    if (prefix != NULL && version != NULL) {
+    if (prefix != NULL) {
+        version = args[2] == Py_None ? PyObject_GetAttr(args[0], name_version)
+                                     : Py_NewRef(args[2]);
+    }
+    if (version != NULL) {
         made = joined_key(prefix, version, args[1]);
     }
     Py_XDECREF(prefix);

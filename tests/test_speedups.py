@@ -265,6 +265,17 @@ def test_made_key_means_what_its_python_twin_means(
         assert all("!" <= character <= "~" for character in made) and len(made) <= 250
 
 
+@pytest.mark.parametrize("missing", ["_default_key_making", "key_prefix", "version"])
+@pytest.mark.parametrize("made_key", [_speedups.made_key, backend.made_key_in_python])
+def test_made_key_raises_for_a_cache_attribute_that_is_missing(
+    made_key: Callable[..., Any], missing: str
+) -> None:
+    attributes = {"_default_key_making": True, "key_prefix": "p", "version": 1}
+    del attributes[missing]
+    with pytest.raises(AttributeError, match=missing):
+        made_key(types.SimpleNamespace(**attributes), "key", None)
+
+
 @settings(max_examples=1000, deadline=None)
 @given(_ANY_KEYS, st.integers(0, 4), st.integers(-5, 5))
 def test_group_by_node_means_what_its_python_twin_means(
