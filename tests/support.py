@@ -198,7 +198,12 @@ def parse_config_reply(reply: bytes) -> tuple[int, list[NodeTuple]]:
 
 @contextlib.contextmanager
 def stopped(node: Any) -> Iterator[None]:
-    """The node's process stopped: it neither reads nor answers until the block ends."""
+    """
+    The node's process stopped: it neither reads nor answers until the block ends. ``kill``
+    returns before the stop takes hold: one of memcached's threads must first take the
+    signal, and until it has run, the worker thread may still answer a request sent now.
+    Stopped (state ``T``), every thread stops before it runs again.
+    """
     os.kill(node.pid, signal.SIGSTOP)
     try:
         eventually(lambda: process_state(node.pid) == "T", f"node {node.pid} stopped")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
 import ssl
 import threading
@@ -18,7 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext
-from support import DEADLINE, ForkedChild, eventually, timeout_rules
+from support import DEADLINE, ForkedChild, eventually, stopped, timeout_rules
 
 from django_elasticache.async_client import PIPELINE_DEPTH
 from django_elasticache.pool import NodeUnavailable
@@ -76,10 +74,10 @@ def async_outcome(call: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
 
 def raised(call: Callable[[], Any]) -> Exception:
     try:
-        call()
+        returned = call()
     except Exception as error:
         return error
-    raise AssertionError("no exception")
+    raise AssertionError(f"no exception: the call returned {returned!r}")
 
 
 def key_routed_to(cache: Any, node: Any) -> str:
@@ -311,13 +309,9 @@ def test_hung_node_times_out_as_on_the_sync_path(elasticache_cluster_factory, ma
     cache = make_cache(cluster.location, **options)
     cache.set("key", 1)
     assert asyncio.run(cache.aget("key")) == 1
-    node = cluster.nodes[0]
-    os.kill(node.pid, signal.SIGSTOP)  # A real memcached that stops answering.
-    try:
+    with stopped(cluster.nodes[0]):  # A real memcached that stops answering.
         async_error = raised(lambda: asyncio.run(cache.aget("key")))
         sync = outcome(lambda: cache.get("key"))
-    finally:
-        os.kill(node.pid, signal.SIGCONT)
     assert type(async_error) is timeout_error
     # libmemcached 1.1 raises it too; the 1.0 in pylibmc's wheels reads a timeout as a miss.
     assert sync in (("raised", timeout_error), ("returned", None))
@@ -355,16 +349,12 @@ def test_a_loop_on_its_own_clock_times_calls_out_on_it(
     cache = make_cache(cluster.location, **options)
     cache.set("key", 1)
     loop = new_loop()
-    node = cluster.nodes[0]
     try:
         assert loop.run_until_complete(cache.aget("key")) == 1
-        os.kill(node.pid, signal.SIGSTOP)
-        try:
+        with stopped(cluster.nodes[0]):
             call = loop.create_task(cache.aget("key"))
             loop.call_later(DEADLINE, call.cancel)  # Cancelled: the timeout never came.
             error = raised(lambda: loop.run_until_complete(call))
-        finally:
-            os.kill(node.pid, signal.SIGCONT)
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
@@ -539,13 +529,9 @@ def test_hung_tls_node_times_out_while_connecting_as_on_the_sync_path(
         cluster.location, TLS=cluster.client_tls_context(), connect_timeout=0.3, timeout=0.3
     )
     assert cache.client_servers == cluster.node_addresses  # Discovered before the stop.
-    node = cluster.nodes[0]
-    os.kill(node.pid, signal.SIGSTOP)
-    try:
+    with stopped(cluster.nodes[0]):
         async_error = raised(lambda: asyncio.run(cache.aget("key")))
         sync_error = raised(lambda: cache.get("key"))
-    finally:
-        os.kill(node.pid, signal.SIGCONT)
     assert type(async_error) is type(sync_error)
     assert isinstance(async_error, TimeoutError)
 

@@ -11,12 +11,11 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import weakref
 from typing import Any
 
 import pytest
-from support import eventually, timeout_rules
+from support import eventually, stopped, timeout_rules
 from test_async_backend import key_routed_to, open_connections
 
 from django_elasticache.async_client import loop_connections
@@ -109,11 +108,8 @@ def test_a_stalled_node_leaves_no_unretrieved_future(
     data = {f"stalled:{index}": "v" for index in range(500)}
     assert asyncio.run(cache.aget(key_routed_to(cache, node))) is None  # Connected.
     caplog.set_level(logging.ERROR, logger="asyncio")
-    os.kill(node.pid, signal.SIGSTOP)
-    try:
+    with stopped(node):
         failed = asyncio.run(cache.aset_many(data))
-    finally:
-        os.kill(node.pid, signal.SIGCONT)
     gc.collect()
     assert sorted(failed) == sorted(data)
     assert [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()] == []
@@ -237,15 +233,12 @@ def test_a_reply_holding_a_key_not_asked_for_is_the_librarys_protocol_error(
         assert await cache.aget("key") == "value"  # Connected.
         (channel,) = loop_connections().channels.values()
         (connection,) = channel._connections
-        os.kill(node.pid, signal.SIGSTOP)  # Both requests wait, in order, for the node.
-        try:
+        with stopped(node):  # Both requests wait, in order, for the node.
             connection._transport.write(f"get {stray}\r\n".encode())
             getting = asyncio.ensure_future(
                 cache.aget("key") if call == "aget" else cache.aget_many(["key"])
             )
             await asyncio.sleep(0.05)
-        finally:
-            os.kill(node.pid, signal.SIGCONT)
         error = None
         try:
             await asyncio.wait_for(getting, 5.0)
