@@ -348,14 +348,19 @@ class ClusterTopology:
             self._next_refresh = since + interval * (1 - random.uniform(0, REFRESH_JITTER))
 
     def _start_refresh(self) -> None:
-        with self._lock:
-            now = self._clock()
-            if now < self._refreshing_until or now < self._next_refresh:
-                return
-            self._schedule_refresh(now)
-            self._refreshing_until = now + self._refresh_bound()
-        started = False
+        # Claimed and started are set right after their steps, with no call in between: an
+        # exception landing anywhere else (a signal handler's, as the lock is released or
+        # the thread starts) finds the claim and lets the next interval try again, instead
+        # of holding every refresh back for the whole ``_refresh_bound``.
+        claimed = started = False
         try:
+            with self._lock:
+                now = self._clock()
+                if now < self._refreshing_until or now < self._next_refresh:
+                    return
+                self._schedule_refresh(now)
+                self._refreshing_until = now + self._refresh_bound()
+                claimed = True
             self._run_in_background(self._refresh, f"refresh {self.name}")
             started = True
         except Exception:
@@ -363,7 +368,7 @@ class ClusterTopology:
             # current list, and the next interval tries again.
             logger.exception("Could not start refreshing %s; keeping the node list", self.name)
         finally:
-            if not started:
+            if claimed and not started:
                 self._refreshing_until = 0.0  # Let the next interval try again.
 
     def _refresh_bound(self) -> float:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from support import Interrupted
 
 from django_elasticache import topology
 from django_elasticache.cluster_utils import (
@@ -541,5 +542,45 @@ def test_a_refresh_that_never_came_to_run_holds_back_the_next_one_for_a_bounded_
     cluster.current()
     assert cluster.current().nodes == THREE  # the lost refresh still counts as running
     clock.advance(cluster._refresh_bound())
+    cluster.current()
+    assert cluster.current().nodes == FOUR
+
+
+class InterruptedOnce:
+    """A lock whose next release raises ``Interrupted`` once it is armed, as a signal
+    handler's exception may land as a ``with`` block gives its lock back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.armed = False
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        if self.armed:
+            self.armed = False
+            raise Interrupted
+
+
+def test_a_refresh_start_interrupted_after_its_claim_does_not_hold_back_the_next_one(
+    make, clock, servers
+) -> None:
+    """
+    The exception that interrupts a refresh's start as it releases the topology's lock
+    reaches the request; the next interval refreshes, instead of waiting out the bound of
+    a refresh counted as running.
+    """
+    cluster = make(refresh_interval=1)
+    assert cluster.current().nodes == THREE
+    lock = cluster._lock = InterruptedOnce()
+    servers.endpoint_answers(ClusterConfig(6, FOUR))
+    lock.armed = True
+    clock.advance(1)
+    with pytest.raises(Interrupted):
+        cluster.current()
+    assert cluster.current().nodes == THREE  # not refreshed: its start was interrupted
+    clock.advance(1)  # far less than the bound of a refresh counted as running
     cluster.current()
     assert cluster.current().nodes == FOUR
