@@ -232,29 +232,34 @@ class ClusterTopology:
     # First discovery
 
     def _discover_first(self) -> ClusterConfig:
-        with self._lock:
-            if self._config is not None:
-                return self._config
-            attempt, started_here = self._attempt, False
-            if attempt is None:
-                self._raise_recent_failure()
-                attempt = self._attempt = _FirstAttempt(self._clock())
-                started_here = True
-            very_first = started_here and self._failure is None
-        if very_first:
-            self._attempt_first(attempt)
-        else:
-            if started_here:
-                try:
-                    self._run_in_background(
-                        lambda: self._attempt_first(attempt), f"discover {self.name}"
-                    )
-                except BaseException:
-                    # Never started: the next request starts another, not waits on this one.
-                    with self._lock:
+        started_here = False
+        try:
+            with self._lock:
+                if self._config is not None:
+                    return self._config
+                attempt = self._attempt
+                if attempt is None:
+                    self._raise_recent_failure()
+                    attempt = self._attempt = _FirstAttempt(self._clock())
+                    started_here = True
+                very_first = started_here and self._failure is None
+            if very_first:
+                self._attempt_first(attempt)
+            elif started_here:
+                self._run_in_background(
+                    lambda: self._attempt_first(attempt), f"discover {self.name}"
+                )
+        except BaseException:
+            if started_here and attempt is not None:
+                # Interrupted before the attempt ran or its thread started (a signal
+                # handler's exception, as the lock was released): the next request starts
+                # another, instead of every request waiting on one that never ends.
+                with self._lock:
+                    if self._attempt is attempt:
                         self._attempt = None
-                    attempt.done.set()
-                    raise
+                attempt.done.set()
+            raise
+        if not very_first:
             attempt.done.wait(max(attempt.started + FIRST_DISCOVERY_GRACE - self._clock(), 0))
         return self._first_outcome(attempt)
 

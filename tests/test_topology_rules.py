@@ -564,6 +564,14 @@ class InterruptedOnce:
             raise Interrupted
 
 
+def interrupted_as_it_releases_the_lock(cluster: ClusterTopology) -> None:
+    """A request to ``cluster`` interrupted as it first releases the topology's lock."""
+    lock = cluster._lock = InterruptedOnce()  # type: ignore[assignment]
+    lock.armed = True
+    with pytest.raises(Interrupted):
+        cluster.current()
+
+
 def test_a_refresh_start_interrupted_after_its_claim_does_not_hold_back_the_next_one(
     make, clock, servers
 ) -> None:
@@ -574,13 +582,33 @@ def test_a_refresh_start_interrupted_after_its_claim_does_not_hold_back_the_next
     """
     cluster = make(refresh_interval=1)
     assert cluster.current().nodes == THREE
-    lock = cluster._lock = InterruptedOnce()
     servers.endpoint_answers(ClusterConfig(6, FOUR))
-    lock.armed = True
     clock.advance(1)
-    with pytest.raises(Interrupted):
-        cluster.current()
+    interrupted_as_it_releases_the_lock(cluster)
     assert cluster.current().nodes == THREE  # not refreshed: its start was interrupted
     clock.advance(1)  # far less than the bound of a refresh counted as running
     cluster.current()
     assert cluster.current().nodes == FOUR
+
+
+def test_a_first_discovery_interrupted_before_it_ran_is_started_again(make, servers) -> None:
+    """Interrupted as it releases the lock, the first discovery never ran: the next request
+    runs one, instead of waiting on it and raising ``DiscoveryPending`` ever after."""
+    cluster = make()
+    interrupted_as_it_releases_the_lock(cluster)
+    assert servers.endpoint_asked == 0
+    assert cluster.current().nodes == THREE
+
+
+def test_a_retried_first_discovery_interrupted_before_it_started_is_started_again(
+    make, clock, servers
+) -> None:
+    cluster = make()
+    servers.endpoint_answers(EndpointUnreachable(ENDPOINT.host, "refused"))
+    with pytest.raises(EndpointUnreachable):
+        cluster.current()
+    servers.endpoint_answers(ClusterConfig(5, THREE))
+    clock.advance(topology.FIRST_DISCOVERY_RETRY)
+    interrupted_as_it_releases_the_lock(cluster)
+    assert servers.endpoint_asked == 1
+    assert cluster.current().nodes == THREE
