@@ -49,6 +49,7 @@ from hotpaths import (
 from request_cycle import AGET_KEYS, sequential
 from stats import micros, quartiles
 from tables import Table
+from workloads import rotated
 
 from django_elasticache.testing import LocalCluster
 
@@ -132,8 +133,7 @@ def aget_rounds(
             cache.set_many(dict.fromkeys(keys, VALUE))
             sequential(cache, keys, loop)  # Connections opened, code paths warmed.
         for round_index in range(rounds):
-            order = list(caches) if round_index % 2 else list(caches)[::-1]
-            for name in order:
+            for name in rotated(list(caches), round_index):
                 samples[name].append(sequential(caches[name], keys, loop))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
