@@ -84,6 +84,8 @@ AGET_ROUNDS_PER_ROUND = 5
 Rounds of the get/aget comparison per round of the request cycle: one takes a few tens of
 milliseconds against seconds, and with 7 rounds its quartiles spanned 1.39x to 1.86x.
 """
+ON_UVLOOP = "_uvloop"
+"""Suffix of the get/aget comparison's contenders whose loop is uvloop's."""
 CONCURRENT_REQUESTS = 50
 SHARING_THREADS = 32
 SHARING_ITERATIONS = 100
@@ -371,7 +373,8 @@ def sequential(
 def measure_aget(cluster: LocalCluster, rounds: int) -> dict[str, Any]:
     """
     Per backend and round, seconds per get and per aget, rounds interleaved, after a round
-    that opens the connections and is not counted.
+    that opens the connections and is not counted: every backend on asyncio's own loop, and
+    ours also on uvloop's where it is installed.
     """
     keys = [f"bench:aget:{index}" for index in range(AGET_KEYS)]
     built = {}
@@ -380,19 +383,41 @@ def measure_aget(cluster: LocalCluster, rounds: int) -> dict[str, Any]:
         with override_settings(CACHES={alias: backend.settings(cluster)}):
             built[backend.name] = caches.create_connection(alias)
         built[backend.name].set_many(dict.fromkeys(keys, VALUE))
-    samples: dict[str, dict[str, list[float]]] = {name: {"get": [], "aget": []} for name in built}
-    loop = asyncio.new_event_loop()
+    loops = [asyncio.new_event_loop()]
+    contenders = {name: (cache, loops[0]) for name, cache in built.items()}
+    on_uvloop = new_uvloop()
+    if on_uvloop is not None:
+        loops.append(on_uvloop)
+        contenders.update(
+            {b.name + ON_UVLOOP: (built[b.name], on_uvloop) for b in BACKENDS if b.ours}
+        )
+    samples = {name: {"get": [], "aget": []} for name in contenders}
     try:
-        for cache in built.values():
+        for cache, loop in contenders.values():
             sequential(cache, keys, loop)
         for round_index in range(rounds):
-            for name in workloads.rotated(list(built), round_index):
-                sync, awaited = sequential(built[name], keys, loop)
+            for name in workloads.rotated(list(contenders), round_index):
+                cache, loop = contenders[name]
+                sync, awaited = sequential(cache, keys, loop)
                 samples[name]["get"].append(sync)
                 samples[name]["aget"].append(awaited)
     finally:
-        loop.close()
+        for loop in loops:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
     return samples
+
+
+def new_uvloop() -> asyncio.AbstractEventLoop | None:
+    """
+    A uvloop loop, where uvloop is installed (the ``bench`` extra installs it): uvicorn runs
+    on it when it is, and the loop's own work is most of what ``aget`` adds to ``get``.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop()
 
 
 # 50 requests at once

@@ -15,6 +15,8 @@ REQUEST_LABELS = {
     "ours_pymemcache": "ours (pymemcache)",
     "stock": "PyLibMCCache",
     "pymemcache": "PyMemcacheCache",
+    "ours_uvloop": "ours (pylibmc), uvloop",
+    "ours_pymemcache_uvloop": "ours (pymemcache), uvloop",
 }
 
 
@@ -60,7 +62,8 @@ def sections(data: Mapping[str, Any]) -> list[Section]:
                     aget_rows(figures),
                     "``aget`` awaited one after another inside one request's context, against "
                     f"``get`` on the same instance (median of the ratios of "
-                    f"{data['aget_rounds']} rounds).",
+                    f"{data['aget_rounds']} rounds), on asyncio's own event loop; the *uvloop* "
+                    "rows run ours on uvloop's, as uvicorn does where uvloop is installed.",
                 ),
                 Table.of(
                     [

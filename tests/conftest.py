@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import django
 import pytest
+import uvloop
 from django.conf import settings
 from support import memcached_children
 
@@ -66,3 +68,33 @@ def make_pylibmc_cache() -> BackendFactory:
 @pytest.fixture
 def make_pymemcache_cache() -> BackendFactory:
     return factory(pymemcache.ElastiCache)
+
+
+class EventLoop:
+    """An event loop implementation, run as an application server runs it."""
+
+    def __init__(
+        self,
+        run: Callable[[Coroutine[Any, Any, Any]], Any],
+        new: Callable[[], asyncio.AbstractEventLoop],
+        closes_its_transports: bool,
+    ) -> None:
+        self.run = run
+        """Run a coroutine on a new loop of this kind, closed after it as ``asyncio.run`` does."""
+        self.new = new
+        """A new loop of this kind, for a test that runs and closes it itself."""
+        self.closes_its_transports = closes_its_transports
+        """Whether ``close()`` closes the loop's connections (uvloop's) or leaves them open."""
+
+
+EVENT_LOOPS = {
+    "asyncio": EventLoop(asyncio.run, asyncio.new_event_loop, closes_its_transports=False),
+    # uvicorn's loop wherever uvloop is installed (``uvicorn[standard]`` installs it).
+    "uvloop": EventLoop(uvloop.run, uvloop.new_event_loop, closes_its_transports=True),
+}
+
+
+@pytest.fixture(params=sorted(EVENT_LOOPS))
+def event_loop_kind(request: pytest.FixtureRequest) -> EventLoop:
+    """asyncio's own event loop and uvloop's in turn: the async path promises the same on both."""
+    return EVENT_LOOPS[request.param]

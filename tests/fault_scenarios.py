@@ -2,15 +2,17 @@
 The scenarios of the fault-injection suite, each run in a process of its own by
 ``test_interruptions`` (a scenario that hangs or corrupts a lock then costs one child, not
 the test run): ``python tests/fault_scenarios.py MODE ARGUMENTS``, where MODE is
-``signals``, ``asyncio`` or ``gevent`` and ARGUMENTS a JSON object (backend, location, ca,
-seed, operations, node_pids). The last line printed is the scenario's ``Tally`` as JSON; a
-scenario still running after ``limit`` seconds prints every thread's stack and exits 70.
+``signals``, ``asyncio``, ``uvloop`` or ``gevent`` and ARGUMENTS a JSON object (backend,
+location, ca, seed, operations, node_pids). The last line printed is the scenario's
+``Tally`` as JSON; a scenario still running after ``limit`` seconds prints every thread's
+stack and exits 70.
 
 - signals: a SIGALRM handler raises ``Interrupted`` (an ``Exception``) or ``Aborted`` (a
   ``BaseException``, like KeyboardInterrupt) in the calling thread during random calls;
   some rounds stall a node with SIGSTOP.
 - asyncio: 20 tasks; calls cancelled or under ``wait_for`` after random delays, while a node
   is stalled now and then; asyncio's "exception was never retrieved" records are counted.
+- uvloop: the asyncio scenario on uvloop's event loop, uvicorn's wherever it is installed.
 - gevent (monkeypatched first thing, in this process only): 100 greenlets; ``gevent.Timeout``
   (as itself or as ``Interrupted``) around random calls, a killer greenlet ``kill()``ing
   random workers, which are started again on the same keys, a staller stopping nodes.
@@ -27,6 +29,7 @@ import _thread
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import gc
 import json
 import logging
@@ -35,11 +38,12 @@ import random
 import signal
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import django
+import uvloop
 from django.conf import settings
 from faults import (
     INTERRUPTS,
@@ -232,12 +236,14 @@ async def async_workload(cache: Any, arguments: dict[str, Any], tally: Tally) ->
     return models
 
 
-def asyncio_scenario(cache: Any, arguments: dict[str, Any], tally: Tally) -> None:
+def asyncio_scenario(
+    cache: Any, arguments: dict[str, Any], tally: Tally, run: Callable[..., Any] = asyncio.run
+) -> None:
     handler = NeverRetrieved()
     asyncio_logger = logging.getLogger("asyncio")
     asyncio_logger.addHandler(handler)
     try:
-        models = asyncio.run(async_workload(cache, arguments, tally))
+        models = run(async_workload(cache, arguments, tally))
         gc.collect()
     finally:
         asyncio_logger.removeHandler(handler)
@@ -369,7 +375,12 @@ def gevent_scenario(cache: Any, arguments: dict[str, Any], tally: Tally) -> None
     check_pools(cache, tally, "at the end")
 
 
-SCENARIOS = {"signals": signals, "asyncio": asyncio_scenario, "gevent": gevent_scenario}
+SCENARIOS = {
+    "signals": signals,
+    "asyncio": asyncio_scenario,
+    "uvloop": functools.partial(asyncio_scenario, run=uvloop.run),
+    "gevent": gevent_scenario,
+}
 
 
 def start_watchdog(limit: float, tally: Tally, gevent_mode: bool) -> None:

@@ -38,7 +38,12 @@ def keys_for(cache: Any, node: Any, count: int, tag: str) -> list[str]:
     [("pymemcache", "tls"), ("pymemcache", "clear"), ("pylibmc", "clear")],
 )
 def test_a_failed_batch_writes_nothing_after_it_returns(
-    elasticache_cluster_factory, make_pylibmc_cache, make_pymemcache_cache, backend, transport
+    elasticache_cluster_factory,
+    make_pylibmc_cache,
+    make_pymemcache_cache,
+    backend,
+    transport,
+    event_loop_kind,
 ) -> None:
     """
     One node's part fails at once (refused), the other's is still writing: ``aset_many``
@@ -67,14 +72,16 @@ def test_a_failed_batch_writes_nothing_after_it_returns(
         await asyncio.sleep(SETTLE)
         return failed, present_on_return, present_later, set(await cache.aget_many(alive_keys))
 
-    failed, present_on_return, present_later, present_after_delete = asyncio.run(scenario())
+    failed, present_on_return, present_later, present_after_delete = event_loop_kind.run(
+        scenario()
+    )
     assert present_later == present_on_return
     assert sorted(failed) == sorted(dead_keys + [k for k in alive_keys if k not in present_later])
     assert present_after_delete == set()
 
 
 def test_a_cancelled_batch_writes_nothing_after_the_cancellation(
-    elasticache_cluster_factory, make_pymemcache_cache
+    elasticache_cluster_factory, make_pymemcache_cache, event_loop_kind
 ) -> None:
     """
     ``wait_for`` gives up on ``aset_many`` mid-batch: no write of it comes later (every
@@ -92,7 +99,7 @@ def test_a_cancelled_batch_writes_nothing_after_the_cancellation(
         await asyncio.sleep(SETTLE)
         return present_on_cancel, len(await cache.aget_many(keys))
 
-    present_on_cancel, present_later = asyncio.run(scenario())
+    present_on_cancel, present_later = event_loop_kind.run(scenario())
     assert present_on_cancel < len(keys)  # Interrupted mid-batch, as the test intends.
     assert present_later == present_on_cancel
 
@@ -182,7 +189,7 @@ def open_fds() -> set[str]:
 
 
 def test_a_call_cancelled_while_connecting_leaves_no_connection_behind(
-    elasticache_cluster, make_cache
+    elasticache_cluster, make_cache, event_loop_kind
 ) -> None:
     """
     A call is cancelled at every step of opening its connection in turn: whatever the
@@ -209,7 +216,7 @@ def test_a_call_cancelled_while_connecting_leaves_no_connection_behind(
         eventually(opened_by_this_loop, f"one connection after a cancel at step {steps}")
 
     for steps in range(40):
-        asyncio.run(cancelled_after(steps))
+        event_loop_kind.run(cancelled_after(steps))
         eventually(lambda: open_connections(cluster) == baseline, "the loop's connection closed")
 
 

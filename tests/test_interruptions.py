@@ -8,7 +8,8 @@ over TLS (pymemcache), each on a three-node local cluster:
 
 - a signal (``setitimer``) whose handler raises an ``Exception`` or a ``BaseException``
   subclass in the calling thread, as request-timeout signals and Ctrl-C do;
-- asyncio task cancellation and ``wait_for`` timeouts around the async methods;
+- asyncio task cancellation and ``wait_for`` timeouts around the async methods, on asyncio's
+  own event loop and on uvloop's;
 - ``gevent.Timeout`` and ``Greenlet.kill()`` among 100 greenlets, in a monkeypatched process.
 
 Nodes are stalled with SIGSTOP now and then. The model in ``faults`` checks every value read.
@@ -48,6 +49,7 @@ CONFIGURATIONS = [
 OPERATIONS = {
     "signals": int(1000 * SCALE),
     "asyncio": int(1200 * SCALE),
+    "uvloop": int(1200 * SCALE),
     "gevent": int(1500 * SCALE),
 }
 """Operations per scenario; about half of them are interrupted."""
@@ -152,7 +154,7 @@ def run_scenario(
     assert not tally.problems(), summary
 
 
-@pytest.mark.parametrize("mode", ["signals", "asyncio", "gevent"])
+@pytest.mark.parametrize("mode", ["signals", "asyncio", "uvloop", "gevent"])
 def test_interrupted_calls(mode: str, cluster: Any, tmp_path: Path) -> None:
     backend, local_cluster = cluster
     run_scenario(mode, backend, local_cluster, tmp_path / "settled")
