@@ -153,7 +153,7 @@ class NodePool:
         self._alive: weakref.WeakSet[Client] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._waiting = 0
-        self._bell = _new_bell()
+        self._make_bell()
         self._retired = False
         self._failures = 0
         self._down_until = 0.0
@@ -319,12 +319,15 @@ class NodePool:
                     self._alive.add(placeholder)
                     break
                 self._waiting += 1
-            for client in lost:
-                self._close_client(client)
+                if self._bell_made_by is not threading.Lock:
+                    self._make_bell()
+                bell = self._bell
             try:
+                for client in lost:
+                    self._close_client(client)
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
-                    self._bell.acquire(timeout=min(remaining, FREED_SLOT_POLL))
+                    bell.acquire(timeout=min(remaining, FREED_SLOT_POLL))
                 elif not collected:
                     # A client lost by an interrupted call may be held by a reference cycle
                     # (a traceback and its frames): collect it before calling the pool full.
@@ -420,6 +423,20 @@ class NodePool:
         with contextlib.suppress(RuntimeError):  # Rung already, not yet heard.
             self._bell.release()
 
+    def _make_bell(self) -> None:
+        """
+        A new bell: a lock held from the start, which a release lets one ``acquire`` through.
+        A waiter makes it anew if ``threading.Lock`` is no longer what made it: gevent's
+        monkey-patching replaces it, and a gunicorn gevent worker is forked first, patched
+        after. A pool the parent used (``--preload``, an application that used the cache as
+        it loaded) got its bell from the fork hook before the patch, a lock of the OS thread;
+        a greenlet waiting on that stops every greenlet of the worker, those that would give
+        a client back too, until its wait times out.
+        """
+        self._bell_made_by: object = threading.Lock
+        self._bell = threading.Lock()
+        self._bell.acquire()
+
     def _refuse_while_down(self) -> None:
         remaining = self._down_until - time.monotonic()
         if remaining > 0:
@@ -430,19 +447,12 @@ class NodePool:
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         self._waiting = 0
-        self._bell = _new_bell()
+        self._make_bell()
         _clients_inherited_across_fork.extend(self._idle)
         self._idle = []
         self._alive = weakref.WeakSet()
         self._failures = 0
         self._down_until = 0.0
-
-
-def _new_bell() -> threading.Lock:
-    """A lock held from the start: released, it lets one ``acquire`` through."""
-    bell = threading.Lock()
-    bell.acquire()
-    return bell
 
 
 class _Placeholder:

@@ -141,6 +141,27 @@ def read_until_closed(conn: socket.socket) -> bytes:
     raise AssertionError(f"server did not close the connection; got {b''.join(chunks)!r}")
 
 
+def ask(node: Any, command: bytes, terminator: bytes) -> bytes:
+    """Send a command to a clear-text node on a connection of its own; read to the terminator."""
+    with socket.create_connection((node.ip, node.port), timeout=READ_TIMEOUT) as conn:
+        conn.sendall(command)
+        reply = b""
+        while not reply.endswith(terminator):
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                raise AssertionError(f"{node} closed the connection after {reply!r}")
+            reply += chunk
+        return reply
+
+
+def node_stats(node: Any) -> dict[str, str]:
+    """A clear-text node's ``stats``, as memcached itself reports them."""
+    lines = (
+        line.split(" ", 2) for line in ask(node, b"stats\r\n", b"END\r\n").decode().splitlines()
+    )
+    return {line[1]: line[2] for line in lines if line[0] == "STAT"}
+
+
 def ipv6_loopback_works() -> bool:
     if not socket.has_ipv6:
         return False

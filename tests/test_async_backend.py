@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import threading
 import time
@@ -16,26 +15,11 @@ from typing import Any, ClassVar
 
 import pytest
 from asgiref.sync import ThreadSensitiveContext
-from support import DEADLINE, ForkedChild, eventually, stopped, timeout_rules
+from support import DEADLINE, ForkedChild, ask, eventually, node_stats, stopped, timeout_rules
 
 from django_elasticache.async_client import PIPELINE_DEPTH
 from django_elasticache.pool import NodeUnavailable
 from django_elasticache.testing import start_memcached
-
-READ_TIMEOUT = 5.0
-
-
-def ask(node: Any, command: bytes, terminator: bytes) -> bytes:
-    """Send one command to a node on a connection of its own; read up to the terminator."""
-    with socket.create_connection((node.ip, node.port), timeout=READ_TIMEOUT) as conn:
-        conn.sendall(command)
-        reply = b""
-        while not reply.endswith(terminator):
-            chunk = conn.recv(1 << 20)
-            if not chunk:
-                break
-            reply += chunk
-        return reply
 
 
 def stored(cluster: Any, made_key: str) -> bytes:
@@ -49,12 +33,7 @@ def stored(cluster: Any, made_key: str) -> bytes:
 
 def open_connections(cluster: Any) -> int:
     """Client connections the nodes have open, not counting the ones asking."""
-    total = 0
-    for node in cluster.nodes:
-        stats = ask(node, b"stats\r\n", b"END\r\n").decode()
-        line = next(line for line in stats.splitlines() if " curr_connections " in line)
-        total += int(line.split()[2]) - 1
-    return total
+    return sum(int(node_stats(node)["curr_connections"]) - 1 for node in cluster.nodes)
 
 
 def outcome(call: Callable[[], Any]) -> tuple[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.core.cache import caches, close_caches
 from django.test import override_settings
+from support import node_stats
 
 from django_elasticache.options import BackendOptions
 from django_elasticache.testing import LocalCluster
@@ -32,19 +32,7 @@ ASGI_CONCURRENCY = 50
 
 def total_connections(cluster: LocalCluster) -> int:
     """Connections every node has accepted since it started, from memcached's own stats."""
-    total = 0
-    for node in cluster.nodes:
-        with socket.create_connection((node.ip, node.port), timeout=5) as conn:
-            conn.sendall(b"stats\r\n")
-            reply = b""
-            while not reply.endswith(b"END\r\n"):
-                chunk = conn.recv(65536)
-                assert chunk, "memcached closed the stats connection"
-                reply += chunk
-        for line in reply.decode().splitlines():
-            if line.startswith("STAT total_connections "):
-                total += int(line.split()[2])
-    return total
+    return sum(int(node_stats(node)["total_connections"]) for node in cluster.nodes)
 
 
 def run_threads(worker, count: int) -> list[BaseException]:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from support import Interrupted, eventually, long_reply_timeout, stopped
+from support import Interrupted, eventually, long_reply_timeout, node_stats, stopped
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 
@@ -286,15 +286,7 @@ def node_of(cluster, pool):
 
 def total_connections(node) -> int:
     """Connections the node accepted since it started, from its ``stats``."""
-    with socket.create_connection((node.ip, node.port), timeout=5) as conn:
-        conn.sendall(b"stats\r\n")
-        reply = b""
-        while not reply.endswith(b"END\r\n"):
-            chunk = conn.recv(65536)
-            assert chunk, f"stats cut short: {reply!r}"
-            reply += chunk
-    stats = dict(line.split(b" ")[1:] for line in reply.split(b"\r\n") if line.count(b" ") == 2)
-    return int(stats[b"total_connections"])
+    return int(node_stats(node)["total_connections"])
 
 
 def pipelined_socket(client) -> socket.socket:

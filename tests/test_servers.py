@@ -1,0 +1,288 @@
+"""
+The test project served by the servers users deploy Django on, against a local cluster:
+gunicorn pre-forking threaded workers from a process that used the cache (``--preload``)
+and recycling them (``--max-requests``), gunicorn's gevent workers, and uvicorn on asyncio's
+loop and on uvloop's. Clients send real HTTP requests from several threads at once; the tests
+assert what a user sees: every value read back is the one written, a scale-out reaches every
+worker, no worker outlives the server, and connections are opened per worker, not per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import DEATH_TIMEOUT, eventually, node_stats, survivors
+
+from django_elasticache.testing import LocalCluster
+from django_elasticache.testing.processes import spawn
+
+PROJECT = Path(__file__).parent / "project"
+BACKENDS = {
+    "pylibmc": "django_elasticache.memcached.ElastiCache",
+    "pymemcache": "django_elasticache.pymemcache.ElastiCache",
+}
+START_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 20.0
+CLIENTS = 8
+THREADS = 4
+"""Threads per gunicorn worker: each worker opens at most this many connections to a node."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    status: int
+    body: str
+    served_by: int
+    """The process id of the worker that served the request."""
+
+
+class Server:
+    """
+    A server process serving the test project on a socket bound here and handed to it (no
+    port is guessed), started from this process so that it dies with it.
+    """
+
+    def __init__(self, command: Callable[[int], list[str]], log: Path, **env: str) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self._listener.set_inheritable(True)
+        self.port = self._listener.getsockname()[1]
+        self._log_path = log
+        fd = self._listener.fileno()
+        with open(log, "wb") as output:
+            self.process = spawn(
+                command(fd),
+                cwd=PROJECT,
+                env={**os.environ, "DJANGO_SETTINGS_MODULE": "testproject.settings", **env},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                pass_fds=(fd,),
+            )
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")[-4000:]
+
+    def get(self, path: str) -> Answer:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=REQUEST_TIMEOUT)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read().decode()
+            return Answer(response.status, body, int(response.getheader("X-Served-By") or 0))
+        finally:
+            connection.close()
+
+    def wait_until_serving(self) -> None:
+        def serving() -> bool:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                return self.get("/nodes").status == 200
+            except OSError:
+                return False
+
+        eventually(serving, f"the server answers:\n{self.log()}", timeout=START_TIMEOUT)
+
+    def stop(self) -> int:
+        """SIGTERM, as a process manager stops a server: its exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(DEATH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            pytest.fail(f"the server did not stop within {DEATH_TIMEOUT} s:\n{self.log()}")
+        finally:
+            self._listener.close()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start a server (``serve(command, **env)``) that answers; every one is stopped after."""
+    servers: list[Server] = []
+
+    def start(command: Callable[[int], list[str]], **env: str) -> Server:
+        server = Server(command, tmp_path / f"server-{len(servers)}.log", **env)
+        servers.append(server)
+        server.wait_until_serving()
+        return server
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def gunicorn(*options: str, app: str = "testproject.wsgi") -> Callable[[int], list[str]]:
+    return lambda fd: [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", *options, app]
+
+
+def uvicorn(loop: str) -> Callable[[int], list[str]]:
+    return lambda fd: [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--fd",
+        str(fd),
+        "--loop",
+        loop,
+        "--lifespan",
+        "off",
+        "--no-access-log",
+        "testproject.asgi:application",
+    ]
+
+
+def cache_env(cluster: LocalCluster, backend: str, **options: Any) -> dict[str, str]:
+    return {
+        "ELASTICACHE_LOCATION": cluster.location,
+        "ELASTICACHE_BACKEND": BACKENDS[backend],
+        "ELASTICACHE_OPTIONS": json.dumps(options),
+    }
+
+
+def round_trips(
+    server: Server, rounds: int, remember: str = "remember", recall: str = "recall"
+) -> tuple[list[str], set[int]]:
+    """
+    ``CLIENTS`` clients at once, each writing ``rounds`` keys of its own with values no other
+    writes and reading each back, then all of them with one ``get_many``: what came back
+    wrong, and the processes that served them.
+    """
+
+    def client(index: int) -> tuple[list[str], set[int]]:
+        wrong: list[str] = []
+        served_by: set[int] = set()
+        written: dict[str, str] = {}
+        for round_index in range(rounds):
+            key = f"client{index}-{round_index}"
+            value = written[key] = f"{key}-{secrets.token_hex(8)}"
+            stored = server.get(f"/{remember}/{key}?value={value}")
+            read = server.get(f"/{recall}/{key}")
+            if (stored.status, read.status, read.body) != (200, 200, value):
+                wrong.append(f"{key}: wrote {value!r} ({stored.status}), read {read}")
+            served_by |= {stored.served_by, read.served_by}
+        many = server.get(f"/recall-many?keys={','.join(written)}")
+        if many.status != 200 or json.loads(many.body) != written:
+            wrong.append(f"get_many of client {index}'s keys: {many}")
+        return wrong, served_by | {many.served_by}
+
+    with ThreadPoolExecutor(CLIENTS) as clients:
+        outcomes = list(clients.map(client, range(CLIENTS)))
+    return [w for wrong, _ in outcomes for w in wrong], set().union(*(s for _, s in outcomes))
+
+
+def connections_accepted(cluster: LocalCluster) -> list[int]:
+    return [int(node_stats(node)["total_connections"]) for node in cluster.nodes]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preloaded_threaded_workers_recycled_while_serving_read_their_own_values(
+    elasticache_cluster: LocalCluster, serve: Callable[..., Server], backend: str
+) -> None:
+    """
+    gunicorn ``--preload``: the master imports the application, which writes to the cache,
+    and forks the workers with those connections open; ``--max-requests`` replaces each
+    worker after a few requests, so workers are forked all along. No worker may read a
+    reply meant for another process, nor open connections per request.
+    """
+    before = connections_accepted(elasticache_cluster)
+    server = serve(
+        gunicorn(
+            "--preload",
+            "--workers=2",
+            "--worker-class=gthread",
+            f"--threads={THREADS}",
+            "--max-requests=40",
+            "--graceful-timeout=10",
+        ),
+        ELASTICACHE_WARM_AT_IMPORT="1",
+        **cache_env(elasticache_cluster, backend),
+    )
+    warmed = server.get("/recall/warmed-by")
+    assert (warmed.status, warmed.body) == (200, str(server.process.pid))
+
+    wrong, workers = round_trips(server, rounds=30)
+
+    assert wrong == []
+    assert len(workers) >= 6, "workers were recycled while serving"
+    assert server.get("/recall/warmed-by").body == str(server.process.pid)
+    assert server.stop() == 0
+    assert survivors(sorted(workers)) == []
+    after = connections_accepted(elasticache_cluster)
+    opened = [now - start for now, start in zip(after, before, strict=True)]
+    # The master's write, then at most one connection per thread of each worker.
+    assert max(opened) <= 1 + len(workers) * THREADS, opened
+
+
+def test_every_preforked_worker_follows_a_scale_out(
+    elasticache_cluster: LocalCluster, serve: Callable[..., Server]
+) -> None:
+    server = serve(
+        gunicorn("--preload", "--workers=2"),
+        ELASTICACHE_WARM_AT_IMPORT="1",
+        **cache_env(elasticache_cluster, "pylibmc", REFRESH_INTERVAL=0.5),
+    )
+    assert round_trips(server, rounds=3)[0] == []
+    added = elasticache_cluster.add_node()
+    grown = sorted(elasticache_cluster.node_addresses)
+
+    def every_worker_serves_the_grown_list() -> bool:
+        answers = [server.get("/nodes") for _ in range(12)]
+        return all(json.loads(answer.body)["nodes"] == grown for answer in answers)
+
+    eventually(every_worker_serves_the_grown_list, "every worker serves the grown node list")
+    wrong, _ = round_trips(server, rounds=10)
+    assert wrong == []
+    written = [f":1:client{index}-{r}" for index in range(CLIENTS) for r in range(10)]
+    assert added.holds(written) > 0
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["patched-first", "preloaded"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gevent_workers_serve_more_requests_at_once_than_the_pools_hold(
+    elasticache_cluster: LocalCluster, serve: Callable[..., Server], backend: str, preload: bool
+) -> None:
+    """
+    A gevent worker runs every request in a greenlet of one thread, and requests wait for a
+    client of the node's pool, which holds 2 here. Preloaded, the worker is forked from a
+    master that used the cache before gevent patched ``threading`` in the worker.
+    """
+    options = ["--workers=1", "--worker-class=gevent", "--worker-connections=64"]
+    server = serve(
+        gunicorn(*options, *(["--preload"] if preload else [])),
+        ELASTICACHE_WARM_AT_IMPORT="1",
+        **cache_env(elasticache_cluster, backend, POOL_SIZE=2),
+    )
+    wrong, workers = round_trips(server, rounds=20)
+    assert wrong == []
+    assert len(workers) == 1
+    assert server.stop() == 0
+    assert survivors(sorted(workers)) == []
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uvicorn_serves_async_and_sync_views_at_once(
+    elasticache_cluster: LocalCluster, serve: Callable[..., Server], backend: str, loop: str
+) -> None:
+    """Async views await ``aset`` and ``aget``; a sync view reads the same keys in a thread."""
+    server = serve(uvicorn(loop), **cache_env(elasticache_cluster, backend))
+    wrong_async, _ = round_trips(server, rounds=20, remember="aremember", recall="arecall")
+    wrong_mixed, _ = round_trips(server, rounds=20, remember="aremember", recall="recall")
+    assert wrong_async == [] and wrong_mixed == []
+    # uvicorn shuts down, then ends itself with the signal it was sent.
+    assert server.stop() == -signal.SIGTERM
+    assert "Finished server process" in server.log()
