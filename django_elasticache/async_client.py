@@ -32,7 +32,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -41,6 +40,7 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Final, Protocol
 
+from . import forks
 from .cluster_utils import ClusterNode, format_address
 from .pool import NodePool
 from .protocol import (
@@ -575,7 +575,7 @@ def _after_fork_in_child() -> None:
     _live.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.after_fork_in_child(_after_fork_in_child)
 
 
 class AsyncClusterClient:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from django.core.cache.backends.base import (
 )
 from django.core.cache.backends.memcached import BaseMemcachedCache
 
+from . import forks
 from .cluster_utils import ClusterConfig, ClusterDiscoveryError, ClusterNode
 from .options import BackendRules, read_settings
 from .pool import NodeError
@@ -78,7 +78,7 @@ class _ErrorLog:
 
 
 _error_log = _ErrorLog()
-os.register_at_fork(after_in_child=_error_log.reset)
+forks.after_fork_in_child(_error_log.reset)
 
 
 prefixed_keys: Callable[[str, list[Any]], dict[str, Any] | None] | None = (

@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import forks
 from .cluster_utils import ClusterNode, format_address
 
 __all__ = [
@@ -470,4 +470,4 @@ def _after_fork_in_child() -> None:
         pool._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.after_fork_in_child(_after_fork_in_child)

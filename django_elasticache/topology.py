@@ -60,12 +60,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import threading
 import time
 from collections.abc import Callable
 
+from . import forks
 from .cluster_utils import (
     MAX_NODES_ASKED,
     ClusterConfig,
@@ -539,4 +539,4 @@ def _after_fork_in_child() -> None:
         topology._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.after_fork_in_child(_after_fork_in_child)

@@ -11,7 +11,7 @@ import pylibmc
 import pytest
 from support import DEADLINE, ForkedChild, eventually
 
-from django_elasticache import topology
+from django_elasticache import forks, topology
 from django_elasticache.cluster_utils import EndpointTimeout, EndpointUnreachable
 from django_elasticache.memcached import ElastiCache
 from django_elasticache.options import BackendOptions, Endpoint
@@ -313,12 +313,19 @@ def test_many_threads_at_refresh_time_make_one_request(elasticache_cluster, make
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_forked_child_starts_clean(elasticache_cluster, make_cache) -> None:
+@pytest.mark.parametrize("handler_runs", [1, 2], ids=["os.fork", "uwsgi-both-hooks"])
+def test_forked_child_starts_clean(elasticache_cluster, make_cache, handler_runs) -> None:
+    """
+    Also where the package's fork handlers run twice: uWSGI told to call Python's fork hooks
+    (``py-call-osafterfork``) runs them, then its post-fork hook (``forks``) runs them again.
+    """
     cache = make_cache(elasticache_cluster.location, REFRESH_INTERVAL=60)
     cache.set("parent", "value")
     parent_client = cache._cache
 
     def in_child() -> str:
+        for _ in range(handler_runs - 1):
+            forks._run_handlers()
         fresh = cache._cache is not parent_client
         works = cache.get("parent") == "value" and cache.set("child", 1) is None
         no_discovery = elasticache_cluster.endpoint.discovery_requests == 1

@@ -1,14 +1,16 @@
 """
 The test project served by the servers users deploy Django on, against a local cluster:
 gunicorn pre-forking threaded workers from a process that used the cache (``--preload``)
-and recycling them (``--max-requests``), gunicorn's gevent workers, and uvicorn on asyncio's
-loop and on uvloop's. Clients send real HTTP requests from several threads at once; the tests
+and recycling them (``--max-requests``), gunicorn's gevent workers, uWSGI forking its
+workers from the process that loaded the application, and uvicorn on asyncio's loop and on
+uvloop's. Clients send real HTTP requests from several threads at once; the tests
 assert what a user sees: every value read back is the one written, a scale-out reaches every
 worker, no worker outlives the server, and connections are opened per worker, not per request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -38,7 +40,11 @@ START_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 20.0
 CLIENTS = 8
 THREADS = 4
-"""Threads per gunicorn worker: each worker opens at most this many connections to a node."""
+"""Threads per worker: each worker has at most this many clients of a node."""
+CONNECTIONS_PER_CLIENT = {"pylibmc": 2, "pymemcache": 1}
+"""A pylibmc client's multi-key calls have a connection of their own beside libmemcached's."""
+UWSGI_END_CODE = 30
+"""The exit status of a uWSGI worker that ended as it was told (``uwsgi.h``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,8 @@ class Server:
         self._listener.set_inheritable(True)
         self.port = self._listener.getsockname()[1]
         self._log_path = log
+        self.answered_from: set[int] = set()
+        """Every process that answered a request: the workers, ended after the test."""
         fd = self._listener.fileno()
         with open(log, "wb") as output:
             self.process = spawn(
@@ -80,9 +88,11 @@ class Server:
             connection.request("GET", path)
             response = connection.getresponse()
             body = response.read().decode()
-            return Answer(response.status, body, int(response.getheader("X-Served-By") or 0))
+            answer = Answer(response.status, body, int(response.getheader("X-Served-By") or 0))
         finally:
             connection.close()
+        self.answered_from.add(answer.served_by)
+        return answer
 
     def wait_until_serving(self) -> None:
         def serving() -> bool:
@@ -123,10 +133,29 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     for server in servers:
         if server.process.poll() is None:
             server.stop()
+        # A worker a failed test left, or one uWSGI without its master left running (a
+        # process of the project's server, not another that has its process id since).
+        for pid in server.answered_from - {0}:
+            with contextlib.suppress(OSError):
+                if b"testproject." in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
 
 
 def gunicorn(*options: str, app: str = "testproject.wsgi") -> Callable[[int], list[str]]:
     return lambda fd: [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", *options, app]
+
+
+def uwsgi(*options: str) -> Callable[[int], list[str]]:
+    """uWSGI as pip installs it, beside this interpreter; it stops on SIGTERM as others do."""
+    executable = str(Path(sys.executable).parent / "uwsgi")
+    return lambda fd: [
+        executable,
+        f"--http-socket=fd://{fd}",
+        "--module=testproject.wsgi:application",
+        "--need-app",
+        "--die-on-term",
+        *options,
+    ]
 
 
 def uvicorn(loop: str) -> Callable[[int], list[str]]:
@@ -185,7 +214,22 @@ def round_trips(
 
 
 def connections_accepted(cluster: LocalCluster) -> list[int]:
+    """Each node's connections accepted since it started (this request's among them)."""
     return [int(node_stats(node)["total_connections"]) for node in cluster.nodes]
+
+
+def connections_accepted_since(before: list[int], cluster: LocalCluster) -> list[int]:
+    after = connections_accepted(cluster)
+    return [now - then for now, then in zip(after, before, strict=True)]
+
+
+def most_connections(workers: int, backend: str) -> int:
+    """
+    The most connections a node may accept while the workers serve: the stats request
+    counting them, the write of the process that loaded the application, and the clients
+    of each thread of each worker.
+    """
+    return 2 + workers * THREADS * CONNECTIONS_PER_CLIENT[backend]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -221,10 +265,8 @@ def test_preloaded_threaded_workers_recycled_while_serving_read_their_own_values
     assert server.get("/recall/warmed-by").body == str(server.process.pid)
     assert server.stop() == 0
     assert survivors(sorted(workers)) == []
-    after = connections_accepted(elasticache_cluster)
-    opened = [now - start for now, start in zip(after, before, strict=True)]
-    # The master's write, then at most one connection per thread of each worker.
-    assert max(opened) <= 1 + len(workers) * THREADS, opened
+    opened = connections_accepted_since(before, elasticache_cluster)
+    assert max(opened) <= most_connections(len(workers), backend), opened
 
 
 def test_every_preforked_worker_follows_a_scale_out(
@@ -271,6 +313,37 @@ def test_gevent_workers_serve_more_requests_at_once_than_the_pools_hold(
     assert len(workers) == 1
     assert server.stop() == 0
     assert survivors(sorted(workers)) == []
+
+
+@pytest.mark.parametrize("master", [True, False], ids=["master", "no-master"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uwsgi_workers_forked_from_the_process_that_loaded_the_application(
+    elasticache_cluster: LocalCluster, serve: Callable[..., Server], backend: str, master: bool
+) -> None:
+    """
+    uWSGI loads the application (which writes to the cache here) and then forks the workers
+    itself, running none of Python's fork handlers: the package's run from uWSGI's post-fork
+    hook, with or without its master process.
+    """
+    before = connections_accepted(elasticache_cluster)
+    server = serve(
+        uwsgi(*(["--master"] if master else []), "--processes=2", f"--threads={THREADS}"),
+        ELASTICACHE_WARM_AT_IMPORT="1",
+        **cache_env(elasticache_cluster, backend),
+    )
+    assert server.get("/recall/warmed-by").body == str(server.process.pid)
+
+    wrong, workers = round_trips(server, rounds=30)
+
+    assert wrong == []
+    assert len(workers) == 2
+    assert server.stop() == (0 if master else UWSGI_END_CODE)
+    if not master:  # Nothing stops the workers the first one forked: as a user would.
+        for worker in workers - {server.process.pid}:
+            os.kill(worker, signal.SIGTERM)
+    assert survivors(sorted(workers)) == []
+    opened = connections_accepted_since(before, elasticache_cluster)
+    assert max(opened) <= most_connections(len(workers), backend), opened
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
