@@ -208,8 +208,8 @@ class NodePool:
         ``SystemExit``) may have come between a request and its reply: the client is closed.
         """
         try:
-            if self._is_pooled(client):
-                return  # Given back before the error landed: its call had completed.
+            if self._is_settled(client):
+                return
             if not isinstance(error, Exception):
                 self.discard(client)
             elif is_node_failure(error):
@@ -413,6 +413,16 @@ class NodePool:
     def _is_pooled(self, client: Client) -> bool:
         with self._lock:
             return self._is_idle(client)
+
+    def _is_settled(self, client: Client) -> bool:
+        """
+        Whether the client's hand-back is over: it is idle (given back before the error
+        landed, its call having completed), or no longer counted (closed by an interrupted
+        ``give_back``, which settled it, or taken back as lost by a waiting borrower). A
+        closed client pooled again would be used past its slot, and over the pool's size.
+        """
+        with self._lock:
+            return self._is_idle(client) or client not in self._alive
 
     def _is_idle(self, client: Client) -> bool:
         """Whether the client is among the idle ones; with the lock held."""

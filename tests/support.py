@@ -4,9 +4,11 @@ machine's IPv6 loopback, what a local cluster advertises."""
 from __future__ import annotations
 
 import contextlib
+import linecache
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +37,33 @@ def timeout_rules(cache_class: type) -> tuple[dict[str, Any], type[Exception]]:
 
 class Interrupted(BaseException):
     """Not an ``Exception``, as ``KeyboardInterrupt`` and ``gevent.Timeout`` are not."""
+
+
+@contextlib.contextmanager
+def raised_at_line(
+    function_name: str, line_start: str, interruption: BaseException
+) -> Iterator[None]:
+    """
+    Raise ``interruption`` in this thread as the first function called ``function_name``
+    reaches its line that starts with ``line_start``, before that line runs: where a signal
+    handler's exception lands when the signal comes at that bytecode, made certain.
+    """
+
+    def trace(frame: Any, event: str, arg: object) -> Any:
+        if event == "call":
+            return trace if frame.f_code.co_name == function_name else None
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+        if event == "line" and line.startswith(line_start):
+            sys.settrace(None)
+            frame.f_trace = None
+            raise interruption
+        return trace
+
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
 
 
 def eventually(condition: Callable[[], object], what: str, timeout: float = DEADLINE) -> None:

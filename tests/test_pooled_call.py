@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from support import raised_at_line
 
 from django_elasticache import pool as pool_module
 from django_elasticache import routing
@@ -80,6 +81,51 @@ def short_waits(monkeypatch):
 def new_pool(size: int = 2) -> NodePool:
     Connection.made = 0
     return NodePool(NODE, Connection, close, size=size)
+
+
+class RequestTimedOut(Exception):
+    """What a request-timeout signal handler raises: an ``Exception``, unlike Ctrl-C."""
+
+
+def call_within_pool_client(pool: NodePool) -> None:
+    with pool.client(is_node_failure) as client:
+        client.echo("k")
+
+
+HAND_BACKS: dict[str, Callable[[NodePool], Any]] = {
+    "pooled_call_in_python": lambda pool: routing.pooled_call_in_python(
+        [pool], None, is_node_failure, "echo", "k"
+    ),
+    "pool.client": call_within_pool_client,
+}
+"""The calls that hand a client back in Python, whichever loops are built."""
+
+
+@pytest.mark.parametrize("hand_back", HAND_BACKS)
+def test_a_hand_back_interrupted_before_pooling_never_pools_the_client_it_closed(
+    hand_back: str,
+) -> None:
+    """
+    An ``Exception`` landing in ``give_back`` before the client is pooled closes it there
+    (``_settle_interrupted``); the caller then hands the client back after that error, as
+    after any, and pooled the closed client again, uncounted: the next call got a closed
+    client, and the pool one client over its size. The fault-injection suite met it once
+    in a run of CI (``leaked clients -1``: a node's pool with 0 clients open and 1 idle).
+    """
+    pool = new_pool(size=1)
+    call = HAND_BACKS[hand_back]
+    call(pool)
+    first = pool._idle[0]
+    with (
+        pytest.raises(RequestTimedOut),
+        raised_at_line("give_back", "self._failures = 0", RequestTimedOut()),
+    ):
+        call(pool)
+    assert first.closed
+    assert pool.open_count == len(pool._idle) == 0
+    call(pool)
+    assert Connection.made == 2 and pool.open_count == len(pool._idle) == 1
+    assert not pool._idle[0].closed
 
 
 def test_calls_reuse_one_client_and_leave_it_idle(pooled_call) -> None:
