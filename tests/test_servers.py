@@ -1,11 +1,12 @@
 """
 The test project served by the servers users deploy Django on, against a local cluster:
 gunicorn pre-forking threaded workers from a process that used the cache (``--preload``)
-and recycling them (``--max-requests``), gunicorn's gevent workers, uWSGI forking its
-workers from the process that loaded the application, and uvicorn on asyncio's loop and on
-uvloop's. Clients send real HTTP requests from several threads at once; the tests
-assert what a user sees: every value read back is the one written, a scale-out reaches every
-worker, no worker outlives the server, and connections are opened per worker, not per request.
+and recycling them (``--max-requests``), gunicorn's gevent workers and uvicorn's worker
+class, uWSGI forking its workers from the process that loaded the application, and uvicorn
+on asyncio's loop and on uvloop's. Clients send real HTTP requests from several threads at
+once; the tests assert what a user sees: every value read back is the one written, a
+scale-out reaches every worker, no worker outlives the server, and connections are opened
+per worker, not per request.
 """
 
 from __future__ import annotations
@@ -311,6 +312,32 @@ def test_gevent_workers_serve_more_requests_at_once_than_the_pools_hold(
     wrong, workers = round_trips(server, rounds=20)
     assert wrong == []
     assert len(workers) == 1
+    assert server.stop() == 0
+    assert survivors(sorted(workers)) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preloaded_uvicorn_workers_of_gunicorn_serve_async_and_sync_views(
+    elasticache_cluster: LocalCluster, serve: Callable[..., Server], backend: str
+) -> None:
+    """
+    gunicorn with uvicorn's worker class, as ASGI deployments run it: each worker forked
+    from a master that used the cache runs its own event loop.
+    """
+    server = serve(
+        gunicorn(
+            "--preload",
+            "--workers=2",
+            "--worker-class=uvicorn.workers.UvicornWorker",
+            app="testproject.asgi:application",
+        ),
+        ELASTICACHE_WARM_AT_IMPORT="1",
+        **cache_env(elasticache_cluster, backend),
+    )
+    assert server.get("/arecall/warmed-by").body == str(server.process.pid)
+    wrong_async, workers = round_trips(server, rounds=20, remember="aremember", recall="arecall")
+    wrong_mixed, _ = round_trips(server, rounds=20, remember="aremember", recall="recall")
+    assert wrong_async == [] and wrong_mixed == []
     assert server.stop() == 0
     assert survivors(sorted(workers)) == []
 
