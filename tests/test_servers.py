@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import DEATH_TIMEOUT, eventually, node_stats, survivors
+from support import DEATH_TIMEOUT, ask, eventually, node_stats, stopped, survivors
 
 from django_elasticache.testing import LocalCluster
 from django_elasticache.testing.processes import spawn
@@ -371,6 +371,48 @@ def test_uwsgi_workers_forked_from_the_process_that_loaded_the_application(
     assert survivors(sorted(workers)) == []
     opened = connections_accepted_since(before, elasticache_cluster)
     assert max(opened) <= most_connections(len(workers), backend), opened
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gevent_worker_while_one_request_waits_on_a_stopped_node(
+    elasticache_cluster: LocalCluster, serve: Callable[..., Server], backend: str
+) -> None:
+    """
+    One request of a gevent worker waits on a node that stopped answering; others ask the
+    other nodes. pymemcache's sockets are gevent's, so they are answered during the wait.
+    libmemcached waits in C, holding the worker's one thread: with the pylibmc backend they
+    are answered only once the wait is over (README: the pymemcache backend under gevent).
+    """
+    wait = 20 if backend == "pymemcache" else 2  # Seconds a reply is waited for.
+    timeout = (
+        {"timeout": wait}
+        if backend == "pymemcache"
+        else {"behaviors": {"_poll_timeout": wait * 1000}}
+    )
+    server = serve(
+        gunicorn("--workers=1", "--worker-class=gevent"),
+        **cache_env(elasticache_cluster, backend, **timeout),
+    )
+    keys = [f"key-{index}" for index in range(30)]
+    for key in keys:
+        assert server.get(f"/remember/{key}?value={key}").status == 200
+    stopped_node, *others = elasticache_cluster.nodes
+    on_stopped = [key for key in keys if stopped_node.holds([f":1:{key}"])]
+    mark, *elsewhere = [key for key in keys if key not in on_stopped]
+
+    def reached() -> bool:
+        command = f"get :1:{mark}\r\n".encode()
+        return any(b"reached" in ask(node, command, b"END\r\n") for node in others)
+
+    with ThreadPoolExecutor(1) as one, stopped(stopped_node):
+        waiting = one.submit(server.get, f"/recall-after/{mark}/{on_stopped[0]}")
+        eventually(reached, "the waiting request reached the cache")
+        answers = [server.get(f"/recall/{key}") for key in elsewhere[:10]]
+        answered_during_the_wait = not waiting.done()
+    assert [answer.body for answer in answers] == elsewhere[:10]
+    assert answered_during_the_wait is (backend == "pymemcache")
+    # pylibmc's wait timed out; pymemcache's ended with the node's reply once it went on.
+    assert waiting.result().status == (200 if backend == "pymemcache" else 500)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

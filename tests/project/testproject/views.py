@@ -37,6 +37,12 @@ async def arecall(request: HttpRequest, key: str) -> HttpResponse:
     return recalled(await cache.aget(key))
 
 
+def recall_after_marking(request: HttpRequest, mark: str, key: str) -> HttpResponse:
+    """``recall``, once ``mark`` is stored: a test sees the request reach the cache."""
+    cache.set(mark, "reached")
+    return recalled(cache.get(key))
+
+
 def recall_many(request: HttpRequest) -> JsonResponse:
     keys = request.GET["keys"].split(",")
     response = JsonResponse(cache.get_many(keys))
