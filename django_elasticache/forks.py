@@ -33,11 +33,12 @@ def _run_handlers() -> None:
 
 def _join_uwsgi_post_fork(run: Callable[[], None]) -> None:
     """
-    Have uWSGI run ``run`` in each worker it forks, when this process is one of its. The
-    hook goes into ``uwsgidecorators``' chain, which an application importing that module
+    Have uWSGI run ``run`` in each worker it forks, when this process is one of its, before
+    any other post-fork hook: one run before it would use the parent's connections. ``run``
+    goes first into ``uwsgidecorators``' chain, which an application importing that module
     later keeps; importing it replaces ``uwsgi.post_fork_hook`` and ``uwsgi.spooler``, so a
     hook or spooler set without it is kept. ``uwsgidecorators`` refuses to load without
-    uWSGI's master process: the hook is then chained before whatever was set.
+    uWSGI's master process: ``run`` is then chained before whatever hook was set.
     """
     try:
         import uwsgi  # Only in a process uWSGI runs.
@@ -55,6 +56,8 @@ def _join_uwsgi_post_fork(run: Callable[[], None]) -> None:
     if previous_spooler is not None:
         uwsgi.spooler = previous_spooler
     uwsgidecorators.postfork(run)
+    chain = uwsgidecorators.postfork_chain
+    chain.insert(0, chain.pop())
 
 
 def _chained(run: Callable[[], None], then: Any) -> Callable[[], None]:
