@@ -411,8 +411,13 @@ def test_a_gevent_worker_while_one_request_waits_on_a_stopped_node(
         answered_during_the_wait = not waiting.done()
     assert [answer.body for answer in answers] == elsewhere[:10]
     assert answered_during_the_wait is (backend == "pymemcache")
-    # pylibmc's wait timed out; pymemcache's ended with the node's reply once it went on.
-    assert waiting.result().status == (200 if backend == "pymemcache" else 500)
+    # pymemcache's wait ended with the node's reply once it went on. pylibmc's timed out: an
+    # error on libmemcached 1.1, a miss on the 1.0.16 that pylibmc's wheels bundle.
+    waited = waiting.result()
+    if backend == "pymemcache":
+        assert (waited.status, waited.body) == (200, on_stopped[0])
+    else:
+        assert waited.status in (404, 500)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
