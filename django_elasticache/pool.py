@@ -403,16 +403,13 @@ class NodePool:
 
     def _settle_interrupted(self, client: Client) -> None:
         """
-        A hand-back was interrupted: unless the client made it into the pool, close it and
-        free its slot now. Its caller's frame may outlive the call in a traceback someone
-        keeps, and the client with it, so its collection cannot be counted on.
+        A hand-back was interrupted: unless the client made it into the pool (or was closed
+        already), close it and free its slot now. Its caller's frame may outlive the call in
+        a traceback someone keeps, and the client with it, so its collection cannot be
+        counted on.
         """
-        if not self._is_pooled(client):
+        if not self._is_settled(client):
             self.discard(client)
-
-    def _is_pooled(self, client: Client) -> bool:
-        with self._lock:
-            return self._is_idle(client)
 
     def _is_settled(self, client: Client) -> bool:
         """
