@@ -40,20 +40,26 @@ class Interrupted(BaseException):
 
 
 @contextlib.contextmanager
-def raised_at_line(
-    function_name: str, line_start: str, interruption: BaseException
+def raised_in(
+    function_name: str, interruption: BaseException, at_line: str | None = None
 ) -> Iterator[None]:
     """
-    Raise ``interruption`` in this thread as the first function called ``function_name``
-    reaches its line that starts with ``line_start``, before that line runs: where a signal
-    handler's exception lands when the signal comes at that bytecode, made certain.
+    Raise ``interruption`` in this thread in the first function called ``function_name``:
+    as it starts, before its first line, or with ``at_line`` as it reaches its line that
+    starts with that text, before the line runs. That is where a signal handler's exception
+    lands when the signal comes at that bytecode, made certain rather than lucky.
     """
 
     def trace(frame: Any, event: str, arg: object) -> Any:
         if event == "call":
-            return trace if frame.f_code.co_name == function_name else None
+            if frame.f_code.co_name != function_name:
+                return None
+            if at_line is None:
+                sys.settrace(None)
+                raise interruption
+            return trace
         line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
-        if event == "line" and line.startswith(line_start):
+        if event == "line" and line.startswith(at_line or ""):
             sys.settrace(None)
             frame.f_trace = None
             raise interruption

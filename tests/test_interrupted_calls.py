@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from support import Interrupted, eventually, long_reply_timeout, node_stats, stopped
+from support import Interrupted, eventually, long_reply_timeout, node_stats, raised_in, stopped
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 
@@ -138,26 +138,6 @@ def test_a_get_many_interrupted_while_sending_leaves_nothing_on_the_socket(
     assert_no_slot_lost(cache)
 
 
-@contextlib.contextmanager
-def raised_on_entry(function_name: str, interruption: type[BaseException]) -> Iterator[None]:
-    """
-    Raise ``interruption`` in this thread as the first function called ``function_name``
-    starts, before its first line: where a signal handler's exception lands when the signal
-    comes at that bytecode, made certain rather than lucky.
-    """
-
-    def trace(frame: object, event: str, arg: object) -> None:
-        if event == "call" and frame.f_code.co_name == function_name:  # type: ignore[attr-defined]
-            sys.settrace(None)
-            raise interruption(f"interrupted as {function_name} starts")
-
-    sys.settrace(trace)
-    try:
-        yield
-    finally:
-        sys.settrace(None)
-
-
 MULTI_KEY_CALLS = {
     "get_many": lambda cache: cache.get_many(["a", "b"]),
     "set_many": lambda cache: cache.set_many({"a": 3, "b": 4}),
@@ -181,7 +161,8 @@ def test_a_call_interrupted_between_its_request_and_its_reply_leaves_no_reply(
     cache = make_cache(cluster.location, POOL_SIZE=1)
     assert cache.set_many({"a": 1, "b": 2}) == []
 
-    with pytest.raises(interruption), raised_on_entry("read_replies", interruption):
+    starting = interruption("interrupted as read_replies starts")
+    with pytest.raises(interruption), raised_in("read_replies", starting):
         MULTI_KEY_CALLS[call](cache)
 
     cache.set("a", 10)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support import raised_at_line
+from support import raised_in
 
 from django_elasticache import pool as pool_module
 from django_elasticache import routing
@@ -118,7 +118,7 @@ def test_a_hand_back_interrupted_before_pooling_never_pools_the_client_it_closed
     first = pool._idle[0]
     with (
         pytest.raises(RequestTimedOut),
-        raised_at_line("give_back", "self._failures = 0", RequestTimedOut()),
+        raised_in("give_back", RequestTimedOut(), at_line="self._failures = 0"),
     ):
         call(pool)
     assert first.closed

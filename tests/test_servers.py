@@ -349,8 +349,8 @@ def test_uwsgi_workers_forked_from_the_process_that_loaded_the_application(
 ) -> None:
     """
     uWSGI loads the application (which writes to the cache here) and then forks the workers
-    itself, running none of Python's fork handlers: the package's run from uWSGI's post-fork
-    hook, with or without its master process.
+    itself, running none of Python's fork handlers: the package's handlers run from uWSGI's
+    post-fork hook, with or without its master process.
     """
     before = connections_accepted(elasticache_cluster)
     server = serve(

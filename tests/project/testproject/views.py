@@ -9,10 +9,14 @@ from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 
-def served(body: str, status: int = 200) -> HttpResponse:
-    response = HttpResponse(body, status=status, content_type="text/plain")
+def signed(response: HttpResponse) -> HttpResponse:
+    """The response, naming the process that served it."""
     response["X-Served-By"] = str(os.getpid())
     return response
+
+
+def served(body: str, status: int = 200) -> HttpResponse:
+    return signed(HttpResponse(body, status=status, content_type="text/plain"))
 
 
 def recalled(value: str | None) -> HttpResponse:
@@ -43,15 +47,10 @@ def recall_after_marking(request: HttpRequest, mark: str, key: str) -> HttpRespo
     return recalled(cache.get(key))
 
 
-def recall_many(request: HttpRequest) -> JsonResponse:
-    keys = request.GET["keys"].split(",")
-    response = JsonResponse(cache.get_many(keys))
-    response["X-Served-By"] = str(os.getpid())
-    return response
+def recall_many(request: HttpRequest) -> HttpResponse:
+    return signed(JsonResponse(cache.get_many(request.GET["keys"].split(","))))
 
 
-def nodes(request: HttpRequest) -> JsonResponse:
+def nodes(request: HttpRequest) -> HttpResponse:
     """The nodes this process's cache serves now."""
-    response = JsonResponse({"nodes": sorted(cache.client_servers)})
-    response["X-Served-By"] = str(os.getpid())
-    return response
+    return signed(JsonResponse({"nodes": sorted(cache.client_servers)}))
