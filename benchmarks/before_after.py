@@ -2,7 +2,9 @@
 This checkout's pylibmc backend against the same backend at an earlier commit, side by side
 in one process on one 3-node ``LocalCluster``, beside Django's stock ``PyLibMCCache`` and raw
 pylibmc: single ``get`` and ``set``, ``get_many(20)`` and the mixed workload, timed in
-``hotpaths``' turns over keys that every contender places on the same node; and ``aget``
+``hotpaths``' turns over keys that every contender places on the same node, and
+``set_many`` of small and of large values (without raw pylibmc: its ``set_multi`` takes a
+round trip per key); and ``aget``
 awaited one after another against ``get``, as ``request_cycle`` times it, the two versions in
 alternate rounds.
 
@@ -34,6 +36,7 @@ from hotpaths import (
     MIXED,
     MIXED_BATCH,
     RAW,
+    SET_MANY,
     SINGLE_GET,
     SINGLE_SET,
     STOCK,
@@ -52,6 +55,9 @@ from tables import Table
 from workloads import rotated
 
 from django_elasticache.testing import LocalCluster
+
+SET_MANY_LARGE = "set_many(10) x 500 KB"
+LARGE_VALUE = bytes(range(256)) * 1953  # 499,968 bytes that do not compress to nothing
 
 NOW = "ours, this checkout"
 BEFORE = "ours, before"
@@ -104,6 +110,7 @@ def comparisons(cluster: LocalCluster, before_module: Any) -> dict[str, dict[str
 
     raw_set = cycling(functools.partial(raw.set, val=VALUE, time=DJANGO_TIMEOUT), ready)
     raw_get, raw_get_many = cycling(raw.get, ready), cycling(raw.get_multi, ready_batches)
+    large = {f"large-{index}": LARGE_VALUE for index in range(10)}
     return {
         SINGLE_GET: each(lambda cache: cycling(cache.get, keys), raw_get),
         SINGLE_SET: each(set_on, raw_set),
@@ -114,6 +121,13 @@ def comparisons(cluster: LocalCluster, before_module: Any) -> dict[str, dict[str
             ),
             mixed(raw_set, raw_get, raw_get_many),
         ),
+        SET_MANY: {
+            name: functools.partial(cache.set_many, dict.fromkeys(keys, VALUE))
+            for name, cache in caches.items()
+        },
+        SET_MANY_LARGE: {
+            name: functools.partial(cache.set_many, large) for name, cache in caches.items()
+        },
     }
 
 

@@ -125,7 +125,7 @@ def socket_floor(cache: Any, ready_keys: list[str]) -> Call:
 
     def get_many() -> None:
         for sock, request in requests:
-            send(sock, request)
+            send(sock, [request])
         for sock, _ in requests:
             receive(sock, parse_values)
 

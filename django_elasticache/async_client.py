@@ -50,10 +50,12 @@ from .protocol import (
     IllegalKey,
     Parser,
     ProtocolError,
+    Request,
     check_key,
     counter_request,
     delete_request,
     flush_all_request,
+    joined,
     key_not_asked_for,
     parse_counter,
     parse_deleted,
@@ -61,6 +63,7 @@ from .protocol import (
     parse_stored,
     parse_touched,
     parse_values,
+    request_pieces,
     retrieval_request,
     storage_request,
     touch_request,
@@ -155,7 +158,7 @@ class NodeConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
-    def send(self, request: bytes, parser: Parser) -> asyncio.Future[Any]:
+    def send(self, request: Request, parser: Parser) -> asyncio.Future[Any]:
         """
         ``call`` for one request, without a coroutine of its own: the request is written
         now, and the future of its reply is returned for the caller to await. A caller
@@ -168,12 +171,15 @@ class NodeConnection(asyncio.Protocol):
         sent = self._clock()
         future = loop.create_future()
         self.pending.append((parser, future, sent))
-        self._transport.write(request)
+        if isinstance(request, tuple):
+            self._transport.writelines(request)  # a large value's pieces, uncopied
+        else:
+            self._transport.write(request)
         if self._watchdog is None and self._timeout is not None:
             self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
         return future
 
-    async def call(self, requests: Sequence[bytes], parser: Parser) -> list[Any]:
+    async def call(self, requests: Sequence[Request], parser: Parser) -> list[Any]:
         """Send requests in one write; their replies (or ``ErrorReply``s), in order."""
         if self.closed or self._transport is None:
             raise ConnectionClosed(f"connection to {self._channel.name} is closed")
@@ -181,7 +187,11 @@ class NodeConnection(asyncio.Protocol):
         sent = self._clock()
         futures = [loop.create_future() for _ in requests]
         self.pending.extend((parser, future, sent) for future in futures)
-        self._transport.write(requests[0] if len(requests) == 1 else b"".join(requests))
+        data = joined(requests)
+        if data is None:
+            self._transport.writelines(request_pieces(requests))  # a large value's, uncopied
+        else:
+            self._transport.write(data)
         if self._watchdog is None and self._timeout is not None:
             self._watchdog = loop.call_at(sent + self._timeout, self._check_deadline)
         return [await future for future in futures]
@@ -285,7 +295,7 @@ class NodeChannel:
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         """Callers waiting for room on a connection, first come first served."""
 
-    async def call(self, requests: Sequence[bytes], parser: Parser) -> list[Any]:
+    async def call(self, requests: Sequence[Request], parser: Parser) -> list[Any]:
         """The replies to ``requests``, sent together as far as a connection takes them."""
         depth = self._max_in_flight
         if len(requests) > depth:
@@ -300,7 +310,7 @@ class NodeChannel:
             connection = await self._free_connection()
         return await connection.call(requests, parser)
 
-    def send(self, request: bytes, parser: Parser) -> asyncio.Future[Any] | None:
+    def send(self, request: Request, parser: Parser) -> asyncio.Future[Any] | None:
         """
         One request on a connection that has room for it now: the future of its reply.
         ``None`` when no connection has (none open, or all full): ``call`` then waits for
@@ -731,7 +741,7 @@ class AsyncClusterClient:
             raise self._adapter.library_error(error, "") from None
 
     async def _call(
-        self, cluster: ClusterClient, pool: NodePool, requests: Sequence[bytes], parser: Parser
+        self, cluster: ClusterClient, pool: NodePool, requests: Sequence[Request], parser: Parser
     ) -> list[Any]:
         pool.check_available()
         channel = self._channel(cluster, pool)
@@ -746,7 +756,7 @@ class AsyncClusterClient:
         return replies
 
     async def _call_one(
-        self, cluster: ClusterClient, pool: NodePool, request: bytes, parser: Parser
+        self, cluster: ClusterClient, pool: NodePool, request: Request, parser: Parser
     ) -> Any:
         """
         ``_call`` for one request: its reply. On a connection with room for it, the reply's

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
 import pylibmc
@@ -44,6 +44,7 @@ from .protocol import (
     KeyTooLong,
     Parser,
     ProtocolError,
+    Request,
     ServerErrorReply,
     counter_request,
     decoded_values,
@@ -292,7 +293,9 @@ class PipelinedClient(pylibmc.Client):
     def _deserialize_compressed(self, data: bytes, flags: int) -> Any:
         return self.deserialize(*decompressed(data, flags))
 
-    def _start_exchange(self, requests: list[bytes], parse: Parser) -> Callable[[], list[Any]]:
+    def _start_exchange(
+        self, requests: Sequence[Request], parse: Parser
+    ) -> Callable[[], list[Any]]:
         """
         ``_exchange(requests, parse)`` in two steps: the first write is sent now, and the
         returned function reads its replies and runs the rest (a batch longer than one
@@ -306,7 +309,7 @@ class PipelinedClient(pylibmc.Client):
         failure: OSError | None = None
         try:
             self._replies_owed_on = sock = self._connection()
-            pipeline.send(sock, requests[0] if first == 1 else b"".join(requests[:first]))
+            pipeline.send(sock, requests if first == len(requests) else requests[:first])
         except OSError as error:
             self._close_pipeline()
             failure = None if sent_on_reused and _closed_by_node(error) else error
@@ -345,7 +348,7 @@ class PipelinedClient(pylibmc.Client):
 
     def _exchange(
         self,
-        requests: list[bytes],
+        requests: Sequence[Request],
         parse: Parser,
         sent_on_reused: bool | None = None,
         repeatable: bool = True,

@@ -41,7 +41,15 @@ import ssl
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .protocol import CRLF, ConnectionClosed, Parser
+from .protocol import (
+    CRLF,
+    ConnectionClosed,
+    Parser,
+    Request,
+    joined,
+    request_length,
+    request_pieces,
+)
 
 __all__ = [
     "MAX_COMMANDS_PER_WRITE",
@@ -63,7 +71,7 @@ _READ_SIZE = 262144
 
 def exchange(
     sock: socket.socket,
-    requests: Sequence[bytes],
+    requests: Sequence[Request],
     parse: Parser,
     max_write_bytes: int | None = None,
 ) -> list[Any]:
@@ -75,29 +83,57 @@ def exchange(
     """
     replies: list[Any] = []
     for start, end in _writes(requests, max_write_bytes):
-        send(sock, b"".join(requests[start:end]))
+        send(sock, requests[start:end])
         replies.extend(receive(sock, parse, end - start))
     return replies
 
 
-def send(sock: socket.socket, data: bytes) -> None:
+def send(sock: socket.socket, requests: Sequence[Request]) -> None:
     """
-    ``sock.sendall(data)``, written at once where the socket buffer has room (a clear-text
-    socket with a timeout, whose descriptor Python keeps non-blocking): the wait for room,
-    bounded by the socket's timeout, is paid only for what did not fit.
+    ``sock.sendall`` of the requests. Where the socket takes plain writes (a clear-text
+    socket with a timeout, whose descriptor Python keeps non-blocking), what fits in the
+    socket buffer is written at once, and the wait for room, bounded by the socket's
+    timeout, is paid only for the rest; and requests with a piece too large to copy
+    (``protocol.Request``) are written from where their pieces lie (scatter/gather).
     """
-    if _waits_only_when_needed(sock):
-        try:
-            sent = os.write(sock.fileno(), data)
-        except BlockingIOError:
-            sent = 0
-        if sent < len(data):
-            sock.sendall(memoryview(data)[sent:])
+    data = requests[0] if len(requests) == 1 else joined(requests)
+    if not isinstance(data, bytes):  # a request in pieces (None: one among several)
+        if not _waits_only_when_needed(sock):
+            sock.sendall(b"".join(request_pieces(requests)))
+        else:
+            _send_gathered(sock, request_pieces(requests))
         return
-    sock.sendall(data)
+    if not _waits_only_when_needed(sock):
+        sock.sendall(data)
+        return
+    try:
+        sent = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
 
 
-def first_write(requests: Sequence[bytes], max_write_bytes: int | None = None) -> int:
+def _send_gathered(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+    """``send``'s scatter/gather write: ``writev``, then ``sendmsg``, which waits for room."""
+    try:
+        sent = os.writev(sock.fileno(), buffers)
+    except BlockingIOError:
+        sent = 0
+    while buffers := _unsent(buffers, sent):
+        sent = sock.sendmsg(buffers)
+
+
+def _unsent(buffers: Sequence[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of ``buffers`` once their first ``sent`` bytes are written."""
+    for index, buffer in enumerate(buffers):
+        if sent < len(buffer):
+            return [memoryview(buffer)[sent:], *buffers[index + 1 :]]
+        sent -= len(buffer)
+    return []
+
+
+def first_write(requests: Sequence[Request], max_write_bytes: int | None = None) -> int:
     """
     How many of ``requests`` ``exchange`` sends in its first write: a caller that sends
     them itself, to send to other nodes before reading any reply, reads those replies with
@@ -169,7 +205,7 @@ def _read(sock: socket.socket, buffer: bytearray) -> None:
         sock.settimeout(timeout)
 
 
-def _writes(commands: Sequence[bytes], max_write_bytes: int | None) -> Iterator[tuple[int, int]]:
+def _writes(commands: Sequence[Request], max_write_bytes: int | None) -> Iterator[tuple[int, int]]:
     """The ``(start, end)`` slices of ``commands`` each write sends."""
     if max_write_bytes is None and 0 < len(commands) <= MAX_COMMANDS_PER_WRITE:
         yield 0, len(commands)
@@ -177,11 +213,10 @@ def _writes(commands: Sequence[bytes], max_write_bytes: int | None) -> Iterator[
     limit = max_write_bytes or float("inf")
     start, size = 0, 0
     for index, command in enumerate(commands):
-        if index > start and (
-            index - start >= MAX_COMMANDS_PER_WRITE or size + len(command) > limit
-        ):
+        length = request_length(command)
+        if index > start and (index - start >= MAX_COMMANDS_PER_WRITE or size + length > limit):
             yield start, index
             start, size = index, 0
-        size += len(command)
+        size += length
     if start < len(commands):
         yield start, len(commands)

@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "ACCELERATED",
     "COMPILED",
     "MAX_KEY_LENGTH",
+    "UNCOPIED_DATA_BYTES",
     "VALUE_TOO_LARGE",
     "ClientErrorReply",
     "ConnectionClosed",
@@ -34,6 +35,7 @@ __all__ = [
     "KeyTooLong",
     "MalformedReply",
     "Parser",
+    "Request",
     "ServerErrorReply",
     "UnknownCommandReply",
     "check_key",
@@ -42,6 +44,7 @@ __all__ = [
     "decoded_values_in_python",
     "delete_request",
     "flush_all_request",
+    "joined",
     "key_not_asked_for",
     "parse_counter",
     "parse_deleted",
@@ -51,6 +54,8 @@ __all__ = [
     "parse_touched",
     "parse_values",
     "parse_values_in_python",
+    "request_length",
+    "request_pieces",
     "retrieval_request",
     "retrieval_request_for",
     "retrieval_request_in_python",
@@ -67,6 +72,13 @@ MAX_LINE_LENGTH = 8192
 
 VALUE_TOO_LARGE = "object too large for cache"
 """memcached's SERVER_ERROR text for a value over its item size limit."""
+
+UNCOPIED_DATA_BYTES = 65536
+"""
+A storage request's data block of this many bytes or more is not copied into the request
+(see ``Request``): measured on a ``set_many`` of ten 500 KB values, building each request by
+copying its value took longer than sending them all.
+"""
 
 CRLF = b"\r\n"
 
@@ -153,6 +165,42 @@ def key_not_asked_for(found: Mapping[bytes, Any], asked: Mapping[bytes, Any]) ->
 
 # Requests
 
+Request = bytes | tuple[bytes, ...]
+"""
+A request as it is sent: its bytes, or the pieces it is written from (``storage_request``
+with a large data block), which a writer that can gather sends where they lie and any other
+writer joins (``request_pieces``).
+"""
+
+
+def request_pieces(requests: Iterable[Request]) -> list[bytes]:
+    """Every piece of ``requests``, in order: a request's bytes are one piece."""
+    pieces: list[bytes] = []
+    for request in requests:
+        if isinstance(request, tuple):
+            pieces.extend(request)
+        else:
+            pieces.append(request)
+    return pieces
+
+
+def joined(requests: Sequence[Request]) -> bytes | None:
+    """
+    The requests in one buffer, as one write sends them; ``None`` if one of them is in
+    pieces, which are never copied (the join's ``TypeError`` tells, at no cost to the rest).
+    """
+    if len(requests) == 1:
+        return requests[0] if type(requests[0]) is bytes else None
+    try:
+        return b"".join(requests)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def request_length(request: Request) -> int:
+    """The bytes a request sends."""
+    return sum(map(len, request)) if isinstance(request, tuple) else len(request)
+
 
 def retrieval_request(keys: Iterable[bytes]) -> bytes:
     return b"get " + b" ".join(keys) + CRLF
@@ -171,9 +219,14 @@ def retrieval_request_in_python(keys: list[Any]) -> tuple[bytes, dict[bytes, Any
     return retrieval_request(encoded), dict(zip(encoded, keys, strict=True))
 
 
-def storage_request(command: bytes, key: bytes, flags: int, exptime: int, data: bytes) -> bytes:
-    """``set``, ``add`` or another storage command with its data block."""
-    return b"%s %s %d %d %d\r\n%s\r\n" % (command, key, flags, exptime, len(data), data)
+def storage_request(command: bytes, key: bytes, flags: int, exptime: int, data: bytes) -> Request:
+    """
+    ``set``, ``add`` or another storage command with its data block: in one piece, or from
+    ``UNCOPIED_DATA_BYTES`` on, in three (command line, data, CRLF), the data not copied.
+    """
+    if len(data) < UNCOPIED_DATA_BYTES:
+        return b"%s %s %d %d %d\r\n%s\r\n" % (command, key, flags, exptime, len(data), data)
+    return b"%s %s %d %d %d\r\n" % (command, key, flags, exptime, len(data)), data, CRLF
 
 
 def delete_request(key: bytes) -> bytes:

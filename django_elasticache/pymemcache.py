@@ -13,7 +13,7 @@ import functools
 import hashlib
 import socket
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import pymemcache
@@ -44,6 +44,7 @@ from .protocol import (
     IllegalKey,
     Parser,
     ProtocolError,
+    Request,
     ServerErrorReply,
     UnknownCommandReply,
     delete_request,
@@ -303,7 +304,9 @@ class _NodeClient(pymemcache.Client):
 
         return read_reply
 
-    def _start_exchange(self, requests: list[bytes], parse: Parser) -> Callable[[], list[Any]]:
+    def _start_exchange(
+        self, requests: Sequence[Request], parse: Parser
+    ) -> Callable[[], list[Any]]:
         """
         The requests' first write sent now; the returned function reads its replies and
         runs the rest, so that a multi-node call sends to every node before it waits for
@@ -316,7 +319,7 @@ class _NodeClient(pymemcache.Client):
 
         def send_first_write(sock: socket.socket) -> None:
             self._replies_owed_on = sock
-            pipeline.send(sock, b"".join(requests[:first]))
+            pipeline.send(sock, requests if first == len(requests) else requests[:first])
 
         try:
             self._exchange(send_first_write)

@@ -267,7 +267,8 @@ class Model:
     def new_value(self, key: str) -> tuple[_Write, str]:
         self._version += 1
         write = self.keys[key].attempt(self._version, deleting=False)
-        padding = self.rng.choice((0, 10, 200, 3000, 40_000))
+        # 100,000: a storage request in pieces (``protocol.UNCOPIED_DATA_BYTES``).
+        padding = self.rng.choice((0, 10, 200, 3000, 40_000, 100_000))
         return write, encode(key, self._version, padding)
 
     def new_delete(self, key: str) -> _Write:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import socket
 import threading
+import time
 
 import pylibmc
 import pytest
@@ -15,6 +17,13 @@ from pymemcache.exceptions import MemcacheServerError
 from support import DEADLINE, eventually, long_reply_timeout, stopped
 
 from django_elasticache import memcached, pipeline
+from django_elasticache.protocol import (
+    UNCOPIED_DATA_BYTES,
+    Request,
+    request_length,
+    request_pieces,
+    storage_request,
+)
 
 OVER_THE_ITEM_SIZE_LIMIT = b"x" * (2 * 1024 * 1024)
 
@@ -137,11 +146,12 @@ def test_tls_set_many_far_beyond_one_tls_record_is_answered(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    sizes=st.lists(st.integers(min_value=1, max_value=20000), max_size=600),
+    sizes=st.lists(st.integers(min_value=0, max_value=2 * UNCOPIED_DATA_BYTES), max_size=600),
     max_write_bytes=st.sampled_from([None, pipeline.TLS_WRITE_BYTES]),
 )
 def test_writes_stay_within_their_bounds(sizes: list[int], max_write_bytes: int | None) -> None:
-    commands = [b"x" * size for size in sizes]
+    commands = [storage_request(b"set", b"k", 0, 0, b"x" * size) for size in sizes]
+    sizes = [request_length(command) for command in commands]
     writes = list(pipeline._writes(commands, max_write_bytes))
     assert pipeline.first_write(commands, max_write_bytes) == (writes[0][1] if writes else 0)
     assert [index for start, end in writes for index in range(start, end)] == list(
@@ -223,3 +233,94 @@ def test_a_batch_reaches_every_node_before_any_reply_is_read(
     batch.join(DEADLINE)
     assert finished.is_set()
     assert {cache.get(key) for key in keys} == {expected}
+
+
+def large_and_small_values() -> dict[str, bytes]:
+    """
+    Values on both sides of ``protocol.UNCOPIED_DATA_BYTES`` (the large ones are sent in
+    pieces, never copied into their request) and small ones between them, every byte random
+    so that a piece sent out of place or twice cannot pass.
+    """
+    rng = random.Random(11)
+    sizes = [10, UNCOPIED_DATA_BYTES - 1, UNCOPIED_DATA_BYTES, 200, *[900_000] * 6, 1, 300_000]
+    return {f"large-{index}": rng.randbytes(size) for index, size in enumerate(sizes)}
+
+
+def test_large_values_in_set_many_are_stored_whole(elasticache_cluster, make_cache) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    data = large_and_small_values()
+    assert cache.set_many(data) == []
+    assert cache.get_many(list(data)) == data
+    assert all(cache.get(key) == value for key, value in data.items())
+
+
+def test_large_values_in_set_many_over_tls_are_stored_whole(
+    elasticache_cluster_factory, make_pymemcache_cache
+) -> None:
+    cluster = elasticache_cluster_factory(tls=True)
+    cache = make_pymemcache_cache(cluster.location, TLS=cluster.client_tls_context())
+    data = large_and_small_values()
+    assert cache.set_many(data) == []
+    assert cache.get_many(list(data)) == data
+
+
+def test_large_values_in_aset_many_are_stored_whole(
+    elasticache_cluster, make_cache, event_loop_kind
+) -> None:
+    cache = make_cache(elasticache_cluster.location)
+    data = large_and_small_values()
+
+    async def store_and_read() -> None:
+        assert await cache.aset_many(data) == []
+        assert await cache.aget_many(list(data)) == data
+        assert await cache.aget("large-5") == data["large-5"]
+
+    event_loop_kind.run(store_and_read())
+
+
+def sender_and_receiver(timeout: float) -> tuple[socket.socket, socket.socket]:
+    """A connected pair: a sender with ``timeout`` (one that takes plain writes), small buffers."""
+    sender, receiver = socket.socketpair()
+    sender.settimeout(timeout)
+    for sock in (sender, receiver):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    return sender, receiver
+
+
+def test_requests_in_pieces_arrive_whole_when_the_peer_reads_late() -> None:
+    """
+    Far more than the socket buffers hold: the first gathered write goes out in part, the
+    rest waits for room. The peer starts reading only once the sender is waiting.
+    """
+    rng = random.Random(5)
+    requests: list[Request] = [
+        storage_request(b"set", b"k%d" % index, 0, 0, rng.randbytes(size))
+        for index, size in enumerate([10, 700_000, 3, 2_000_000, UNCOPIED_DATA_BYTES, 40])
+    ]
+    expected = b"".join(request_pieces(requests))
+    sender, receiver = sender_and_receiver(timeout=DEADLINE)
+    received = bytearray()
+
+    def read_all_late() -> None:
+        time.sleep(0.2)
+        while chunk := receiver.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_all_late)
+    reader.start()
+    with sender, receiver:
+        pipeline.send(sender, requests)
+        sender.shutdown(socket.SHUT_WR)
+        reader.join(DEADLINE)
+    assert not reader.is_alive()
+    assert received == expected
+
+
+def test_requests_in_pieces_to_a_peer_that_never_reads_time_out() -> None:
+    sender, receiver = sender_and_receiver(timeout=0.3)
+    requests = [storage_request(b"set", b"k", 0, 0, b"x" * 4_000_000)]
+    started = time.monotonic()
+    with sender, receiver, pytest.raises(TimeoutError):
+        pipeline.send(sender, requests)
+    assert time.monotonic() - started < DEADLINE
