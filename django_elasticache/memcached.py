@@ -309,7 +309,7 @@ class PipelinedClient(pylibmc.Client):
         failure: OSError | None = None
         try:
             self._replies_owed_on = sock = self._connection()
-            pipeline.send(sock, requests if first == len(requests) else requests[:first])
+            pipeline.send(sock, requests[:first])
         except OSError as error:
             self._close_pipeline()
             failure = None if sent_on_reused and _closed_by_node(error) else error

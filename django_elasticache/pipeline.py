@@ -96,22 +96,18 @@ def send(sock: socket.socket, requests: Sequence[Request]) -> None:
     timeout, is paid only for the rest; and requests with a piece too large to copy
     (``protocol.Request``) are written from where their pieces lie (scatter/gather).
     """
-    data = requests[0] if len(requests) == 1 else joined(requests)
-    if not isinstance(data, bytes):  # a request in pieces (None: one among several)
-        if not _waits_only_when_needed(sock):
-            sock.sendall(b"".join(request_pieces(requests)))
-        else:
-            _send_gathered(sock, request_pieces(requests))
-        return
+    data = joined(requests)
     if not _waits_only_when_needed(sock):
-        sock.sendall(data)
-        return
-    try:
-        sent = os.write(sock.fileno(), data)
-    except BlockingIOError:
-        sent = 0
-    if sent < len(data):
-        sock.sendall(memoryview(data)[sent:])
+        sock.sendall(b"".join(request_pieces(requests)) if data is None else data)
+    elif data is None:  # a request in pieces
+        _send_gathered(sock, request_pieces(requests))
+    else:
+        try:
+            sent = os.write(sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            sock.sendall(memoryview(data)[sent:])
 
 
 def _send_gathered(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:

@@ -319,7 +319,7 @@ class _NodeClient(pymemcache.Client):
 
         def send_first_write(sock: socket.socket) -> None:
             self._replies_owed_on = sock
-            pipeline.send(sock, requests if first == len(requests) else requests[:first])
+            pipeline.send(sock, requests[:first])
 
         try:
             self._exchange(send_first_write)
